@@ -1,0 +1,50 @@
+"""The tensor-parallel core: process groups, collectives, layers, loss and RNG."""
+
+from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    normal_init,
+    scaled_normal_init,
+)
+from megatron_lite.parallel.mappings import (
+    copy_to_tp_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    scatter_to_tp_region,
+)
+from megatron_lite.parallel.random import TPRNGTracker, checkpoint
+from megatron_lite.parallel.state import (
+    ParallelConfigError,
+    ParallelContext,
+    destroy_parallel,
+    init_parallel,
+    read_launch_env,
+    validate_parallel_config,
+)
+from megatron_lite.parallel.utils import merge_shards, pad_vocab_size, shard_tensor
+
+__all__ = [
+    "ColumnParallelLinear",
+    "ParallelConfigError",
+    "ParallelContext",
+    "RowParallelLinear",
+    "TPRNGTracker",
+    "VocabParallelEmbedding",
+    "checkpoint",
+    "copy_to_tp_region",
+    "destroy_parallel",
+    "gather_from_tp_region",
+    "init_parallel",
+    "merge_shards",
+    "normal_init",
+    "pad_vocab_size",
+    "read_launch_env",
+    "reduce_from_tp_region",
+    "scaled_normal_init",
+    "scatter_to_tp_region",
+    "shard_tensor",
+    "validate_parallel_config",
+    "vocab_parallel_cross_entropy",
+]

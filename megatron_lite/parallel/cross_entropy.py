@@ -1,0 +1,99 @@
+"""Cross-entropy over logits whose vocab dimension is split across the TP group.
+
+The full ``[tokens, vocab]`` logits never exist on one rank. Three all-reduces of
+``[tokens]``-sized tensors replace the gather: the max (for stability), the target
+logit (owned by exactly one rank) and the sum of exponentials.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel.state import group_rank, group_size
+
+
+def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, ignore_index, vocab_size):
+        # logits: [n, v/tp] (this rank's vocab slice), target: [n] global ids
+        n_local = logits.shape[-1]
+        start = group_rank(group) * n_local
+        logits = logits.float()
+        if vocab_size is not None and start + n_local > vocab_size:
+            # padded entries (ids >= vocab_size) are never a valid prediction
+            col = torch.arange(start, start + n_local, device=logits.device)
+            logits = logits.masked_fill(col >= vocab_size, float("-inf"))
+
+        logits_max = _all_reduce_(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        shifted = logits - logits_max.unsqueeze(-1)  # [n, v/tp], <= 0
+
+        ignored = target == ignore_index
+        local_target = target - start
+        mine = (local_target >= 0) & (local_target < n_local) & ~ignored
+        local_target = local_target.masked_fill(~mine, 0)
+        rows = torch.arange(shifted.shape[0], device=shifted.device)
+        target_logit = shifted[rows, local_target].masked_fill(~mine, 0.0)
+        target_logit = _all_reduce_(target_logit, group)
+
+        exp = shifted.exp_()  # reuse the buffer: [n, v/tp]
+        sum_exp = _all_reduce_(exp.sum(dim=-1), group)
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, mine, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, mine, ignored = ctx.saved_tensors
+        grad = softmax.clone()  # d loss / d logits = softmax - onehot(target)
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_target] -= mine.to(grad.dtype)
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    *,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of vocab-sharded logits, computed in fp32.
+
+    Args:
+        logits: ``[..., vocab/tp]``, this rank's contiguous slice of the (padded) vocab.
+        target: ``[...]`` global token ids, or ``ignore_index``.
+        tp_group: the TP process group (``None`` = unsharded logits).
+        ignore_index: targets with this value add no loss and no gradient.
+        vocab_size: the true vocab size; logits of padded ids ``>= vocab_size`` are
+            excluded from the softmax, so the loss does not depend on the padding
+            (which changes with the TP size). ``None`` keeps them, as Megatron does.
+        reduction: ``"mean"`` over non-ignored targets (0 when there are none),
+            ``"sum"``, or ``"none"`` (per-token, shaped like ``target``).
+    """
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(logits.shape)}")
+    per_token = _VocabParallelCrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), tp_group, ignore_index,
+        vocab_size,
+    ).view(target.shape)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        count = (target != ignore_index).sum().clamp(min=1)
+        return per_token.sum() / count
+    raise ValueError(f"reduction must be mean, sum or none, not {reduction!r}")

@@ -1,0 +1,186 @@
+"""Tensor-parallel linear and embedding layers (Megatron-LM, Shoeybi et al. 2019).
+
+Initialization: every rank draws the *full* weight from the default generator (seeded
+identically on all TP ranks) and keeps its own slice. A model built at TP=N therefore
+starts bit-identical to the same model built at TP=1, and only one layer's full
+weight exists at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.parallel.mappings import (
+    copy_to_tp_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    scatter_to_tp_region,
+)
+from megatron_lite.parallel.state import group_rank, group_size
+from megatron_lite.parallel.utils import divide, shard_tensor, vocab_range
+
+InitMethod = Callable[[torch.Tensor], torch.Tensor]
+
+
+def normal_init(std: float = 0.02) -> InitMethod:
+    """N(0, std) in place."""
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
+    """N(0, std / sqrt(2 * num_layers)) for layers that write into the residual stream."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
+
+
+def _init_shard_(shard: torch.Tensor, full_shape, init_method: InitMethod, dim: int,
+                 stride: int, group) -> None:
+    """Fill ``shard`` with this rank's slice of a full weight drawn by ``init_method``."""
+    if shard.device.type == "meta":  # shapes only: nothing to draw
+        return
+    # NOTE: draw in fp32 whatever the parameter dtype, so the random stream (and hence
+    # every later layer's weights) does not depend on the precision chosen.
+    full = torch.empty(full_shape, dtype=torch.float32, device=shard.device)
+    init_method(full)
+    with torch.no_grad():
+        shard.copy_(shard_tensor(full, dim, group_rank(group), group_size(group), stride))
+
+
+def _mark(param: nn.Parameter, dim: int | None, stride: int = 1) -> None:
+    """Record how a parameter is sharded: ``tp_dim`` (None = replicated) and ``tp_stride``.
+
+    Gradient clipping, checkpoint resharding and HF export read these attributes.
+    """
+    param.tp_dim = dim
+    param.tp_stride = stride
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A + b`` with ``A`` split by columns: rank r computes ``Y_r = X A_r + b_r``.
+
+    Args:
+        in_features, out_features: full (unsharded) sizes.
+        bias: add a (sharded) bias.
+        gather_output: all-gather ``Y`` so every rank returns the full output;
+            otherwise each returns its ``[..., out/tp]`` slice.
+        init_method: fills the full ``[out, in]`` weight in place.
+        stride: number of fused blocks in the output (3 for ``[Q|K|V]``).
+        tp_group: the TP process group (``None`` = no TP).
+        device, dtype: where and how to allocate the shard.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 gather_output: bool = False, init_method: InitMethod | None = None,
+                 stride: int = 1, tp_group=None, device=None, dtype=None):
+        super().__init__()
+        tp = group_size(tp_group)
+        if gather_output and stride > 1:
+            raise ValueError("gather_output with stride > 1 would interleave the fused blocks")
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.tp_group = gather_output, tp_group
+        self.out_per_rank = divide(out_features, tp, "out_features")
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features,
+                                               device=device, dtype=dtype))
+        _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
+                     0, stride, tp_group)
+        _mark(self.weight, 0, stride)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_per_rank, device=device, dtype=dtype))
+            _mark(self.bias, 0, stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp_region(x, self.tp_group)  # [..., in]
+        y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
+        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features} (/{group_size(self.tp_group)})"
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X A + b`` with ``A`` split by rows: ``Y = sum_r X_r A_r + b`` (one all-reduce).
+
+    Args:
+        in_features, out_features: full (unsharded) sizes.
+        bias: add a bias (replicated, added once after the all-reduce).
+        input_is_parallel: the input is already this rank's ``[..., in/tp]`` slice
+            (the output of a :class:`ColumnParallelLinear`); otherwise it is scattered.
+        init_method: fills the full ``[out, in]`` weight in place.
+        tp_group: the TP process group (``None`` = no TP).
+        device, dtype: where and how to allocate the shard.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 input_is_parallel: bool = False, init_method: InitMethod | None = None,
+                 tp_group=None, device=None, dtype=None):
+        super().__init__()
+        tp = group_size(tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.tp_group = input_is_parallel, tp_group
+        self.in_per_rank = divide(in_features, tp, "in_features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank,
+                                               device=device, dtype=dtype))
+        _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
+                     1, 1, tp_group)
+        _mark(self.weight, 1)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+            _mark(self.bias, None)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.tp_group)  # [..., in/tp]
+        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)  # [..., out]
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features} (/{group_size(self.tp_group)}), out={self.out_features}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocab rows; each rank owns a contiguous id range.
+
+    Ids outside this rank's range look up row 0 and are zeroed, then one all-reduce sums
+    the ranks' contributions (exactly one rank contributes each id).
+
+    Args:
+        num_embeddings: the (padded) vocab size; divisible by the TP size.
+        embedding_dim: hidden size.
+        init_method: fills the full ``[vocab, dim]`` weight in place.
+        tp_group: the TP process group (``None`` = no TP).
+        device, dtype: where and how to allocate the shard.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *,
+                 init_method: InitMethod | None = None, tp_group=None, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.tp_group = (
+            num_embeddings, embedding_dim, tp_group)
+        self.vocab_start, self.vocab_end = vocab_range(
+            num_embeddings, group_rank(tp_group), group_size(tp_group))
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim,
+                                               device=device, dtype=dtype))
+        _init_shard_(self.weight, (num_embeddings, embedding_dim), init_method or normal_init(),
+                     0, 1, tp_group)
+        _mark(self.weight, 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight)  # [..., h]
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.tp_group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings} (/{group_size(self.tp_group)}: "
+                f"[{self.vocab_start}, {self.vocab_end})), {self.embedding_dim}")

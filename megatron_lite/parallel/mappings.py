@@ -1,0 +1,125 @@
+"""Differentiable collectives at the edges of a tensor-parallel region.
+
+Each is a small autograd function whose forward and backward are conjugate:
+
+====================  ==========================  ==========================
+function              forward                     backward
+====================  ==========================  ==========================
+copy_to_tp_region     identity                    all-reduce (sum)
+reduce_from_tp_region all-reduce (sum)            identity
+scatter_to_tp_region  keep own slice of last dim  all-gather along last dim
+gather_from_tp_region all-gather along last dim   keep own slice of last dim
+====================  ==========================  ==========================
+
+``copy_to`` / ``reduce_from`` are Megatron's *f* / *g*: a column-parallel linear is
+entered through ``copy_to`` and a row-parallel linear left through ``reduce_from``, so a
+transformer layer costs two all-reduces forward and two backward.
+
+The group may be ``None`` (TP size one); then every function is the identity and no
+communication happens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel.state import group_rank, group_size
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    # NOTE: reduce a copy; the input may be a tensor autograd saved for another op.
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[-1] % n:
+        raise ValueError(f"last dim {x.shape[-1]} is not divisible by TP size {n}")
+    return x.chunk(n, dim=-1)[group_rank(group)].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class _CopyToTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+class _GatherFromTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: identity. Backward: all-reduce the gradient over ``group``.
+
+    Used where a replicated activation enters a TP region: every rank's partial
+    gradient w.r.t. the shared input must be summed.
+    """
+    return _CopyToTPRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: all-reduce (sum) over ``group``. Backward: identity.
+
+    Used where partial sums leave a TP region (after a row-parallel matmul).
+    """
+    return _ReduceFromTPRegion.apply(x, group)
+
+
+def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: keep this rank's slice of the last dim. Backward: all-gather the last dim."""
+    return _ScatterToTPRegion.apply(x, group)
+
+
+def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: all-gather the last dim (rank order). Backward: keep this rank's slice."""
+    return _GatherFromTPRegion.apply(x, group)

@@ -1,0 +1,61 @@
+"""Run a test body on N gloo processes, the way torchrun would start them."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_lite.parallel import destroy_parallel, init_parallel, merge_shards
+from megatron_lite.parallel.state import group_size
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tp_size: int, fn, args) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # NOTE: N processes share 2 cores; oversubscription is slow
+    ctx = init_parallel(tp_size, backend="gloo", timeout_s=120)
+    try:
+        fn(ctx, *args)
+    finally:
+        destroy_parallel()
+
+
+def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> None:
+    """Run ``fn(ctx, *args)`` on ``world_size`` processes; re-raise the first failure.
+
+    ``fn`` must be a module-level function (it is pickled by reference). When one rank
+    fails, ``torch.multiprocessing.spawn`` terminates the others, so a peer blocked in a
+    collective cannot hang the test.
+    """
+    mp.spawn(_worker, args=(world_size, free_port(), tp_size or world_size, fn, args),
+             nprocs=world_size, join=True)
+
+
+def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's copy of ``t`` (no autograd), in rank order."""
+    if group_size(group) == 1:
+        return [t.detach()]
+    parts = [torch.empty_like(t) for _ in range(group_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return parts
+
+
+def gather_full(t: torch.Tensor, group, dim: int, stride: int = 1) -> torch.Tensor:
+    """Rebuild an unsharded tensor from every rank's shard."""
+    return merge_shards(gather_shards(t, group), dim % t.dim(), stride)
+
+
+def max_dev(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
