@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from megatron_lite.parallel import destroy_parallel, init_parallel, merge_shards
 from megatron_lite.parallel.state import group_size
@@ -19,7 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tp_size: int, fn, args) -> None:
+class DistributedTestFailure(AssertionError):
+    """A rank of a distributed test failed; the message holds the first failure's traceback."""
+
+
+def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, fn, args) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -28,6 +37,11 @@ def _worker(rank: int, world_size: int, port: int, tp_size: int, fn, args) -> No
     ctx = init_parallel(tp_size, backend="gloo", timeout_s=120)
     try:
         fn(ctx, *args)
+    except BaseException:
+        # NOTE: record the failure before tearing down: peers blocked in a collective then
+        # fail with "connection reset", and the runner must report the root cause first.
+        Path(err_dir, f"rank{rank}.err").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        raise
     finally:
         destroy_parallel()
 
@@ -37,10 +51,26 @@ def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> N
 
     ``fn`` must be a module-level function (it is pickled by reference). When one rank
     fails, ``torch.multiprocessing.spawn`` terminates the others, so a peer blocked in a
-    collective cannot hang the test.
+    collective cannot hang the test. The error raised carries the traceback of the rank
+    that failed first (later ones usually only saw their peer disappear).
     """
-    mp.spawn(_worker, args=(world_size, free_port(), tp_size or world_size, fn, args),
-             nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory() as err_dir:
+        try:
+            mp.spawn(_worker,
+                     args=(world_size, free_port(), tp_size or world_size, err_dir, fn, args),
+                     nprocs=world_size, join=True)
+        except ProcessException as exc:
+            reports = []
+            for path in Path(err_dir).glob("rank*.err"):
+                stamp, tb = path.read_text().split("\n", 1)
+                reports.append((float(stamp), path.stem, tb))
+            if not reports:
+                raise
+            reports.sort()
+            _, who, tb = reports[0]
+            others = ", ".join(r[1] for r in reports[1:]) or "none"
+            raise DistributedTestFailure(
+                f"{who} failed first (later failures: {others}):\n{tb}") from exc
 
 
 def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:

@@ -66,7 +66,8 @@ def _env_int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
     except ValueError:
-        raise ParallelConfigError(f"environment variable {key}={env[key]!r} is not an integer") from None
+        raise ParallelConfigError(
+            f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
 def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -142,7 +143,8 @@ def validate_parallel_config(
             ("model.ffn_hidden_size", ffn_hidden_size),
         ):
             if value is not None and value % tp:
-                problems.append(f"{key}={value} is not divisible by parallel.tensor_parallel_size={tp}")
+                problems.append(
+                    f"{key}={value} is not divisible by parallel.tensor_parallel_size={tp}")
         if global_batch_size is not None and micro_batch_size is not None:
             dp = world_size // tp
             if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp):

@@ -12,7 +12,8 @@ def divide(numerator: int, denominator: int, what: str = "value") -> int:
     return numerator // denominator
 
 
-def shard_tensor(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+def shard_tensor(full: torch.Tensor, dim: int, rank: int, size: int,
+                 stride: int = 1) -> torch.Tensor:
     """This rank's shard of ``full`` along ``dim``.
 
     With ``stride > 1`` the dim is read as ``stride`` concatenated blocks (e.g. a fused
@@ -27,11 +28,10 @@ def shard_tensor(full: torch.Tensor, dim: int, rank: int, size: int, stride: int
     """
     if size == 1:
         return full
-    pieces = full.chunk(size * stride, dim=dim)
     if full.shape[dim] % (size * stride):
-        raise ValueError(
-            f"dim {dim} of size {full.shape[dim]} does not split into {size} ranks x {stride} blocks"
-        )
+        raise ValueError(f"dim {dim} of size {full.shape[dim]} does not split into "
+                         f"{size} ranks x {stride} blocks")
+    pieces = full.chunk(size * stride, dim=dim)
     return torch.cat(pieces[rank::size], dim=dim).contiguous()
 
 

@@ -1,0 +1,221 @@
+"""One tree of dataclasses for a run: model / parallel / optim / data / train / log.
+
+YAML files hold a subset of the tree; ``key=value`` overrides (dotted, as on the
+command line) are applied on top. Every key is checked: an unknown key or a value of
+the wrong type is one error that names the file (or override) and the key.
+
+    cfg = load_config("configs/gpt2/tiny-cpu.yaml", ["train.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # gpt | bert
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    seq_length: int = 1024
+    max_position_embeddings: int = 1024
+    vocab_size: int = 50257  # the tokenizer's size; padded at build time
+    make_vocab_size_divisible_by: int = 128  # x TP size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+    activation_checkpointing: str = "none"  # none | full | selective
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # data-parallel size = world size / TP
+    engine: str = "ddp"  # ddp | deepspeed
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None = None  # a shard prefix (without .bin/.idx)
+    split: str = "949,50,1"
+    tokenizer_type: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    tokenizer_model: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    max_steps: int = 100
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 0  # 0: only at the end
+    run_dir: str = "runs/default"
+    load: str | None = None
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    level: str = "info"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1) -> Config:
+        """Check value choices and the parallel layout; raise one :class:`ConfigError`."""
+        from megatron_lite.parallel.state import ParallelConfigError, validate_parallel_config
+
+        problems = []
+        for key, allowed in CHOICES.items():
+            value = _get(self, key)
+            if value not in allowed:
+                problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        m = self.model
+        try:
+            validate_parallel_config(
+                world_size, self.parallel.tensor_parallel_size,
+                hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+                ffn_hidden_size=m.ffn_hidden_size,
+                global_batch_size=self.train.global_batch_size,
+                micro_batch_size=self.train.micro_batch_size)
+        except ParallelConfigError as err:
+            problems.append(str(err))
+        if m.seq_length > m.max_position_embeddings:
+            problems.append(f"model.seq_length={m.seq_length} exceeds "
+                            f"model.max_position_embeddings={m.max_position_embeddings}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("gpt", "bert"),
+    "model.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.engine": ("ddp", "deepspeed"),
+    "optim.decay_style": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation (int, float, str, bool, X | None)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # NOTE: YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the float it means
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. split: 949,50,1 written without quotes stays a string
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    node = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(node) or section.startswith("_"):
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"{where}: unknown section {section!r} (known: {sections})")
+    hints = typing.get_type_hints(type(node))
+    if key not in hints:
+        raise ConfigError(f"{where}: unknown key {section}.{key}")
+    setattr(node, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from a YAML file and ``section.key=value`` overrides.
+
+    Args:
+        path: YAML file with top-level sections (``model:``, ``train:``, ...), or None.
+        overrides: strings like ``"train.max_steps=50"``; values are parsed as YAML.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or "parse error"
+            raise ConfigError(f"{path}:{line} invalid YAML ({problem})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in tree.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, str(section), str(key), value, str(path))
+    for item in overrides or []:
+        dotted, sep, raw = item.partition("=")
+        if not sep or dotted.count(".") != 1:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        section, key = dotted.split(".")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        _apply(cfg, section, key, value, f"override {item!r}")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,57 @@
+"""The config tree: YAML + dotted overrides, with one clear error per bad key or value."""
+
+import pytest
+
+from megatron_lite.config import Config, ConfigError, load_config, save_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  num_layers: 2\n  hidden_size: 64\noptim:\n  lr: 1e-4\n"
+                    "data:\n  split: 98,1,1\n")
+    cfg = load_config(path, ["train.max_steps=7", "model.ffn_hidden_size=256",
+                             "data.data_path=/x/y_text_document", "optim.min_lr=0"])
+    assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 64
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.min_lr, float)
+    assert cfg.train.max_steps == 7 and cfg.model.ffn_hidden_size == 256
+    assert cfg.data.split == "98,1,1" and cfg.data.data_path == "/x/y_text_document"
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("text,override,message", [
+    ("model:\n  num_layer: 2\n", None, "run.yaml: unknown key model.num_layer"),
+    ("modle:\n  num_layers: 2\n", None, "run.yaml: unknown section 'modle'"),
+    ("model:\n  num_layers: two\n", None, "run.yaml: model.num_layers: expected int, got 'two'"),
+    ("model:\n  a: 1\n\tb: 2\n", None, "run.yaml: line 3 invalid YAML"),
+    ("", "train.max_steps", "expected section.key=value"),
+    ("", "train.max_steps=1.5", "override 'train.max_steps=1.5': train.max_steps: expected int"),
+    ("", "optim.lr=fast", "optim.lr: expected float"),
+    ("", "model.num_layers=true", "expected int, got True"),
+])
+def test_bad_input_is_one_line_naming_the_key(tmp_path, text, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override] if override else [])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_config("nope.yaml")
+
+
+def test_validate_choices_and_layout():
+    cfg = load_config(None, ["model.arch=t5", "train.precision=fp8"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert "model.arch='t5' is not one of gpt, bert" in str(err.value)
+    assert "train.precision='fp8'" in str(err.value)
+
+    cfg = load_config(None, ["parallel.tensor_parallel_size=2", "model.num_attention_heads=3",
+                             "model.hidden_size=96"])
+    with pytest.raises(ConfigError, match="num_attention_heads=3 is not divisible"):
+        cfg.validate(world_size=2)
+    Config().validate(world_size=1)
