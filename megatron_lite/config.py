@@ -38,7 +38,21 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_std: float = 0.02
     layernorm_epsilon: float = 1e-5
+    layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
+    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2 "gelu_new") | gelu (exact, BERT)
+    # residual sublayers bottom to top: s = self-attention, f = feed-forward;
+    # empty = "sf" * num_layers (ordinary layers)
+    sublayer_pattern: str = ""
+    num_tokentypes: int = 2  # BERT segment embeddings
     activation_checkpointing: str = "none"  # none | full | selective
+
+    @property
+    def pattern(self) -> str:
+        return self.sublayer_pattern or "sf" * self.num_layers
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
 
 
 @dataclass
@@ -122,6 +136,9 @@ class Config:
                 micro_batch_size=self.train.micro_batch_size)
         except ParallelConfigError as err:
             problems.append(str(err))
+        if set(m.pattern) - {"s", "f"}:
+            problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
+                            "'s' (self-attention) and 'f' (feed-forward)")
         if m.seq_length > m.max_position_embeddings:
             problems.append(f"model.seq_length={m.seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")
@@ -133,6 +150,8 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.activation_checkpointing": ("none", "full", "selective"),
+    "model.layernorm_order": ("pre", "post"),
+    "model.activation": ("gelu_tanh", "gelu"),
     "parallel.engine": ("ddp", "deepspeed"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),

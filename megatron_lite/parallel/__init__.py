@@ -23,6 +23,7 @@ from megatron_lite.parallel.state import (
     read_launch_env,
     validate_parallel_config,
 )
+from megatron_lite.parallel.state_dict import full_state_dict, load_full_state_dict
 from megatron_lite.parallel.utils import merge_shards, pad_vocab_size, shard_tensor
 
 __all__ = [
@@ -35,8 +36,10 @@ __all__ = [
     "checkpoint",
     "copy_to_tp_region",
     "destroy_parallel",
+    "full_state_dict",
     "gather_from_tp_region",
     "init_parallel",
+    "load_full_state_dict",
     "merge_shards",
     "normal_init",
     "pad_vocab_size",

@@ -38,25 +38,33 @@ def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
 
 
 def _init_shard_(shard: torch.Tensor, full_shape, init_method: InitMethod, dim: int,
-                 stride: int, group) -> None:
-    """Fill ``shard`` with this rank's slice of a full weight drawn by ``init_method``."""
+                 stride: int, group, drawn_rows: int | None = None) -> None:
+    """Fill ``shard`` with this rank's slice of a full weight drawn by ``init_method``.
+
+    ``drawn_rows``: draw only the first rows (a real vocab) and zero the rest (padding),
+    so the random stream does not depend on the TP-dependent padded size.
+    """
     if shard.device.type == "meta":  # shapes only: nothing to draw
         return
     # NOTE: draw in fp32 whatever the parameter dtype, so the random stream (and hence
     # every later layer's weights) does not depend on the precision chosen.
-    full = torch.empty(full_shape, dtype=torch.float32, device=shard.device)
-    init_method(full)
+    full = torch.zeros(full_shape, dtype=torch.float32, device=shard.device)
+    init_method(full if drawn_rows is None else full[:drawn_rows])
     with torch.no_grad():
         shard.copy_(shard_tensor(full, dim, group_rank(group), group_size(group), stride))
 
 
-def _mark(param: nn.Parameter, dim: int | None, stride: int = 1) -> None:
-    """Record how a parameter is sharded: ``tp_dim`` (None = replicated) and ``tp_stride``.
+def mark_tp(param: nn.Parameter, dim: int | None, stride: int = 1,
+            vocab_dim: int | None = None) -> None:
+    """Record how a parameter is sharded across TP.
 
-    Gradient clipping, checkpoint resharding and HF export read these attributes.
+    ``tp_dim`` (None = replicated), ``tp_stride`` (fused blocks along it) and
+    ``vocab_dim`` (the dim padded to the TP-dependent vocab size, if any). Gradient
+    clipping, checkpoint resharding and HF conversion read these attributes.
     """
     param.tp_dim = dim
     param.tp_stride = stride
+    param.vocab_dim = vocab_dim
 
 
 class ColumnParallelLinear(nn.Module):
@@ -87,10 +95,10 @@ class ColumnParallelLinear(nn.Module):
                                                device=device, dtype=dtype))
         _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
                      0, stride, tp_group)
-        _mark(self.weight, 0, stride)
+        mark_tp(self.weight, 0, stride)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_per_rank, device=device, dtype=dtype))
-            _mark(self.bias, 0, stride)
+            mark_tp(self.bias, 0, stride)
         else:
             self.register_parameter("bias", None)
 
@@ -128,10 +136,10 @@ class RowParallelLinear(nn.Module):
                                                device=device, dtype=dtype))
         _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
                      1, 1, tp_group)
-        _mark(self.weight, 1)
+        mark_tp(self.weight, 1)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-            _mark(self.bias, None)
+            mark_tp(self.bias, None)
         else:
             self.register_parameter("bias", None)
 
@@ -155,12 +163,15 @@ class VocabParallelEmbedding(nn.Module):
         num_embeddings: the (padded) vocab size; divisible by the TP size.
         embedding_dim: hidden size.
         init_method: fills the full ``[vocab, dim]`` weight in place.
+        vocab_size: the real vocab size: only these rows are drawn, padding rows start at
+            zero, so the init is the same at every TP size (default: all rows).
         tp_group: the TP process group (``None`` = no TP).
         device, dtype: where and how to allocate the shard.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *,
-                 init_method: InitMethod | None = None, tp_group=None, device=None, dtype=None):
+                 init_method: InitMethod | None = None, vocab_size: int | None = None,
+                 tp_group=None, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tp_group = (
             num_embeddings, embedding_dim, tp_group)
@@ -169,8 +180,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim,
                                                device=device, dtype=dtype))
         _init_shard_(self.weight, (num_embeddings, embedding_dim), init_method or normal_init(),
-                     0, 1, tp_group)
-        _mark(self.weight, 0)
+                     0, 1, tp_group, drawn_rows=vocab_size)
+        mark_tp(self.weight, 0, vocab_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.tp_group) == 1:

@@ -64,6 +64,10 @@ class TPRNGTracker:
             raise ValueError(f"RNG state {name!r} already exists")
         self._states[name] = _fresh_state(self.device, seed)
 
+    def reset(self) -> None:
+        """Forget every tracked state (modules holding this tracker keep working)."""
+        self._states = {}
+
     def get_states(self) -> dict[str, torch.Tensor]:
         """A copy of every tracked state (for checkpoints)."""
         return {k: v.clone() for k, v in self._states.items()}

@@ -198,7 +198,8 @@ class ParallelContext:
         tracked state seeded ``seed + 2718 + tp_rank``.
         """
         torch.manual_seed(seed)
-        self.rng = TPRNGTracker(self.device)
+        self.rng.device = self.device
+        self.rng.reset()  # in place: models built earlier hold this tracker
         self.rng.add(TPRNGTracker.TP_REGION, seed + 2718 + self.tp_rank)
 
 

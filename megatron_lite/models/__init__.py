@@ -1,0 +1,20 @@
+"""GPT-2 and BERT built from the tensor-parallel layers."""
+
+from __future__ import annotations
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.models.bert import BertModel
+from megatron_lite.models.gpt import GPTModel
+from megatron_lite.parallel import ParallelContext
+
+
+def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, device=None):
+    """The model named by ``cfg.arch`` (``gpt`` or ``bert``)."""
+    if cfg.arch == "gpt":
+        return GPTModel(cfg, ctx, device)
+    if cfg.arch == "bert":
+        return BertModel(cfg, ctx, device)
+    raise ValueError(f"model.arch={cfg.arch!r} is not one of gpt, bert")
+
+
+__all__ = ["BertModel", "GPTModel", "build_model"]

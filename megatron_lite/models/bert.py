@@ -1,0 +1,111 @@
+"""BERT: token + position + segment embeddings, a bidirectional stack, MLM and NSP heads.
+
+``layernorm_order: pre`` is Megatron's BERT (LayerNorm before each sublayer, a final
+LayerNorm, none on the embeddings; HF ``MegatronBertForPreTraining``); ``post`` is the
+original BERT (LayerNorm after each residual and on the embeddings; HF
+``BertForPreTraining``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.models.transformer import Transformer, activation_fn, embedding
+from megatron_lite.parallel import (
+    ParallelContext,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    normal_init,
+    pad_vocab_size,
+    vocab_parallel_cross_entropy,
+)
+from megatron_lite.parallel.layers import mark_tp
+
+
+def _linear(n_in: int, n_out: int, std: float, device=None) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, device=device)
+    if layer.weight.device.type != "meta":
+        nn.init.normal_(layer.weight, mean=0.0, std=std)
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class BertModel(nn.Module):
+    """BERT for pretraining (masked LM + next-sentence prediction).
+
+    Args:
+        cfg: model section of the config.
+        ctx: the parallel context (default: one process, no TP).
+        device: where to allocate (``"meta"`` builds shapes only).
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, device=None):
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        h, std = cfg.hidden_size, cfg.init_std
+        self.cfg, self.tp_group = cfg, ctx.tp_group
+        self.padded_vocab_size = pad_vocab_size(
+            cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
+        self.word = VocabParallelEmbedding(self.padded_vocab_size, h, init_method=normal_init(std),
+                                           vocab_size=cfg.vocab_size, tp_group=ctx.tp_group,
+                                           device=device)
+        self.position = embedding(cfg.max_position_embeddings, h, std, device)
+        self.tokentype = embedding(cfg.num_tokentypes, h, std, device)
+        self.embed_ln = (nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)
+                         if cfg.layernorm_order == "post" else None)
+        self.transformer = Transformer(cfg, ctx, causal=False, device=device)
+        # masked-LM head: dense + act + LayerNorm, then the tied, vocab-parallel decoder
+        self.act = activation_fn(cfg.activation)
+        self.lm_dense = _linear(h, h, std, device)
+        self.lm_ln = nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)
+        self.lm_bias = nn.Parameter(torch.zeros(self.word.weight.shape[0], device=device))
+        mark_tp(self.lm_bias, 0, vocab_dim=0)
+        # next-sentence head on [CLS]
+        self.pooler = _linear(h, h, std, device)
+        self.nsp = _linear(h, 2, std, device)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                mlm_labels: torch.Tensor | None = None, nsp_labels: torch.Tensor | None = None,
+                return_parts: bool = False):
+        """``(mlm_logits [b, s, V/tp], nsp_logits [b, 2])``, or the loss when labels are given.
+
+        Args:
+            input_ids: ``[b, s]`` token ids.
+            token_type_ids: ``[b, s]`` segment ids (0 for A, 1 for B); zeros if None.
+            attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+            mlm_labels: ``[b, s]`` original ids at masked positions, ``-100`` elsewhere.
+            nsp_labels: ``[b]``, 0 = B follows A, 1 = B is random.
+            return_parts: with labels, return ``(loss, {"mlm": ..., "nsp": ...})``.
+        """
+        s = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(s, device=input_ids.device)
+        x = self.word(input_ids) + self.position(pos) + self.tokentype(token_type_ids)  # [b, s, h]
+        if self.embed_ln is not None:
+            x = self.embed_ln(x)
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]: True = attend
+        x = self.transformer(x, mask)  # [b, s, h]
+
+        t = self.lm_ln(self.act(self.lm_dense(x)))  # [b, s, h]
+        mlm_logits = F.linear(copy_to_tp_region(t, self.tp_group), self.word.weight,
+                              self.lm_bias)  # [b, s, V/tp]
+        nsp_logits = self.nsp(torch.tanh(self.pooler(x[:, 0])))  # [b, 2]
+        if mlm_labels is None and nsp_labels is None:
+            return mlm_logits, nsp_logits
+
+        parts = {}
+        if mlm_labels is not None:
+            parts["mlm"] = vocab_parallel_cross_entropy(mlm_logits, mlm_labels, self.tp_group,
+                                                        vocab_size=self.cfg.vocab_size)
+        if nsp_labels is not None:
+            parts["nsp"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
+        loss = sum(parts.values())
+        return (loss, {k: v.detach() for k, v in parts.items()}) if return_parts else loss

@@ -1,0 +1,60 @@
+"""GPT-2: token + learned position embeddings, a causal pre-LN stack, tied output layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.models.transformer import Transformer, embedding
+from megatron_lite.parallel import (
+    ParallelContext,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    normal_init,
+    pad_vocab_size,
+    vocab_parallel_cross_entropy,
+)
+
+
+class GPTModel(nn.Module):
+    """A GPT-2 language model with tensor-parallel layers (TP=1 = a plain model).
+
+    Args:
+        cfg: model section of the config.
+        ctx: the parallel context (default: one process, no TP).
+        device: where to allocate (``"meta"`` builds shapes only).
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, device=None):
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        self.cfg, self.tp_group = cfg, ctx.tp_group
+        self.padded_vocab_size = pad_vocab_size(
+            cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
+        self.wte = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
+                                          init_method=normal_init(cfg.init_std),
+                                          vocab_size=cfg.vocab_size, tp_group=ctx.tp_group,
+                                          device=device)
+        self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std, device)
+        self.transformer = Transformer(cfg, ctx, causal=True, device=device)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
+
+        Args:
+            input_ids: ``[b, s]`` token ids.
+            labels: ``[b, s]`` next-token ids aligned with ``input_ids`` (Megatron's
+                convention: the dataset shifts), ``-100`` where no loss is wanted.
+        """
+        s = input_ids.shape[1]
+        pos = torch.arange(s, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        x = self.transformer(x)  # [b, s, h]
+        logits = F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)  # [b, s, V/tp]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.tp_group,
+                                            vocab_size=self.cfg.vocab_size)

@@ -1,0 +1,239 @@
+"""Hugging Face interop: GPT-2 and BERT weights to and from megatron-lite, at any TP size.
+
+Conversion is a key map over *full* state dicts; sharding is done by
+:func:`load_full_state_dict` / :func:`full_state_dict`, so it works for every TP size.
+
+- GPT-2 (``GPT2LMHeadModel``): HF's ``Conv1D`` stores weights transposed ([in, out]);
+  ``c_attn`` is ``[Q|K|V]`` along the output dim, which is exactly our fused QKV
+  layout; GELU is the tanh approximation; the LM head is tied to ``wte``.
+- BERT post-LN = ``BertForPreTraining``; pre-LN = ``MegatronBertForPreTraining``. HF
+  keeps separate query/key/value linears; we fuse them as ``[Q|K|V]``.
+
+The vocab is padded inside megatron-lite (to 128 x TP) and trimmed on export.
+``transformers`` is imported lazily: it is the optional ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.models import BertModel, GPTModel, build_model
+from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
+
+# (our name, HF name, how): "copy", "T" (Conv1D transpose), "vocab" (trim on export)
+Rule = tuple[str, str, str]
+
+
+def _gpt_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [("wte.weight", "transformer.wte.weight", "vocab"),
+             ("wpe.weight", "transformer.wpe.weight", "copy")]
+    for i in range(cfg.num_layers):
+        a, f, h = f"transformer.layers.{2 * i}", f"transformer.layers.{2 * i + 1}", \
+            f"transformer.h.{i}"
+        for ours, theirs in ((f"{a}.ln", f"{h}.ln_1"), (f"{f}.ln", f"{h}.ln_2")):
+            rules += [(f"{ours}.weight", f"{theirs}.weight", "copy"),
+                      (f"{ours}.bias", f"{theirs}.bias", "copy")]
+        for ours, theirs in ((f"{a}.attn.qkv", f"{h}.attn.c_attn"),
+                             (f"{a}.attn.proj", f"{h}.attn.c_proj"),
+                             (f"{f}.mlp.fc1", f"{h}.mlp.c_fc"),
+                             (f"{f}.mlp.fc2", f"{h}.mlp.c_proj")):
+            rules += [(f"{ours}.weight", f"{theirs}.weight", "T"),
+                      (f"{ours}.bias", f"{theirs}.bias", "copy")]
+    rules += [("transformer.final_ln.weight", "transformer.ln_f.weight", "copy"),
+              ("transformer.final_ln.bias", "transformer.ln_f.bias", "copy"),
+              ("wte.weight", "lm_head.weight", "vocab")]  # tied
+    return rules
+
+
+def _linear(ours: str, theirs: str) -> list[Rule]:
+    return [(f"{ours}.weight", f"{theirs}.weight", "copy"),
+            (f"{ours}.bias", f"{theirs}.bias", "copy")]
+
+
+def _bert_rules(cfg: ModelConfig) -> list[Rule]:
+    post = cfg.layernorm_order == "post"
+    e = "bert.embeddings"
+    rules = [("word.weight", f"{e}.word_embeddings.weight", "vocab"),
+             ("position.weight", f"{e}.position_embeddings.weight", "copy"),
+             ("tokentype.weight", f"{e}.token_type_embeddings.weight", "copy")]
+    if post:
+        rules += _linear("embed_ln", f"{e}.LayerNorm")
+    for i in range(cfg.num_layers):
+        a, f, L = f"transformer.layers.{2 * i}", f"transformer.layers.{2 * i + 1}", \
+            f"bert.encoder.layer.{i}"
+        rules += [(f"{a}.attn.qkv.weight", f"{L}.attention.self.{{q,k,v}}.weight", "qkv"),
+                  (f"{a}.attn.qkv.bias", f"{L}.attention.self.{{q,k,v}}.bias", "qkv")]
+        rules += _linear(f"{a}.attn.proj", f"{L}.attention.output.dense")
+        rules += _linear(f"{f}.mlp.fc1", f"{L}.intermediate.dense")
+        rules += _linear(f"{f}.mlp.fc2", f"{L}.output.dense")
+        if post:
+            rules += _linear(f"{a}.ln", f"{L}.attention.output.LayerNorm")
+            rules += _linear(f"{f}.ln", f"{L}.output.LayerNorm")
+        else:
+            rules += _linear(f"{a}.ln", f"{L}.attention.ln") + _linear(f"{f}.ln", f"{L}.ln")
+    if not post:
+        rules += _linear("transformer.final_ln", "bert.encoder.ln")
+    rules += _linear("pooler", "bert.pooler.dense")
+    rules += _linear("lm_dense", "cls.predictions.transform.dense")
+    rules += _linear("lm_ln", "cls.predictions.transform.LayerNorm")
+    rules += [("lm_bias", "cls.predictions.bias", "vocab"),
+              ("lm_bias", "cls.predictions.decoder.bias", "vocab"),  # tied
+              ("word.weight", "cls.predictions.decoder.weight", "vocab")]  # tied
+    rules += _linear("nsp", "cls.seq_relationship")
+    return rules
+
+
+def _rules(cfg: ModelConfig) -> list[Rule]:
+    if cfg.sublayer_pattern and cfg.sublayer_pattern != "sf" * cfg.num_layers:
+        raise ValueError(f"sublayer_pattern={cfg.sublayer_pattern!r} has no HF equivalent")
+    return _gpt_rules(cfg) if cfg.arch == "gpt" else _bert_rules(cfg)
+
+
+_QKV = ("query", "key", "value")
+
+
+def hf_to_full_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
+    """An HF state dict as a full megatron-lite state dict (vocab unpadded)."""
+    out = {}
+    for ours, theirs, how in _rules(cfg):
+        if ours in out:  # tied weights appear twice in HF
+            continue
+        if how == "qkv":
+            out[ours] = torch.cat([hf_state[theirs.replace("{q,k,v}", n)] for n in _QKV])
+        elif how == "T":
+            out[ours] = hf_state[theirs].t().contiguous()
+        else:
+            out[ours] = hf_state[theirs].clone()
+    return out
+
+
+def full_state_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
+    """A full megatron-lite state dict as an HF state dict (vocab trimmed)."""
+    out = {}
+    for ours, theirs, how in _rules(cfg):
+        t = full[ours]
+        if how == "qkv":
+            for name, part in zip(_QKV, t.chunk(3), strict=True):
+                out[theirs.replace("{q,k,v}", name)] = part.clone()
+        elif how == "T":
+            out[theirs] = t.t().contiguous()
+        elif how == "vocab":
+            out[theirs] = t[: cfg.vocab_size].clone()
+        else:
+            out[theirs] = t.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def config_from_hf(hf_config) -> ModelConfig:
+    """A :class:`ModelConfig` for an HF ``GPT2Config``, ``BertConfig`` or ``MegatronBertConfig``."""
+    kind = hf_config.model_type
+    if kind == "gpt2":
+        act = hf_config.activation_function
+        if act not in _GELU:
+            raise ValueError(f"GPT-2 activation {act!r} is not supported")
+        return ModelConfig(
+            arch="gpt", num_layers=hf_config.n_layer, hidden_size=hf_config.n_embd,
+            num_attention_heads=hf_config.n_head,
+            ffn_hidden_size=hf_config.n_inner or 4 * hf_config.n_embd,
+            seq_length=hf_config.n_positions, max_position_embeddings=hf_config.n_positions,
+            vocab_size=hf_config.vocab_size, layernorm_epsilon=hf_config.layer_norm_epsilon,
+            hidden_dropout=hf_config.resid_pdrop, attention_dropout=hf_config.attn_pdrop,
+            init_std=hf_config.initializer_range, activation=_GELU[act], layernorm_order="pre")
+    if kind in ("bert", "megatron-bert"):
+        act = hf_config.hidden_act
+        if act not in _GELU:
+            raise ValueError(f"BERT activation {act!r} is not supported")
+        return ModelConfig(
+            arch="bert", num_layers=hf_config.num_hidden_layers,
+            hidden_size=hf_config.hidden_size,
+            num_attention_heads=hf_config.num_attention_heads,
+            ffn_hidden_size=hf_config.intermediate_size,
+            seq_length=hf_config.max_position_embeddings,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            vocab_size=hf_config.vocab_size, num_tokentypes=hf_config.type_vocab_size,
+            layernorm_epsilon=hf_config.layer_norm_eps,
+            hidden_dropout=hf_config.hidden_dropout_prob,
+            attention_dropout=hf_config.attention_probs_dropout_prob,
+            init_std=hf_config.initializer_range, activation=_GELU[act],
+            layernorm_order="pre" if kind == "megatron-bert" else "post")
+    raise ValueError(f"HF model type {kind!r} is not supported (gpt2, bert, megatron-bert)")
+
+
+def hf_config_from(cfg: ModelConfig):
+    """The HF config object matching a :class:`ModelConfig`."""
+    import transformers
+
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
+    if cfg.arch == "gpt":
+        if cfg.layernorm_order != "pre":
+            raise ValueError("GPT-2 in HF is pre-LN only")
+        return transformers.GPT2Config(
+            n_layer=cfg.num_layers, n_embd=cfg.hidden_size, n_head=cfg.num_attention_heads,
+            n_inner=cfg.ffn_size, n_positions=cfg.max_position_embeddings,
+            vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.layernorm_epsilon,
+            resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
+            attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std,
+            activation_function=act, tie_word_embeddings=True,
+            bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+    config_cls = (transformers.BertConfig if cfg.layernorm_order == "post"
+                  else transformers.MegatronBertConfig)
+    return config_cls(
+        num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.ffn_size,
+        max_position_embeddings=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+        type_vocab_size=cfg.num_tokentypes, layer_norm_eps=cfg.layernorm_epsilon,
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        initializer_range=cfg.init_std, hidden_act=act, tie_word_embeddings=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+def from_hf(hf_model, ctx: ParallelContext | None = None, **overrides) -> GPTModel | BertModel:
+    """Build a megatron-lite model at ``ctx``'s TP size holding an HF model's weights.
+
+    Args:
+        hf_model: ``GPT2LMHeadModel``, ``BertForPreTraining`` or ``MegatronBertForPreTraining``.
+        ctx: the parallel context; every TP rank calls this with the same HF model.
+        **overrides: ModelConfig fields to change (e.g. ``hidden_dropout=0.0``).
+    """
+    ctx = ctx or ParallelContext()
+    cfg = dataclasses.replace(config_from_hf(hf_model.config), **overrides)
+    model = build_model(cfg, ctx)
+    load_full_state_dict(model, hf_to_full_state(hf_model.state_dict(), cfg), ctx.tp_group)
+    return model
+
+
+def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None):
+    """The equivalent HF model (built on every rank; collective over the TP group)."""
+    import transformers
+
+    ctx = ctx or ParallelContext()
+    cfg = model.cfg
+    hf_config = hf_config_from(cfg)
+    if cfg.arch == "gpt":
+        hf_cls = transformers.GPT2LMHeadModel
+    elif cfg.layernorm_order == "post":
+        hf_cls = transformers.BertForPreTraining
+    else:
+        hf_cls = transformers.MegatronBertForPreTraining
+    hf_model = hf_cls(hf_config)
+    hf_state = full_state_to_hf(full_state_dict(model, ctx.tp_group), cfg)
+    missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
+    missing = [k for k in missing if not k.endswith(("position_ids", "masked_bias", "attn.bias"))]
+    if missing or unexpected:
+        raise KeyError(f"HF export mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf_model.eval()

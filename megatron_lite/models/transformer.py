@@ -1,0 +1,144 @@
+"""The transformer stack shared by GPT and BERT, written with the tensor-parallel layers.
+
+The stack is a list of residual *sublayers* read from a pattern, bottom to top:
+``s`` = self-attention, ``f`` = feed-forward. ``"sf" * N`` is an ordinary N-layer
+transformer; other orders (sandwich, PAR) are just other strings. Each sublayer is
+self-contained: its own LayerNorm, residual and dropout.
+
+Tensor parallelism (Megatron 2019): attention is split by heads (fused QKV is
+column-parallel with stride 3, the output projection row-parallel); the MLP is
+column-parallel then row-parallel. One all-reduce per sublayer forward, one backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    checkpoint,
+    normal_init,
+    scaled_normal_init,
+)
+
+
+def activation_fn(name: str):
+    """``gelu_tanh`` (GPT-2's "gelu_new", Megatron's default) or exact ``gelu`` (BERT)."""
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"model.activation={name!r} is not one of gelu_tanh, gelu")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with heads split across the TP group."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, causal: bool, device=None):
+        super().__init__()
+        h, std = cfg.hidden_size, cfg.init_std
+        self.head_dim = h // cfg.num_attention_heads
+        self.causal, self.dropout_p, self.rng = causal, cfg.attention_dropout, ctx.rng
+        self.selective = cfg.activation_checkpointing == "selective"
+        self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
+                                        tp_group=ctx.tp_group, device=device)
+        self.proj = RowParallelLinear(
+            h, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v, with dropout drawn from this TP rank's RNG stream."""
+        with self.rng.fork():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                dropout_p=self.dropout_p if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
+        if self.selective and self.training and torch.is_grad_enabled():
+            ctx = checkpoint(self.core, self.rng, q, k, v, mask)
+        else:
+            ctx = self.core(q, k, v, mask)  # [b, heads/tp, s, d]
+        return self.proj(ctx.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
+
+
+class MLP(nn.Module):
+    """h -> ffn (column-parallel) -> GELU -> h (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
+        super().__init__()
+        h, std = cfg.hidden_size, cfg.init_std
+        self.act = activation_fn(cfg.activation)
+        self.fc1 = ColumnParallelLinear(h, cfg.ffn_size, init_method=normal_init(std),
+                                        tp_group=ctx.tp_group, device=device)
+        self.fc2 = RowParallelLinear(
+            cfg.ffn_size, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # [b, s, ffn/tp] inside, [b, s, h] out
+
+
+class Sublayer(nn.Module):
+    """A residual sublayer: ``x + drop(F(LN(x)))`` (pre-LN) or ``LN(x + drop(F(x)))`` (post)."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, ctx: ParallelContext, causal: bool,
+                 device=None):
+        super().__init__()
+        self.kind = kind
+        self.post_ln = cfg.layernorm_order == "post"
+        self.dropout_p = cfg.hidden_dropout
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
+        if kind == "s":
+            self.attn = SelfAttention(cfg, ctx, causal, device)
+        elif kind == "f":
+            self.mlp = MLP(cfg, ctx, device)
+        else:
+            raise ValueError(f"unknown sublayer kind {kind!r} (expected 's' or 'f')")
+
+    def body(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.attn(x, mask) if self.kind == "s" else self.mlp(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_ln:
+            return self.ln(x + F.dropout(self.body(x, mask), self.dropout_p, self.training))
+        return x + F.dropout(self.body(self.ln(x), mask), self.dropout_p, self.training)
+
+
+class Transformer(nn.Module):
+    """The sublayer stack (plus the final LayerNorm of a pre-LN model).
+
+    ``activation_checkpointing``: ``full`` keeps only each sublayer's input and
+    recomputes the rest in backward; ``selective`` recomputes only the attention core
+    (softmax and its dropout), Megatron's cheapest memory saving.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, causal: bool, device=None):
+        super().__init__()
+        self.rng = ctx.rng
+        self.full_checkpoint = cfg.activation_checkpointing == "full"
+        self.layers = nn.ModuleList(Sublayer(k, cfg, ctx, causal, device) for k in cfg.pattern)
+        self.final_ln = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
+                         if cfg.layernorm_order == "pre" else None)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        recompute = self.full_checkpoint and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            x = checkpoint(layer, self.rng, x, mask) if recompute else layer(x, mask)
+        return x if self.final_ln is None else self.final_ln(x)
+
+
+def embedding(num: int, dim: int, std: float, device=None) -> nn.Embedding:
+    """A replicated ``nn.Embedding`` initialized N(0, std) (one draw, no default init)."""
+    weight = torch.empty(num, dim, device=device)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight, mean=0.0, std=std)
+    return nn.Embedding(num, dim, _weight=weight)
