@@ -20,6 +20,8 @@ def shard_tensor(full: torch.Tensor, dim: int, rank: int, size: int,
     ``[Q|K|V]`` weight, stride 3) and the rank takes its slice of *each* block, so every
     rank holds whole heads of Q, of K and of V, laid out ``[Q_r|K_r|V_r]``.
 
+    The result may share memory with ``full`` (a view when no copy is needed).
+
     Args:
         full: the unsharded tensor.
         dim: the dimension to split.
@@ -31,6 +33,9 @@ def shard_tensor(full: torch.Tensor, dim: int, rank: int, size: int,
     if full.shape[dim] % (size * stride):
         raise ValueError(f"dim {dim} of size {full.shape[dim]} does not split into "
                          f"{size} ranks x {stride} blocks")
+    if stride == 1:  # NOTE: no cat: keeps the init of a huge embedding at one full copy
+        n = full.shape[dim] // size
+        return full.narrow(dim, rank * n, n).contiguous()
     pieces = full.chunk(size * stride, dim=dim)
     return torch.cat(pieces[rank::size], dim=dim).contiguous()
 
