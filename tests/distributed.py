@@ -55,22 +55,35 @@ def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> N
     that failed first (later ones usually only saw their peer disappear).
     """
     with tempfile.TemporaryDirectory() as err_dir:
+        context = mp.start_processes(
+            _worker, args=(world_size, free_port(), tp_size or world_size, err_dir, fn, args),
+            nprocs=world_size, join=False, start_method="spawn")
         try:
-            mp.spawn(_worker,
-                     args=(world_size, free_port(), tp_size or world_size, err_dir, fn, args),
-                     nprocs=world_size, join=True)
+            while not context.join():
+                pass
         except ProcessException as exc:
-            reports = []
-            for path in Path(err_dir).glob("rank*.err"):
-                stamp, tb = path.read_text().split("\n", 1)
-                reports.append((float(stamp), path.stem, tb))
-            if not reports:
-                raise
-            reports.sort()
-            _, who, tb = reports[0]
-            others = ", ".join(r[1] for r in reports[1:]) or "none"
-            raise DistributedTestFailure(
-                f"{who} failed first (later failures: {others}):\n{tb}") from exc
+            raise DistributedTestFailure(_failure_report(context, err_dir)) from exc
+
+
+def _failure_report(context, err_dir: str) -> str:
+    """Name the root cause: a rank that died without a Python error, else the first traceback."""
+    reports = []
+    for path in Path(err_dir).glob("rank*.err"):
+        stamp, tb = path.read_text().split("\n", 1)
+        reports.append((float(stamp), path.stem, tb))
+    reports.sort()
+    # NOTE: spawn SIGTERMs the survivors once one rank fails; a rank with another non-zero
+    # exit code and no traceback file died on its own (os._exit, a signal, the OOM killer)
+    # and is what made its peers fail.
+    died = [f"rank{i} exited with code {p.exitcode}" for i, p in enumerate(context.processes)
+            if p.exitcode not in (0, None, -15) and not Path(err_dir, f"rank{i}.err").exists()]
+    if died:
+        return "; ".join(died) + (f" (then {reports[0][1]} failed)" if reports else "")
+    if not reports:
+        return "a rank failed without a traceback"
+    _, who, tb = reports[0]
+    others = ", ".join(r[1] for r in reports[1:]) or "none"
+    return f"{who} failed first (later failures: {others}):\n{tb}"
 
 
 def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:

@@ -20,43 +20,52 @@ def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    # NOTE: written for few passes over the [tokens, vocab/tp] logits (the largest
+    # activation of a small model): max, subtract, exp, sum forward; one in-place
+    # multiply backward. The saved exponentials are overwritten in backward, so this
+    # function does not support backward through the same graph twice.
+
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, vocab_size):
         # logits: [n, v/tp] (this rank's vocab slice), target: [n] global ids
         n_local = logits.shape[-1]
         start = group_rank(group) * n_local
-        logits = logits.float()
-        if vocab_size is not None and start + n_local > vocab_size:
-            # padded entries (ids >= vocab_size) are never a valid prediction
-            col = torch.arange(start, start + n_local, device=logits.device)
-            logits = logits.masked_fill(col >= vocab_size, float("-inf"))
+        # columns >= vocab_size are padding and never a valid prediction
+        valid = n_local if vocab_size is None else min(max(vocab_size - start, 0), n_local)
 
-        logits_max = _all_reduce_(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)  # [n, v/tp], <= 0
+        if valid > 0:
+            local_max = logits[:, :valid].max(dim=-1).values.float()
+        else:  # this rank holds only padding
+            local_max = logits.new_full((logits.shape[0],), float("-inf"), dtype=torch.float32)
+        logits_max = _all_reduce_(local_max, group, dist.ReduceOp.MAX)
+        exp = logits.float() - logits_max.unsqueeze(-1)  # [n, v/tp], new fp32 tensor
 
         ignored = target == ignore_index
         local_target = target - start
-        mine = (local_target >= 0) & (local_target < n_local) & ~ignored
+        mine = (local_target >= 0) & (local_target < valid) & ~ignored
         local_target = local_target.masked_fill(~mine, 0)
-        rows = torch.arange(shifted.shape[0], device=shifted.device)
-        target_logit = shifted[rows, local_target].masked_fill(~mine, 0.0)
-        target_logit = _all_reduce_(target_logit, group)
+        rows = torch.arange(exp.shape[0], device=exp.device)
+        target_logit = _all_reduce_(exp[rows, local_target].masked_fill(~mine, 0.0), group)
 
-        exp = shifted.exp_()  # reuse the buffer: [n, v/tp]
+        exp.exp_()
+        exp[:, valid:] = 0.0
         sum_exp = _all_reduce_(exp.sum(dim=-1), group)
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, mine, ignored)
+        ctx.save_for_backward(exp, sum_exp, local_target, mine, ignored)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, mine, ignored = ctx.saved_tensors
-        grad = softmax.clone()  # d loss / d logits = softmax - onehot(target)
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("vocab_parallel_cross_entropy: backward twice through the same "
+                               "graph is not supported (its buffer is reused in place)")
+        ctx.consumed = True
+        exp, sum_exp, local_target, mine, ignored = ctx.saved_tensors
+        # d loss / d logits = softmax - onehot(target), softmax = exp / sum_exp
+        scale = grad_loss.masked_fill(ignored, 0.0) / sum_exp  # [n]
+        grad = exp.mul_(scale.unsqueeze(-1))  # in place: the saved buffer becomes the grad
         rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_target] -= mine.to(grad.dtype)
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        grad[rows, local_target] -= (grad_loss * mine).to(grad.dtype)
         return grad, None, None, None, None
 
 

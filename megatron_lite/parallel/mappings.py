@@ -104,7 +104,7 @@ def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     Used where a replicated activation enters a TP region: every rank's partial
     gradient w.r.t. the shared input must be summed.
     """
-    return _CopyToTPRegion.apply(x, group)
+    return x if group is None else _CopyToTPRegion.apply(x, group)
 
 
 def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -112,14 +112,14 @@ def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
 
     Used where partial sums leave a TP region (after a row-parallel matmul).
     """
-    return _ReduceFromTPRegion.apply(x, group)
+    return x if group is None else _ReduceFromTPRegion.apply(x, group)
 
 
 def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Forward: keep this rank's slice of the last dim. Backward: all-gather the last dim."""
-    return _ScatterToTPRegion.apply(x, group)
+    return x if group is None else _ScatterToTPRegion.apply(x, group)
 
 
 def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Forward: all-gather the last dim (rank order). Backward: keep this rank's slice."""
-    return _GatherFromTPRegion.apply(x, group)
+    return x if group is None else _GatherFromTPRegion.apply(x, group)

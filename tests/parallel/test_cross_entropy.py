@@ -34,6 +34,19 @@ def _check(ctx, mask_padding: bool, offset: float) -> None:
     assert d_loss <= TOL, f"loss deviates by {d_loss:.2e}"
     assert d_grad <= TOL, f"grad deviates by {d_grad:.2e}"
     assert local.grad[0, :3].abs().max() == 0, "ignored positions must get no gradient"
+
+    # per-token losses under a non-uniform upstream gradient
+    weights = torch.rand(3, 7)
+    local.grad = None
+    per_token = vocab_parallel_cross_entropy(local, target, ctx.tp_group, reduction="none",
+                                             vocab_size=REAL if mask_padding else None)
+    (per_token * weights).sum().backward()
+    ref_logits.grad = None
+    ref_tok = F.cross_entropy(used.reshape(-1, used.shape[-1]), target.reshape(-1),
+                              reduction="none").view(3, 7)
+    (ref_tok * weights).sum().backward()
+    assert max_dev(per_token, ref_tok) <= TOL
+    assert max_dev(gather_full(local.grad, ctx.tp_group, -1), ref_logits.grad) <= TOL
     if ctx.rank == 0:
         print(f"TP={ctx.tp_size} CE(mask={mask_padding}, offset={offset}): "
               f"loss={d_loss:.2e} grad={d_grad:.2e}")
@@ -65,6 +78,14 @@ def test_reductions_and_all_ignored():
         vocab_parallel_cross_entropy(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="shape"):
         vocab_parallel_cross_entropy(logits, target[:3])
+
+
+def test_second_backward_through_the_same_graph_is_refused():
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([1, 2, 3, 4]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
 
 
 def test_bf16_logits_give_fp32_loss_and_bf16_grad():
