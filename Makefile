@@ -16,6 +16,9 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# megatron-core is a test reference only (shard format interop); --no-deps keeps it
+	# from pulling another torch. It imports on CPU with numpy + packaging.
+	$(PY) -m pip install --quiet --no-deps "megatron-core==0.16.1" packaging
 	touch $@
 
 setup: $(VENV)/.ready
