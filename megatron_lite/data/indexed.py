@@ -102,6 +102,10 @@ class IndexedDatasetWriter:
     def num_documents(self) -> int:
         return len(self._doc_idx) - 1
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self._lengths)
+
     def finalize(self) -> None:
         """Write the index, fsync both files, and rename them into place (bin first)."""
         self._bin.close()

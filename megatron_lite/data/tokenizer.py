@@ -1,0 +1,127 @@
+"""Tokenizers by Megatron's names, over the Rust ``tokenizers`` library and ``sentencepiece``.
+
+- ``GPT2BPETokenizer``: byte-level BPE from GPT-2's ``vocab.json`` + ``merges.txt``;
+  EOD = ``<|endoftext|>``.
+- ``BertWordPieceLowerCase`` / ``BertWordPieceCase``: WordPiece from ``vocab.txt``
+  (id = line number) with [PAD] [UNK] [CLS] [SEP] [MASK]; EOD = [SEP].
+- ``SentencePieceTokenizer``: a ``.model`` file; EOD = its ``</s>`` (eos) id.
+
+Used by preprocessing (encode) and by training (vocab size, special ids, decode).
+Nothing is downloaded: every tokenizer is built from files you give.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+                   "SentencePieceTokenizer")
+GPT2_EOD = "<|endoftext|>"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built from the given files."""
+
+
+def _need(path: str | None, flag: str, kind: str) -> Path:
+    if not path:
+        raise TokenizerError(f"{kind} needs {flag}")
+    p = Path(path)
+    if not p.is_file():
+        raise TokenizerError(f"{flag} {p}: no such file")
+    return p
+
+
+class Tokenizer:
+    """A uniform face over the backends: ``encode_batch``, ``decode``, sizes and special ids."""
+
+    def __init__(self, kind: str, backend, vocab_size: int, eod: int | None,
+                 specials: dict[str, int] | None = None):
+        self.kind, self._backend = kind, backend
+        self.vocab_size, self.eod = vocab_size, eod
+        self.specials = specials or {}
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added)."""
+        if self.kind == "SentencePieceTokenizer":
+            return self._backend.encode(texts)
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "SentencePieceTokenizer":
+            return self._backend.decode(ids)
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token (``[MASK]``, ``[CLS]``, ...), with a clear error if absent."""
+        if name not in self.specials:
+            raise TokenizerError(f"{self.kind} has no {name} token")
+        return self.specials[name]
+
+    def __getstate__(self):  # rebuilt from files in worker processes
+        return self._recipe
+
+    def __setstate__(self, recipe):
+        self.__dict__.update(build_tokenizer(**recipe).__dict__)
+
+
+def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
+                    merge_file: str | None = None,
+                    tokenizer_model: str | None = None) -> Tokenizer:
+    """Build a tokenizer from files, by Megatron's ``--tokenizer-type`` name.
+
+    Raises:
+        TokenizerError: unknown type, a missing flag or file, or a vocab without its
+            special tokens; the message names the flag and the file.
+    """
+    recipe = dict(tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
+                  tokenizer_model=tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        from tokenizers import ByteLevelBPETokenizer
+
+        vocab = _need(vocab_file, "--vocab-file", tokenizer_type)
+        merges = _need(merge_file, "--merge-file", tokenizer_type)
+        try:
+            table = json.loads(vocab.read_text(encoding="utf-8"))
+            backend = ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=False)
+        except Exception as err:  # json or tokenizers parse errors
+            raise TokenizerError(f"{vocab} / {merges}: not a GPT-2 BPE vocab ({err})") from None
+        if GPT2_EOD not in table:
+            raise TokenizerError(f"--vocab-file {vocab}: has no {GPT2_EOD} token")
+        tok = Tokenizer(tokenizer_type, backend, backend.get_vocab_size(), table[GPT2_EOD],
+                        {GPT2_EOD: table[GPT2_EOD]})
+    elif tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
+        from tokenizers import BertWordPieceTokenizer
+
+        vocab = _need(vocab_file, "--vocab-file", tokenizer_type)
+        lines = vocab.read_text(encoding="utf-8").splitlines()
+        ids = {tok: i for i, tok in enumerate(lines)}
+        missing = [t for t in BERT_SPECIALS if t not in ids]
+        if missing:
+            raise TokenizerError(f"--vocab-file {vocab}: missing special tokens {missing}")
+        backend = BertWordPieceTokenizer(str(vocab),
+                                         lowercase=tokenizer_type == "BertWordPieceLowerCase")
+        tok = Tokenizer(tokenizer_type, backend, len(lines), ids["[SEP]"],
+                        {t: ids[t] for t in BERT_SPECIALS})
+    elif tokenizer_type == "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        model = _need(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        try:
+            backend = spm.SentencePieceProcessor(model_file=str(model))
+        except Exception as err:
+            raise TokenizerError(f"--tokenizer-model {model}: cannot load ({err})") from None
+        eos = backend.eos_id()
+        tok = Tokenizer(tokenizer_type, backend, backend.get_piece_size(),
+                        eos if eos >= 0 else None)
+    else:
+        raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r} "
+                             f"(one of {', '.join(TOKENIZER_TYPES)})")
+    tok._recipe = recipe
+    return tok

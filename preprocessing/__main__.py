@@ -1,0 +1,81 @@
+"""``python -m preprocessing``: raw text to Megatron-compatible indexed shards.
+
+Flags follow Megatron-LM's ``tools/preprocess_data.py`` so a Megatron user's habits
+carry over; see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_lite.data.indexed import IndexedDataError
+from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
+from preprocessing.pipeline import Options, run_pipeline
+from preprocessing.readers import InputError
+
+
+def parse_args(argv=None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m preprocessing",
+        description="Filter, near-dedup and tokenize documents into Megatron .bin/.idx shards.")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files (.jsonl .jsonl.gz .json .parquet .txt) or folders of them")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX_{key}_document.bin/.idx and PREFIX.stats.json")
+    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    p.add_argument("--vocab-file")
+    p.add_argument("--merge-file")
+    p.add_argument("--tokenizer-model")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="field(s) holding the text (parquet: column names)")
+    p.add_argument("--append-eod", action="store_true", help="end each document with EOD")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="one sequence per sentence (for BERT): PREFIX_{key}_sentence")
+    p.add_argument("--min-tokens", type=int, default=128,
+                   help="drop documents with fewer tokens (default 128, as Megatron)")
+    p.add_argument("--dedup-threshold", type=float, default=0.7,
+                   help="Jaccard similarity of word 5-grams at which documents are duplicates")
+    p.add_argument("--no-dedup", action="store_true", help="skip near-duplicate removal")
+    p.add_argument("--write-duplicates", action="store_true",
+                   help="also write PREFIX_{key}_document.duplicates.jsonl (kept -> removed)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--strict", action="store_true", help="malformed input is an error")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if not 0.0 < a.dedup_threshold <= 1.0:
+        p.error(f"--dedup-threshold {a.dedup_threshold} must be in (0, 1]")
+    if a.workers < 1 or a.min_tokens < 0:
+        p.error("--workers must be >= 1 and --min-tokens >= 0")
+    return Options(
+        inputs=a.input, output_prefix=a.output_prefix, tokenizer_type=a.tokenizer_type,
+        vocab_file=a.vocab_file, merge_file=a.merge_file, tokenizer_model=a.tokenizer_model,
+        json_keys=a.json_keys, append_eod=a.append_eod, split_sentences=a.split_sentences,
+        min_tokens=a.min_tokens, dedup_threshold=a.dedup_threshold, dedup=not a.no_dedup,
+        workers=a.workers, strict=a.strict, write_duplicates=a.write_duplicates,
+        progress=not a.quiet)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    try:
+        for stats in run_pipeline(opts):
+            s = stats
+            print(f"{s['output_prefix']}: {s['documents_written']} documents, "
+                  f"{s['tokens_written']} tokens ({s['documents_read']} read, "
+                  f"{sum(s['skipped'].values())} skipped, {s['too_short']} too short, "
+                  f"{s['duplicates_removed']} near-duplicates removed) in {s['seconds']:.1f}s")
+            if s["first_errors"]:
+                print(f"warning: skipped input, first at {s['first_errors'][0]}", file=sys.stderr)
+    except (InputError, TokenizerError, IndexedDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Stream documents out of jsonl / jsonl.gz / json / parquet / txt files and folders.
+
+Each reader yields :class:`Record` items in file order, one document at a time (a
+parquet file is read row group by row group), so memory does not grow with the corpus.
+Recoverable problems (a malformed JSON line, an empty text) come out as records with
+``error`` set, so the caller counts and reports them; unrecoverable ones (a missing
+``--json-keys`` key) raise :class:`InputError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
+
+
+class InputError(ValueError):
+    """Input that cannot be processed at all (the message names the file)."""
+
+
+@dataclass
+class Record:
+    text: str | None
+    where: str  # "file:line" or "file:row"
+    nbytes: int = 0
+    error: str | None = None  # "malformed_json", "not_a_string", "empty"
+    replaced: bool = False  # non-UTF-8 bytes were decoded with U+FFFD
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files named, plus supported files found (recursively, sorted) in folders named."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+            files.extend(found)
+        elif p.is_file():
+            if not _kind(p):
+                raise InputError(f"{p}: unsupported input type (use {', '.join(SUFFIXES)})")
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory")
+    if not files:
+        raise InputError(f"no input files found in {', '.join(paths)} "
+                         f"(looked for {', '.join(SUFFIXES)})")
+    return files
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _from_object(obj, key: str, path: Path, where: str, nbytes: int, replaced: bool) -> Record:
+    if not isinstance(obj, dict):
+        return Record(None, where, nbytes, "malformed_json", replaced)
+    if key not in obj:
+        raise InputError(f"{where}: no key {key!r} (use --json-keys to name the text field; "
+                         f"keys here: {', '.join(map(str, list(obj)[:8]))})")
+    text = obj[key]
+    if not isinstance(text, str):
+        return Record(None, where, nbytes, "not_a_string", replaced)
+    return Record(text, where, nbytes, None if text.strip() else "empty", replaced)
+
+
+def _read_jsonl(path: Path, key: str) -> Iterator[Record]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            line, replaced = _decode(raw)
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                yield Record(None, where, len(raw), "malformed_json", replaced)
+                continue
+            yield _from_object(obj, key, path, where, len(raw), replaced)
+
+
+def _read_json(path: Path, key: str) -> Iterator[Record]:
+    raw = path.read_bytes()
+    head = raw.lstrip()[:1]
+    if head != b"[":  # one object per line, under a .json name
+        yield from _read_jsonl(path, key)
+        return
+    text, replaced = _decode(raw)
+    try:
+        items = json.loads(text)  # NOTE: a JSON array is parsed whole; prefer jsonl for big data
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: invalid JSON array ({err.msg})") from None
+    for i, obj in enumerate(items):
+        yield _from_object(obj, key, path, f"{path}:[{i}]", len(raw) // max(len(items), 1),
+                           replaced)
+
+
+def _read_parquet(path: Path, key: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:
+        raise InputError(f"{path}: not a readable parquet file ({err})") from None
+    names = pf.schema_arrow.names
+    if key not in names:
+        raise InputError(f"{path}: no column {key!r} (use --json-keys; columns: "
+                         f"{', '.join(names[:8])})")
+    row = 0
+    for group in range(pf.num_row_groups):
+        for text in pf.read_row_group(group, columns=[key]).column(0).to_pylist():
+            where = f"{path}:row {row}"
+            row += 1
+            if not isinstance(text, str):
+                yield Record(None, where, 0, "not_a_string")
+            else:
+                yield Record(text, where, len(text.encode("utf-8")), None if text.strip()
+                             else "empty")
+
+
+def _read_txt(path: Path) -> Iterator[Record]:
+    raw = path.read_bytes()
+    text, replaced = _decode(raw)
+    yield Record(text, str(path), len(raw), None if text.strip() else "empty", replaced)
+
+
+def read_documents(files: list[Path], key: str = "text") -> Iterator[Record]:
+    """Every document of every file, in order."""
+    for path in files:
+        kind = _kind(path)
+        if kind in (".jsonl", ".jsonl.gz"):
+            yield from _read_jsonl(path, key)
+        elif kind == ".json":
+            yield from _read_json(path, key)
+        elif kind == ".parquet":
+            yield from _read_parquet(path, key)
+        else:
+            yield from _read_txt(path)
+
+
+def total_bytes(files: list[Path]) -> int:
+    return sum(os.path.getsize(f) for f in files)
