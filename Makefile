@@ -34,6 +34,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/train_step.py
+	$(PY) bench/preprocess.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -6,8 +6,8 @@ in Python:
 
 1. word 5-gram hashes: a polynomial hash over the bytes of ``" ".join(words)``, with
    prefix sums (mod 2^64), so each shingle's hash is an O(1) difference, then mixed;
-2. MinHash: ``min_shingles((a_k * x + b_k) mod 2^64)`` for 128 random odd ``a_k``
-   (multiply-add permutations of the 64-bit universe), all 128 at once;
+2. MinHash: ``min_shingles((a_k * x + b_k) mod 2^32)`` for 128 random odd ``a_k``
+   (multiply-add permutations of the 32-bit universe), all 128 at once;
 3. LSH (datasketch's ``MinHashLSH``) with ``b`` bands of ``r`` rows chosen for recall:
    25 x 5 catches a pair at Jaccard 0.7 with probability 0.99 (the default 14 x 9
    only 0.5); false candidates are then rejected by
@@ -17,7 +17,6 @@ in Python:
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import numpy as np
@@ -25,7 +24,6 @@ import numpy as np
 NUM_PERM = 128
 SHINGLE_WORDS = 5
 BANDS, ROWS = 25, 5
-_WORD = re.compile(r"\w+")
 _SEED = 0x5EED_D0C
 _P = np.uint64(0x100000001B3)  # FNV prime: odd, so invertible mod 2^64
 _P_INV = np.uint64(pow(int(_P), -1, 2**64))
@@ -33,8 +31,8 @@ _P_INV = np.uint64(pow(int(_P), -1, 2**64))
 
 def _permutations(num_perm: int = NUM_PERM, seed: int = _SEED) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    a = rng.integers(0, 2**31, size=num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
     return a, b
 
 
@@ -50,35 +48,45 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+# bytes that belong to words: ASCII letters, digits, "_", and every byte of a multi-byte
+# UTF-8 character (so non-ASCII letters stay inside their words)
+_WORD_BYTE = np.zeros(256, dtype=bool)
+_WORD_BYTE[list(b"abcdefghijklmnopqrstuvwxyz0123456789_")] = True  # text is lower-cased
+_WORD_BYTE[0x80:] = True
+_GAP = np.uint64(0x1F)  # what any run of non-word bytes counts as: one separator
+
+
 def shingle_hashes(text: str, n: int = SHINGLE_WORDS) -> np.ndarray:
-    """Sorted unique 64-bit hashes of the word ``n``-grams of ``text`` (lower-cased).
+    """64-bit hashes of the word ``n``-grams of ``text`` (lower-cased; may repeat).
 
-    A text with fewer than ``n`` words has one shingle: all of its words.
+    Words are maximal runs of letters, digits, ``_`` and non-ASCII characters; any
+    run of other characters separates words and counts as one separator, so spacing and
+    punctuation do not change a shingle. A text with fewer than ``n`` words has one
+    shingle: all of its words.
     """
-    words = _WORD.findall(text.lower())
-    if not words:
+    data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
+    is_word = _WORD_BYTE[data]
+    edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # word [s, e)
+    if starts.size == 0:
         return np.zeros(0, dtype=np.uint64)
-    joined = " ".join(words).encode("utf-8")
-    if len(joined) == sum(map(len, words)) + len(words) - 1:  # all ASCII: chars == bytes
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    else:
-        lengths = np.fromiter((len(w.encode("utf-8")) for w in words), dtype=np.int64,
-                              count=len(words))
-    data = np.frombuffer(joined, dtype=np.uint8)
-    ends = np.cumsum(lengths + 1) - 1  # byte offset just past each word
-    starts = ends - lengths
-    k = max(len(words) - n + 1, 1)
-    lo, hi = starts[:k], ends[min(n, len(words)) - 1:][:k]  # shingle i = bytes [lo_i, hi_i)
-
-    pows, inv_pows = _power_tables(data.size)
+    # Count each word byte, and the first byte of each gap between words, at consecutive
+    # positions; everything else (longer gaps, leading/trailing text) counts for nothing.
+    counted = is_word.copy()
+    counted[ends[:-1]] = True
+    value = np.where(is_word, data.astype(np.uint64) + np.uint64(1), _GAP)
+    pos = np.cumsum(counted) - 1  # position of each counted byte in the compressed text
+    pows, inv_pows = _power_tables(int(pos[-1]) + 1)
+    k = max(starts.size - n + 1, 1)
+    lo, hi = starts[:k], ends[min(n, starts.size) - 1:][:k]  # shingle i = bytes [lo_i, hi_i)
     with np.errstate(over="ignore"):
-        # C[j] = sum_{t<j} (byte_t + 1) P^-t  ->  hash[l, r) = (C[r] - C[l]) P^(r-1)
+        # C[j] = sum_{t<j, counted} v_t P^-pos_t  ->  hash = (C[hi] - C[lo]) P^pos_(hi-1)
+        terms = np.where(counted, value * inv_pows[pos], np.uint64(0))
         prefix = np.zeros(data.size + 1, dtype=np.uint64)
-        np.cumsum((data.astype(np.uint64) + np.uint64(1)) * inv_pows[:data.size],
-                  out=prefix[1:])
-        h = (prefix[hi] - prefix[lo]) * pows[hi - 1]
-        h ^= (hi - lo).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # mix in the length
-        return np.unique(_mix(h))
+        np.cumsum(terms, out=prefix[1:])
+        h = (prefix[hi] - prefix[lo]) * pows[pos[hi - 1]]
+        h ^= (pos[hi - 1] - pos[lo]).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return _mix(h)
 
 
 _TABLES = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
@@ -101,13 +109,20 @@ def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def minhash(shingles: np.ndarray, a: np.ndarray = _A, b: np.ndarray = _B) -> np.ndarray:
-    """The MinHash signature (``uint64[num_perm]``) of a set of 64-bit shingle hashes."""
-    if shingles.size == 0:
-        return np.full(a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
-    out = np.full(a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
+    """The MinHash signature (``uint32[num_perm]``) of 64-bit shingle hashes.
+
+    Permutation k maps the top 32 bits ``x`` of a (mixed) shingle hash to
+    ``(a_k x + b_k) mod 2^32`` with ``a_k`` odd: a bijection, computed for all 128 at
+    once in 32-bit arithmetic (measured unbiased: mean error of the Jaccard estimate
+    < 0.002 over 200 real document pairs, spread as the sqrt(J(1-J)/128) theory).
+    """
+    out = np.full(a.size, np.iinfo(np.uint32).max, dtype=np.uint32)
+    x = (shingles >> np.uint64(32)).astype(np.uint32)
     with np.errstate(over="ignore"):
-        for chunk in np.array_split(shingles, max(1, shingles.size // 256)):
-            np.minimum(out, (np.multiply.outer(chunk, a) + b).min(axis=0), out=out)
+        for start in range(0, x.size, 2048):  # bounded temporaries for huge documents
+            chunk = np.multiply.outer(x[start:start + 2048], a)
+            chunk += b
+            np.minimum(out, chunk.min(axis=0), out=out)
     return out
 
 
@@ -170,7 +185,7 @@ class NearDuplicateIndex:
         doc = self.uf.add()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mh = LeanMinHash(seed=1, hashvalues=signature, scheme="affine64")
+            mh = LeanMinHash(seed=1, hashvalues=signature, scheme="affine32")
         for other in self.lsh.query(mh):
             self.candidates += 1
             if jaccard(shingles32, self.sets[other]) >= self.threshold:
@@ -194,5 +209,5 @@ class NearDuplicateIndex:
 
 
 def as32(shingles: np.ndarray) -> np.ndarray:
-    """Shingle hashes folded to 32 bits for the exact check (half the memory)."""
+    """Sorted unique shingle hashes folded to 32 bits, for the exact Jaccard check."""
     return np.unique((shingles ^ (shingles >> np.uint64(32))).astype(np.uint32))
