@@ -1,0 +1,1 @@
+"""Optimizer, LR schedule, precision, checkpoints, metrics and the training loop."""

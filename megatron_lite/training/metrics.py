@@ -1,0 +1,102 @@
+"""Run metrics: a console line, ``metrics.jsonl``, TensorBoard events, a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# dense bf16 peak per device, for the MFU estimate (where the device is known)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12,
+              "L40": 181e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
+    """Forward + backward FLOPs of one step (Narayanan et al. 2021), activations not recomputed.
+
+    Counts the layers as ``len(pattern) / 2`` ordinary layers (an attention + MLP pair).
+    """
+    h, layers, vocab = cfg.hidden_size, len(cfg.pattern) / 2, cfg.vocab_size
+    ffn_ratio = cfg.ffn_size / (4 * h)
+    per_layer = 24 * h * h * (1 + 2 * ffn_ratio) / 3 + 4 * seq * h  # per token, forward
+    return 3 * global_batch * seq * (layers * per_layer + 2 * h * vocab)
+
+
+class MetricsLogger:
+    """Writes on the main rank only; every method is a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:  # tensorboard missing: jsonl and the plot still work
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, record["step"])
+        parts = [f"step {record['step']:>6}"]
+        for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("val_ppl", ".1f"), ("lr", ".2e"),
+                         ("grad_norm", ".3f"), ("tokens_per_sec", ".0f"), ("tflops", ".2f"),
+                         ("mfu", ".1%"), ("loss_scale", ".0f")):
+            if key in record:
+                parts.append(f"{key} {record[key]:{fmt}}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> Path | None:
+        """Flush TensorBoard and draw ``loss.png`` (train and validation loss)."""
+        if not self.enabled:
+            return None
+        if self.tb is not None:
+            self.tb.close()
+        return plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    if not metrics_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,69 @@
+"""AdamW with Megatron's weight-decay groups, and the global gradient norm under TP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.config import OptimConfig
+from megatron_lite.parallel import ParallelContext
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; not biases or LayerNorm parameters (all 1-D)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    """NVIDIA apex's FusedAdam on CUDA when importable, else torch's fused / foreach AdamW."""
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam  # NVIDIA apex, never the PyPI "apex"
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except ImportError:
+            pass
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def is_replica(p: torch.Tensor, ctx: ParallelContext) -> bool:
+    """A replicated parameter, counted on TP rank 0 only (its copies are identical)."""
+    return getattr(p, "tp_dim", None) is None and ctx.tp_rank != 0
+
+
+def global_grad_norm(params, ctx: ParallelContext) -> float:
+    """L2 norm of the whole model's gradient: shards summed over TP, replicas counted once.
+
+    DP needs no reduction: gradients are already averaged across DP ranks.
+    """
+    grads = [p.grad for p in params if p.grad is not None and not is_replica(p, ctx)]
+    if grads:
+        sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
+    else:
+        sq = torch.zeros((), device=ctx.device)
+    if ctx.tp_group is not None:
+        dist.all_reduce(sq, group=ctx.tp_group)
+    return math.sqrt(sq.item())
+
+
+def clip_grads_(params, max_norm: float, ctx: ParallelContext) -> float:
+    """Scale gradients so the global norm is at most ``max_norm``; return the norm before."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params, ctx)
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        torch._foreach_mul_([p.grad for p in params], scale)
+    return norm

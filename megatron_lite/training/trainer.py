@@ -1,0 +1,231 @@
+"""The training loop: build -> (load) -> train with accumulation, clipping, eval, logging, save."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron_lite.config import Config, ConfigError, save_config
+from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
+from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
+from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
+from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.models import build_model
+from megatron_lite.parallel import ParallelContext
+from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
+from megatron_lite.training.optim import build_optimizer, clip_grads_
+from megatron_lite.training.precision import DynamicLossScaler, autocast
+from megatron_lite.training.schedule import learning_rate
+
+
+def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
+    """The tokenizer named in ``data.*``, or None when the config names none."""
+    d = cfg.data
+    if not d.tokenizer_type or not (d.vocab_file or d.tokenizer_model):
+        return None
+    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+
+
+def _barrier_fn(ctx: ParallelContext):
+    return dist.barrier if ctx.world_size > 1 and dist.is_initialized() else None
+
+
+class Trainer:
+    """One run. ``Trainer(cfg, ctx).fit()`` trains ``train.max_steps`` optimizer steps.
+
+    Args:
+        cfg: the resolved config (``model.vocab_size`` is taken from the tokenizer when
+            ``data`` names tokenizer files).
+        ctx: the parallel context (TP x DP grid).
+    """
+
+    def __init__(self, cfg: Config, ctx: ParallelContext):
+        self.cfg, self.ctx = cfg, ctx
+        t = cfg.train
+        self.tokenizer = tokenizer_from_config(cfg)
+        if self.tokenizer is not None:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        cfg.validate(ctx.world_size)
+        if cfg.parallel.tensor_parallel_size != ctx.tp_size:
+            raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
+                              f" but the job was started with TP={ctx.tp_size}")
+        self.accum = t.global_batch_size // (t.micro_batch_size * ctx.dp_size)
+        self.run_dir = Path(t.run_dir)
+
+        ctx.seed(t.seed)
+        self.model = build_model(cfg.model, ctx, device=ctx.device)
+        self.ddp = self.model
+        if ctx.dp_size > 1:
+            self.ddp = DistributedDataParallel(
+                self.model, process_group=ctx.dp_group, broadcast_buffers=False,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
+        self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
+        self.step, self.consumed = 0, 0
+        if t.load:
+            meta = load_checkpoint(t.load, self.model, self.optimizer, ctx)
+            self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            if self.scaler is not None and "loss_scaler" in meta:
+                self.scaler.load_state_dict(meta["loss_scaler"])
+        self.train_data, self.valid_data = self._datasets()
+        self.train_iter = self._iterator(self.train_data, self.consumed)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard)
+        self.flops = model_flops_per_step(cfg.model, t.global_batch_size, cfg.model.seq_length)
+        self.peak = peak_flops(ctx.device)
+
+    # ----------------------------------------------------------------------- data
+
+    def _datasets(self):
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
+        if not cfg.data.data_path:
+            raise ConfigError("data.data_path is not set (a shard prefix, without .bin/.idx)")
+        indexed = IndexedDataset(cfg.data.data_path)
+        if ctx.is_main:
+            check_vocab(indexed, cfg.model.vocab_size)
+        ranges = split_ranges(indexed.num_documents, cfg.data.split)
+        evals = t.eval_iters * t.micro_batch_size * ctx.dp_size
+        sizes = (t.max_steps * t.global_batch_size, evals)
+        if cfg.model.arch == "bert":
+            from megatron_lite.data.bert_dataset import BertDataset
+
+            make = lambda rng, n, name: BertDataset(  # noqa: E731
+                indexed, rng, cfg.model.seq_length, n, t.seed, self._bert_tokens(), cfg.data,
+                name=name)
+        else:
+            make = lambda rng, n, name: GPTDataset(  # noqa: E731
+                indexed, rng, cfg.model.seq_length, n, t.seed, name=name,
+                build=ctx.is_main, barrier=_barrier_fn(ctx))
+        train = make(ranges[0], sizes[0], "train")
+        valid = None
+        if t.eval_iters > 0 and t.eval_interval > 0:
+            try:
+                valid = make(ranges[1], sizes[1], "valid")
+            except IndexedDataError as err:
+                if ranges[1][1] > ranges[1][0]:
+                    raise
+                if ctx.is_main:
+                    print(f"warning: no validation ({err})", flush=True)
+        return train, valid
+
+    def _bert_tokens(self) -> dict:
+        if self.tokenizer is None:
+            raise ConfigError("BERT training needs data.tokenizer_type and data.vocab_file "
+                              "(for [CLS] [SEP] [MASK] [PAD] ids)")
+        return dict(self.tokenizer.specials, vocab_size=self.tokenizer.vocab_size)
+
+    def _iterator(self, dataset, consumed: int):
+        collate = dict_collate if self.cfg.model.arch == "bert" else gpt_collate
+        return micro_batches(dataset, consumed, self.cfg.train.micro_batch_size,
+                             self.ctx.dp_rank, self.ctx.dp_size, collate)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------- steps
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.ctx.dp_group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=self.ctx.dp_group)
+            value /= self.ctx.dp_size
+        return value.item()
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``accum`` micro-batches; returns its metrics."""
+        cfg, t = self.cfg, self.cfg.train
+        self.ddp.train()
+        lr = learning_rate(self.step, cfg.optim, t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.ctx.device)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        for k in range(self.accum):
+            batch = self._to_device(next(self.train_iter))
+            last = k == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else \
+                self.ddp.no_sync()
+            with sync:
+                with autocast(t.precision, self.ctx.device):
+                    loss = self.ddp(**batch)
+                (loss * (scale / self.accum)).backward()
+            total += loss.detach().float()
+        finite = True
+        if self.scaler is not None:
+            finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
+        grad_norm = clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite else math.nan
+        if finite:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed += t.global_batch_size
+        out = {"step": self.step, "loss": self._dp_mean(total / self.accum), "lr": lr,
+               "grad_norm": grad_norm}
+        if self.scaler is not None:
+            out.update(loss_scale=scale, skipped=not finite)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over ``eval_iters`` micro-batches (the same ones every time)."""
+        if self.valid_data is None:
+            return None
+        self.ddp.eval()
+        it = self._iterator(self.valid_data, 0)
+        total = torch.zeros((), device=self.ctx.device)
+        for batch in itertools.islice(it, self.cfg.train.eval_iters):
+            with autocast(self.cfg.train.precision, self.ctx.device):
+                total += self.model(**self._to_device(batch)).float()
+        return self._dp_mean(total / self.cfg.train.eval_iters)
+
+    def save(self) -> Path:
+        extra = {"consumed_samples": self.consumed,
+                 "tokens_seen": self.consumed * self.cfg.model.seq_length}
+        if self.scaler is not None:
+            extra["loss_scaler"] = self.scaler.state_dict()
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ctx,
+                               self.cfg, extra)
+
+    def fit(self) -> list[dict]:
+        """Train to ``train.max_steps``; returns the logged records (on every rank)."""
+        t = self.cfg.train
+        records = []
+        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
+        busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
+        while self.step < t.max_steps:
+            tick = time.perf_counter()
+            out = self.train_step()
+            busy += time.perf_counter() - tick
+            steps_since += 1
+            at_end = self.step == t.max_steps
+            if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or at_end):
+                val = self.evaluate()
+                if val is not None:
+                    out.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+            if self.step % max(t.log_interval, 1) == 0 or at_end or "val_loss" in out:
+                seconds = busy / steps_since
+                out["tokens_per_sec"] = tokens_per_step / seconds
+                out["tflops"] = self.flops / seconds / 1e12
+                if self.peak:
+                    out["mfu"] = self.flops / seconds / (self.peak * self.ctx.world_size)
+                self.metrics.log(out)
+                records.append(out)
+                busy, steps_since = 0.0, 0
+            if t.save_interval > 0 and self.step % t.save_interval == 0 and not at_end:
+                self.save()
+        self.save()
+        self.plot = self.metrics.close()
+        return records
