@@ -1,5 +1,10 @@
+import json
+import random
+
 import pytest
 
+from preprocessing.stdlib_corpus import iter_documents
+from preprocessing.train_tokenizer import train
 from tests.distributed import run_distributed
 
 
@@ -7,3 +12,41 @@ from tests.distributed import run_distributed
 def distributed():
     """``distributed(fn, world_size, *args, tp_size=None)`` runs ``fn(ctx, *args)`` on gloo."""
     return run_distributed
+
+
+@pytest.fixture(scope="session")
+def stdlib_docs():
+    """Real English text: stdlib docstrings, one document per module (>= 150 words)."""
+    return [d["text"] for d in iter_documents() if len(d["text"].split()) >= 150]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, stdlib_docs):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for text in stdlib_docs[:120]:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_files(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("bpe")
+    train([str(corpus_file)], "bpe", 2000, out)
+    return out / "vocab.json", out / "merges.txt"
+
+
+@pytest.fixture(scope="session")
+def wordpiece_file(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("wp")
+    train([str(corpus_file)], "wordpiece", 2000, out)
+    return out / "vocab.txt"
+
+
+def mutate(text: str, fraction: float, seed: int) -> str:
+    """Replace ``fraction`` of the words with words that do not occur in the text."""
+    rng = random.Random(seed)
+    words = text.split()
+    for i in rng.sample(range(len(words)), max(1, round(fraction * len(words)))):
+        words[i] = f"zq{rng.randrange(10**9)}"
+    return " ".join(words)

@@ -65,7 +65,7 @@ class Trainer:
         self.ddp = self.model
         if ctx.dp_size > 1:
             self.ddp = DistributedDataParallel(
-                self.model, process_group=ctx.dp_group, broadcast_buffers=False,
+                self.model, process_group=ctx.dp_group,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
@@ -95,8 +95,9 @@ class Trainer:
         if ctx.is_main:
             check_vocab(indexed, cfg.model.vocab_size)
         ranges = split_ranges(indexed.num_documents, cfg.data.split)
-        evals = t.eval_iters * t.micro_batch_size * ctx.dp_size
-        sizes = (t.max_steps * t.global_batch_size, evals)
+        # an eval "iteration" is one global batch, so validation reads the same samples at
+        # every DP size
+        sizes = (t.max_steps * t.global_batch_size, t.eval_iters * t.global_batch_size)
         if cfg.model.arch == "bert":
             from megatron_lite.data.bert_dataset import BertDataset
 
@@ -180,16 +181,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over ``eval_iters`` micro-batches (the same ones every time)."""
+        """Mean validation loss over ``eval_iters`` global batches (the same every time)."""
         if self.valid_data is None:
             return None
         self.ddp.eval()
         it = self._iterator(self.valid_data, 0)
+        n = self.cfg.train.eval_iters * self.accum
         total = torch.zeros((), device=self.ctx.device)
-        for batch in itertools.islice(it, self.cfg.train.eval_iters):
+        for batch in itertools.islice(it, n):
             with autocast(self.cfg.train.precision, self.ctx.device):
                 total += self.model(**self._to_device(batch)).float()
-        return self._dp_mean(total / self.cfg.train.eval_iters)
+        return self._dp_mean(total / n)
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,

@@ -13,7 +13,7 @@ from preprocessing.dedup import (
     minhash,
     shingle_hashes,
 )
-from tests.preprocessing.conftest import mutate
+from tests.conftest import mutate
 
 
 def test_shingles_ignore_case_spacing_and_punctuation():

@@ -9,7 +9,7 @@ from megatron_lite.data import IndexedDataset
 from megatron_lite.data.tokenizer import build_tokenizer
 from preprocessing.__main__ import main
 from preprocessing.pipeline import _Run, normalize
-from tests.preprocessing.conftest import mutate
+from tests.conftest import mutate
 
 
 def _args(tmp_path, inputs, bpe_files, *extra, prefix="out"):
