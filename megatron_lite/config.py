@@ -82,6 +82,11 @@ class DataConfig:
     vocab_file: str | None = None
     merge_file: str | None = None
     tokenizer_model: str | None = None
+    # BERT
+    masked_lm_prob: float = 0.15
+    max_predictions_per_seq: int = 0  # 0: round(masked_lm_prob * seq_length)
+    short_seq_prob: float = 0.1
+    whole_word_masking: bool = False
 
 
 @dataclass
@@ -97,6 +102,9 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     run_dir: str = "runs/default"
     load: str | None = None
+    # BERT two-phase schedule: from phase2_start * max_steps on, train at phase2_seq_length
+    phase2_seq_length: int = 0
+    phase2_start: float = 0.9
 
 
 @dataclass
@@ -139,6 +147,10 @@ class Config:
         if set(m.pattern) - {"s", "f"}:
             problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
                             "'s' (self-attention) and 'f' (feed-forward)")
+        t = self.train
+        if t.phase2_seq_length and t.phase2_seq_length > m.max_position_embeddings:
+            problems.append(f"train.phase2_seq_length={t.phase2_seq_length} exceeds "
+                            f"model.max_position_embeddings={m.max_position_embeddings}")
         if m.seq_length > m.max_position_embeddings:
             problems.append(f"model.seq_length={m.seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -76,8 +77,10 @@ class Trainer:
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
             if self.scaler is not None and "loss_scaler" in meta:
                 self.scaler.load_state_dict(meta["loss_scaler"])
+        self.phase2_step = (int(t.phase2_start * t.max_steps)
+                            if t.phase2_seq_length and cfg.model.arch == "bert" else None)
         self.train_data, self.valid_data = self._datasets()
-        self.train_iter = self._iterator(self.train_data, self.consumed)
+        self._start_phase()
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -87,12 +90,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------- data
 
-    def _datasets(self):
+    def _datasets(self, seq_length: int | None = None):
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
+        seq = seq_length or cfg.model.seq_length
         if not cfg.data.data_path:
             raise ConfigError("data.data_path is not set (a shard prefix, without .bin/.idx)")
         indexed = IndexedDataset(cfg.data.data_path)
-        if ctx.is_main:
+        if ctx.is_main and seq_length is None:
             check_vocab(indexed, cfg.model.vocab_size)
         ranges = split_ranges(indexed.num_documents, cfg.data.split)
         # an eval "iteration" is one global batch, so validation reads the same samples at
@@ -101,16 +105,17 @@ class Trainer:
         if cfg.model.arch == "bert":
             from megatron_lite.data.bert_dataset import BertDataset
 
+            tokens, continuation = self._bert_tokens()
             make = lambda rng, n, name: BertDataset(  # noqa: E731
-                indexed, rng, cfg.model.seq_length, n, t.seed, self._bert_tokens(), cfg.data,
-                name=name)
+                indexed, rng, seq, n, t.seed, tokens, cfg.data, name=name,
+                continuation=continuation)
         else:
             make = lambda rng, n, name: GPTDataset(  # noqa: E731
-                indexed, rng, cfg.model.seq_length, n, t.seed, name=name,
+                indexed, rng, seq, n, t.seed, name=name,
                 build=ctx.is_main, barrier=_barrier_fn(ctx))
         train = make(ranges[0], sizes[0], "train")
         valid = None
-        if t.eval_iters > 0 and t.eval_interval > 0:
+        if t.eval_iters > 0 and t.eval_interval > 0 and seq_length is None:
             try:
                 valid = make(ranges[1], sizes[1], "valid")
             except IndexedDataError as err:
@@ -120,11 +125,31 @@ class Trainer:
                     print(f"warning: no validation ({err})", flush=True)
         return train, valid
 
-    def _bert_tokens(self) -> dict:
-        if self.tokenizer is None:
-            raise ConfigError("BERT training needs data.tokenizer_type and data.vocab_file "
-                              "(for [CLS] [SEP] [MASK] [PAD] ids)")
-        return dict(self.tokenizer.specials, vocab_size=self.tokenizer.vocab_size)
+    def _bert_tokens(self):
+        if self.tokenizer is None or "[MASK]" not in self.tokenizer.specials:
+            raise ConfigError("BERT training needs a WordPiece data.tokenizer_type and "
+                              "data.vocab_file (for the [CLS] [SEP] [MASK] [PAD] ids)")
+        tok = self.tokenizer
+        continuation = None
+        if self.cfg.data.whole_word_masking:
+            continuation = np.zeros(tok.vocab_size, dtype=bool)
+            for piece, i in tok._backend.get_vocab().items():
+                continuation[i] = piece.startswith("##")
+        return dict(tok.specials, vocab_size=tok.vocab_size), continuation
+
+    def _start_phase(self) -> None:
+        """(Re)start the training iterator; BERT switches to phase 2 at ``phase2_step``."""
+        t = self.cfg.train
+        if self.phase2_step is not None and self.step >= self.phase2_step:
+            if self.ctx.is_main:
+                print(f"BERT phase 2 from step {self.phase2_step}: seq_length "
+                      f"{t.phase2_seq_length}", flush=True)
+            phase2_data, _ = self._datasets(t.phase2_seq_length)
+            self.train_data = phase2_data
+            offset = self.consumed - self.phase2_step * t.global_batch_size
+            self.train_iter = self._iterator(phase2_data, offset)
+        else:
+            self.train_iter = self._iterator(self.train_data, self.consumed)
 
     def _iterator(self, dataset, consumed: int):
         collate = dict_collate if self.cfg.model.arch == "bert" else gpt_collate
@@ -209,6 +234,8 @@ class Trainer:
         busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
         while self.step < t.max_steps:
             tick = time.perf_counter()
+            if self.phase2_step is not None and self.step == self.phase2_step:
+                self._start_phase()
             out = self.train_step()
             busy += time.perf_counter() - tick
             steps_since += 1
