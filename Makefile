@@ -24,7 +24,7 @@ $(VENV)/.ready: pyproject.toml
 setup: $(VENV)/.ready
 
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 -m megatron_lite.parallel.demo
+	bash launch/demo.sh runs/demo
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

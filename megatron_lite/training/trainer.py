@@ -46,9 +46,10 @@ class Trainer:
         cfg: the resolved config (``model.vocab_size`` is taken from the tokenizer when
             ``data`` names tokenizer files).
         ctx: the parallel context (TP x DP grid).
+        training: False builds model and data only (no optimizer, nothing written).
     """
 
-    def __init__(self, cfg: Config, ctx: ParallelContext):
+    def __init__(self, cfg: Config, ctx: ParallelContext, training: bool = True):
         self.cfg, self.ctx = cfg, ctx
         t = cfg.train
         self.tokenizer = tokenizer_from_config(cfg)
@@ -69,10 +70,10 @@ class Trainer:
                 self.model, process_group=ctx.dp_group,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device) if training else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.step, self.consumed = 0, 0
-        if t.load:
+        if t.load and training:
             meta = load_checkpoint(t.load, self.model, self.optimizer, ctx)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
             if self.scaler is not None and "loss_scaler" in meta:
@@ -81,10 +82,10 @@ class Trainer:
                             if t.phase2_seq_length and cfg.model.arch == "bert" else None)
         self.train_data, self.valid_data = self._datasets()
         self._start_phase()
-        if ctx.is_main:
+        if ctx.is_main and training:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main and training, cfg.log.tensorboard)
         self.flops = model_flops_per_step(cfg.model, t.global_batch_size, cfg.model.seq_length)
         self.peak = peak_flops(ctx.device)
 

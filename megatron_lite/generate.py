@@ -1,0 +1,111 @@
+"""Generate text from a GPT checkpoint, at any TP size.
+
+    python -m megatron_lite.generate runs/gpt2-tiny-cpu --prompt "Return the" --max-new-tokens 40
+    torchrun --nproc_per_node 2 -m megatron_lite.generate CKPT --prompt "..." --top-p 0.9
+
+Greedy with ``--greedy``; otherwise sampling with ``--temperature``, ``--top-k`` and
+``--top-p``. Every TP rank gathers the full vocabulary's logits and draws with the same
+seeded generator, so all ranks pick the same token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megatron_lite.config import ConfigError, load_config
+from megatron_lite.data.tokenizer import TokenizerError
+from megatron_lite.models import GPTModel
+from megatron_lite.parallel import (
+    ParallelConfigError,
+    ParallelContext,
+    destroy_parallel,
+    gather_from_tp_region,
+    init_parallel,
+    read_launch_env,
+)
+from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
+from megatron_lite.training.trainer import tokenizer_from_config
+
+
+def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, temperature: float,
+               top_k: int, top_p: float) -> int:
+    """Pick a token from ``[vocab]`` logits (greedy, or temperature / top-k / top-p sampling)."""
+    if greedy:
+        return int(logits.argmax())
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0.0 < top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p  # smallest nucleus
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_new_tokens: int,
+             greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eod: int | None = None) -> list[int]:
+    """Continue ``prompt_ids``; stops at ``eod`` or after ``max_new_tokens``."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    window = model.cfg.max_position_embeddings
+    vocab = model.cfg.vocab_size
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-window:]], device=ctx.device)
+        logits = gather_from_tp_region(model(x)[:, -1], ctx.tp_group)[0, :vocab].cpu()
+        tok = next_token(logits, gen, greedy, temperature, top_k, top_p)
+        ids.append(tok)
+        if eod is not None and tok == eod:
+            break
+    return ids[len(prompt_ids):]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_lite.generate", description=__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rank = 0
+    try:
+        ckpt = resolve_checkpoint(a.checkpoint)
+        cfg = load_config(ckpt / "config.yaml")
+        if cfg.model.arch != "gpt":
+            raise ConfigError(f"{ckpt}: generation needs a GPT checkpoint (model.arch=gpt)")
+        tok = tokenizer_from_config(cfg)
+        if tok is None:
+            raise ConfigError(f"{ckpt}/config.yaml names no tokenizer files (data.vocab_file)")
+        world = read_launch_env().world_size
+        ctx = init_parallel(world, seed=cfg.train.seed)
+        rank = ctx.rank
+        try:
+            cfg.model.vocab_size = tok.vocab_size
+            model = GPTModel(cfg.model, ctx, device=ctx.device)
+            load_checkpoint(ckpt, model, None, ctx)
+            out = generate(model, ctx, tok.encode(a.prompt), a.max_new_tokens, a.greedy,
+                           a.temperature, a.top_k, a.top_p, a.seed, tok.eod)
+            if ctx.is_main:
+                print(a.prompt + tok.decode(t for t in out if t != tok.eod))
+        finally:
+            destroy_parallel()
+    except (ConfigError, ParallelConfigError, TokenizerError, FileNotFoundError) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
