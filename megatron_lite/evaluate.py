@@ -104,6 +104,8 @@ def main(argv=None) -> int:
         if world % tp == 0 and t.global_batch_size % (t.micro_batch_size * (world // tp)):
             t.global_batch_size = t.micro_batch_size * (world // tp)  # fit the new layout
         t.max_steps = max(t.max_steps, 1)
+        t.eval_interval = t.eval_interval or 1  # build the validation split in any case
+        t.eval_iters = a.iters or t.eval_iters or 1
         ctx = init_parallel(tp, seed=cfg.train.seed)
         rank = ctx.rank
         try:

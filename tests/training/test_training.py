@@ -17,34 +17,7 @@ from megatron_lite.training.optim import global_grad_norm, param_groups
 from megatron_lite.training.precision import DynamicLossScaler
 from megatron_lite.training.schedule import learning_rate
 from megatron_lite.training.trainer import Trainer
-from preprocessing.__main__ import main as preprocess_main
-
-
-@pytest.fixture(scope="session")
-def gpt_shard(tmp_path_factory, corpus_file, bpe_files):
-    out = tmp_path_factory.mktemp("shard")
-    vocab, merges = bpe_files
-    assert preprocess_main(["--input", str(corpus_file), "--output-prefix", str(out / "c"),
-                            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(vocab),
-                            "--merge-file", str(merges), "--append-eod", "--quiet",
-                            "--workers", "1"]) == 0
-    return out / "c_text_document"
-
-
-def tiny_overrides(shard, bpe_files, run_dir, **kw) -> list[str]:
-    vocab, merges = bpe_files
-    base = {"model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
-            "model.seq_length": 32, "model.max_position_embeddings": 32,
-            "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
-            "model.make_vocab_size_divisible_by": 8,
-            "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": 2,
-            "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.max_steps": 10,
-            "train.log_interval": 1, "train.eval_interval": 5, "train.eval_iters": 2,
-            "train.run_dir": str(run_dir), "log.tensorboard": False,
-            "data.data_path": str(shard), "data.tokenizer_type": "GPT2BPETokenizer",
-            "data.vocab_file": str(vocab), "data.merge_file": str(merges)}
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+from tests.training.conftest import tiny_overrides
 
 
 def _train(ctx, overrides):
