@@ -5,36 +5,56 @@ PY     := $(VENV)/bin/python
 # NOTE: torch first, pinned: on our machines torch==2.13.0 is a CPU build on local disk;
 # a bare `torch` (or an open range) would pull a multi-GB CUDA build. On a GPU cluster,
 # override: make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
+# Empty TORCH_SPEC: use the torch already installed (e.g. an NGC image, with VENV_FLAGS
+# =--system-site-packages so the venv sees it).
 TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
 EXTRAS ?= dev,hf
 PYTEST_ARGS ?=
+IMAGE ?= megatron-lite
+DOCKER_RUN_ARGS ?= --gpus all --ipc=host
+CMD ?= python -m megatron_lite.train --help
 
-.PHONY: setup demo test lint bench clean
+.PHONY: help setup demo test lint bench docker-build docker-run slurm-test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(VENV)/.ready: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install --quiet $(TORCH_SPEC))
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# megatron-core is a test reference only (shard format interop); --no-deps keeps it
 	# from pulling another torch. It imports on CPU with numpy + packaging.
-	$(PY) -m pip install --quiet --no-deps "megatron-core==0.16.1" packaging
+	$(if $(findstring dev,$(EXTRAS)),$(PY) -m pip install --quiet --no-deps "megatron-core==0.16.1" packaging)
 	touch $@
 
-setup: $(VENV)/.ready
+setup: $(VENV)/.ready  ## create .venv: torch first, then megatron-lite and its extras
 
-demo: setup
+demo: setup  ## the whole pipeline on 2 CPU processes (~4 min): see launch/demo.sh
 	bash launch/demo.sh runs/demo
 
-test: setup
+test: setup  ## the test suite (CPU, gloo)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: setup
+lint: setup  ## ruff, and hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
-bench: setup
+bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/train_step.py
 	$(PY) bench/preprocess.py
 
-clean:
+docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
+	docker build -t $(IMAGE) .
+
+docker-run:  ## run CMD in the image with ./data and ./runs mounted
+	docker run --rm $(DOCKER_RUN_ARGS) -v $(CURDIR)/data:/workspace/data \
+		-v $(CURDIR)/runs:/workspace/runs $(IMAGE) $(CMD)
+
+slurm-test: setup  ## start a one-node SLURM cluster here (installs slurm-wlm) and run the sbatch test
+	MEGATRON_LITE_SLURM_TEST=1 $(PY) -m pytest -q -s tests/launch/test_slurm.py
+
+clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
