@@ -110,7 +110,6 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = True
-    level: str = "info"
 
 
 @dataclass
@@ -148,6 +147,13 @@ class Config:
             problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
                             "'s' (self-attention) and 'f' (feed-forward)")
         t = self.train
+        if self.parallel.engine != "ddp":
+            problems.append(f"parallel.engine={self.parallel.engine!r} is not available yet "
+                            "(use ddp)")
+        if t.phase2_seq_length and m.arch != "bert":
+            problems.append("train.phase2_seq_length is for model.arch=bert only")
+        if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:
+            problems.append(f"train.phase2_start={t.phase2_start} must be in [0, 1)")
         if t.phase2_seq_length and t.phase2_seq_length > m.max_position_embeddings:
             problems.append(f"train.phase2_seq_length={t.phase2_seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")

@@ -19,11 +19,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import ConfigError, load_config
+from megatron_lite.config import load_config
 from megatron_lite.data.indexed import IndexedDataError
-from megatron_lite.data.tokenizer import TokenizerError
 from megatron_lite.parallel import (
-    ParallelConfigError,
     destroy_parallel,
     gather_from_tp_region,
     init_parallel,
@@ -119,10 +117,12 @@ def main(argv=None) -> int:
                 print(json.dumps(result))
         finally:
             destroy_parallel()
-    except (ConfigError, ParallelConfigError, IndexedDataError, TokenizerError,
-            FileNotFoundError) as err:
-        if rank == 0:
+    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
+        if rank == 0:  # the same on every rank: say it once
             print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file system problem may be local to one rank
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,10 +16,8 @@ import sys
 import torch
 
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.data.tokenizer import TokenizerError
 from megatron_lite.models import GPTModel
 from megatron_lite.parallel import (
-    ParallelConfigError,
     ParallelContext,
     destroy_parallel,
     gather_from_tp_region,
@@ -87,11 +85,16 @@ def main(argv=None) -> int:
         tok = tokenizer_from_config(cfg)
         if tok is None:
             raise ConfigError(f"{ckpt}/config.yaml names no tokenizer files (data.vocab_file)")
+        if not a.prompt:
+            raise ConfigError("--prompt must not be empty")
         world = read_launch_env().world_size
+        cfg.model.vocab_size = tok.vocab_size
+        cfg.parallel.tensor_parallel_size = world
+        cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
+        cfg.validate(world)  # heads and hidden must split over TP = world size
         ctx = init_parallel(world, seed=cfg.train.seed)
         rank = ctx.rank
         try:
-            cfg.model.vocab_size = tok.vocab_size
             model = GPTModel(cfg.model, ctx, device=ctx.device)
             load_checkpoint(ckpt, model, None, ctx)
             out = generate(model, ctx, tok.encode(a.prompt), a.max_new_tokens, a.greedy,
@@ -100,9 +103,12 @@ def main(argv=None) -> int:
                 print(a.prompt + tok.decode(t for t in out if t != tok.eod))
         finally:
             destroy_parallel()
-    except (ConfigError, ParallelConfigError, TokenizerError, FileNotFoundError) as err:
-        if rank == 0:
+    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
+        if rank == 0:  # the same on every rank: say it once
             print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file system problem may be local to one rank
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
     return 0
 

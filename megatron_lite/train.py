@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from megatron_lite.config import ConfigError, load_config
-from megatron_lite.data.indexed import IndexedDataError
-from megatron_lite.data.tokenizer import TokenizerError
-from megatron_lite.parallel import ParallelConfigError, destroy_parallel, init_parallel
+from megatron_lite.config import load_config
+from megatron_lite.parallel import destroy_parallel, init_parallel
 
 USAGE = "usage: python -m megatron_lite.train CONFIG.yaml [section.key=value ...]"
 
@@ -34,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {trainer.run_dir} (metrics.jsonl, loss.png, checkpoints/)")
         finally:
             destroy_parallel()
-    except (ConfigError, ParallelConfigError, IndexedDataError, TokenizerError,
-            FileNotFoundError) as err:
-        if rank == 0:
+    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
+        if rank == 0:  # the same on every rank: say it once
             print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file system problem may be local to one rank
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,15 +18,12 @@ index-based form:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from megatron_lite.config import DataConfig
-from megatron_lite.data.gpt_dataset import _save_npy_atomic
+from megatron_lite.data.gpt_dataset import ErrorSync, build_once, cache_key
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 
 MAPPING_VERSION = 1
@@ -82,11 +79,13 @@ class BertDataset:
             ``whole_word_masking``.
         continuation: per vocab id, whether it continues a word (``##x``); for
             whole-word masking.
+        build, sync: as for :class:`GPTDataset` (rank 0 builds the mapping).
     """
 
     def __init__(self, indexed: IndexedDataset, doc_range: tuple[int, int], seq_length: int,
                  num_samples: int, seed: int, tokens: dict, cfg: DataConfig,
-                 name: str = "train", continuation: np.ndarray | None = None):
+                 name: str = "train", continuation: np.ndarray | None = None,
+                 build: bool = True, sync: ErrorSync | None = None):
         first, end = doc_range
         if end <= first:
             raise IndexedDataError(f"{indexed.prefix}: the {name} split has 0 documents "
@@ -102,13 +101,11 @@ class BertDataset:
             1, round(cfg.masked_lm_prob * seq_length))
         self.continuation = continuation if cfg.whole_word_masking else None
         max_tokens = seq_length - 3
-        key = json.dumps([MAPPING_VERSION, os.path.abspath(indexed.prefix), first, end,
-                          max_tokens, num_samples, cfg.short_seq_prob, seed])
-        path = Path(f"{indexed.prefix}.{name}.bert."
-                    f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
-        if not path.exists():
-            _save_npy_atomic(path, build_samples_mapping(
-                indexed, doc_range, max_tokens, num_samples, cfg.short_seq_prob, seed))
+        key = cache_key(indexed, MAPPING_VERSION, first, end, max_tokens, num_samples,
+                        cfg.short_seq_prob, seed)
+        path = Path(f"{indexed.prefix}.{name}.bert.{key}.npy")
+        build_once([path], build, lambda: [build_samples_mapping(
+            indexed, doc_range, max_tokens, num_samples, cfg.short_seq_prob, seed)], sync)
         self.mapping = np.load(path, mmap_mode="r")
 
     def __len__(self) -> int:
@@ -144,11 +141,15 @@ class BertDataset:
         first, end = self.doc_range
         di = self.indexed.document_indices
         other = doc
-        for _ in range(10):  # another document (a one-document split falls back to itself)
+        for _ in range(10):  # another, non-empty document (else fall back to this one)
             other = int(rng.randint(first, end))
-            if other != doc:
+            if other != doc and di[other + 1] > di[other]:
                 break
+        else:
+            other = doc
         s, stop = int(di[other]), int(di[other + 1])
+        if stop <= s:
+            return np.zeros(0, dtype=np.int64)
         start = int(rng.randint(s, stop))
         out, total = [], 0
         for sent in range(start, stop):

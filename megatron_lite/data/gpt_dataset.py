@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,10 +62,44 @@ def check_vocab(ds: IndexedDataset, vocab_size: int) -> None:
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
         np.save(f, arr)
     os.replace(tmp, path)
+
+
+def cache_key(indexed: IndexedDataset, *parts) -> str:
+    """A short hash of what defines an index: the shard's identity and ``parts``.
+
+    The shard enters by path, size, modification time and token count, so rebuilding
+    the data under the same prefix never reuses stale indices.
+    """
+    idx = Path(indexed.prefix + ".idx").stat()
+    key = json.dumps([INDEX_VERSION, os.path.abspath(indexed.prefix), idx.st_size,
+                      idx.st_mtime_ns, indexed.num_tokens, *parts])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+ErrorSync = Callable[[str | None], str | None]
+
+
+def build_once(paths: list[Path], build: bool, make, sync: ErrorSync | None) -> None:
+    """Rank 0 (``build``) writes missing index files; every rank learns of its failure.
+
+    ``sync`` exchanges each rank's error message (None when fine) and returns the first;
+    it is also the barrier after which the files exist. A failure raises on every rank.
+    """
+    error = None
+    if build and not all(p.exists() for p in paths):
+        try:
+            for path, arr in zip(paths, make(), strict=True):
+                _save_npy_atomic(path, arr)
+        except IndexedDataError as err:
+            error = str(err)
+    if sync is not None:
+        error = sync(error)
+    if error:
+        raise IndexedDataError(error)
 
 
 def build_indices(doc_lengths: np.ndarray, doc_start: int, num_samples: int, seq_length: int,
@@ -109,12 +144,12 @@ class GPTDataset:
         seed: shuffling seed (the same on every rank).
         name: split name, for messages and cache file names.
         build: whether this process builds missing indices (rank 0) ...
-        barrier: ... and what it waits on before the others load them.
+        sync: ... and how ranks agree it worked (see :func:`build_once`).
     """
 
     def __init__(self, indexed: IndexedDataset, doc_range: tuple[int, int], seq_length: int,
                  num_samples: int, seed: int, name: str = "train", build: bool = True,
-                 barrier: Callable[[], None] | None = None):
+                 sync: ErrorSync | None = None):
         first, end = doc_range
         if end <= first:
             raise IndexedDataError(f"{indexed.prefix}: the {name} split has 0 documents "
@@ -125,17 +160,12 @@ class GPTDataset:
             raise IndexedDataError(f"{indexed.prefix}: GPT needs one sequence per document "
                                    "(a _text_document shard, not _text_sentence)")
         lengths = indexed.sequence_lengths[di[first]:di[end]].astype(np.int64)
-        key = json.dumps([INDEX_VERSION, os.path.abspath(indexed.prefix), first, end,
-                          seq_length, num_samples, seed])
-        stem = f"{indexed.prefix}.{name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        key = cache_key(indexed, first, end, seq_length, num_samples, seed)
+        stem = f"{indexed.prefix}.{name}.{key}"
         paths = [Path(f"{stem}.{part}.npy") for part in ("doc_idx", "sample_idx", "shuffle_idx")]
         self.cached = all(p.exists() for p in paths)
-        if build and not self.cached:
-            for path, arr in zip(paths, build_indices(lengths, first, num_samples, seq_length,
-                                                      seed), strict=True):
-                _save_npy_atomic(path, arr)
-        if barrier is not None:
-            barrier()
+        build_once(paths, build, lambda: build_indices(lengths, first, num_samples, seq_length,
+                                                       seed), sync)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (
             np.load(p, mmap_mode="r") for p in paths)
         self.index_files = paths

@@ -56,13 +56,25 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelCon
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        old = root / f".old_step_{step:08d}"
+        if final.exists():  # re-saving a step: move the old copy aside, never delete first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        latest = root / "latest"
         (root / "latest.tmp").write_text(final.name + "\n")
-        os.replace(root / "latest.tmp", latest)
+        os.replace(root / "latest.tmp", root / "latest")
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -76,14 +88,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no checkpoint here (expected model.pt or a latest pointer)")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model (the message names the file)."""
+
+
 def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext) -> dict:
     """Load weights (any TP size) and, at the same TP size, the optimizer; return meta."""
     ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    load_full_state_dict(_unwrap(model), state, ctx.tp_group)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+        load_full_state_dict(_unwrap(model), state, ctx.tp_group)
+    except (KeyError, ValueError, RuntimeError, OSError, EOFError) as err:
+        raise CheckpointError(f"{ckpt}: cannot load into this model ({err})") from None
     optim_file = ckpt / f"optim_tp{ctx.tp_rank}.pt"
-    if optimizer is not None and meta["tp_size"] == ctx.tp_size and optim_file.exists():
-        optimizer.load_state_dict(torch.load(optim_file, map_location=ctx.device,
-                                             weights_only=True))
+    if optimizer is not None:
+        if meta["tp_size"] == ctx.tp_size and optim_file.exists():
+            optimizer.load_state_dict(torch.load(optim_file, map_location=ctx.device,
+                                                 weights_only=True))
+        elif ctx.is_main:
+            print(f"warning: {ckpt}: no optimizer state for TP={ctx.tp_size} (saved at "
+                  f"TP={meta['tp_size']}); Adam restarts from zero moments", flush=True)
     return meta

@@ -35,8 +35,17 @@ def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
     return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
 
 
-def _barrier_fn(ctx: ParallelContext):
-    return dist.barrier if ctx.world_size > 1 and dist.is_initialized() else None
+def error_sync(ctx: ParallelContext):
+    """Exchange each rank's error message (or None); returns the first. Doubles as a barrier."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return lambda error: error
+
+    def sync(error: str | None) -> str | None:
+        errors = [None] * ctx.world_size
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+
+    return sync
 
 
 class Trainer:
@@ -72,10 +81,11 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device) if training else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
-        self.step, self.consumed = 0, 0
+        self.step, self.consumed, self.tokens_seen = 0, 0, 0
         if t.load and training:
             meta = load_checkpoint(t.load, self.model, self.optimizer, ctx)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            self.tokens_seen = meta.get("tokens_seen", 0)
             if self.scaler is not None and "loss_scaler" in meta:
                 self.scaler.load_state_dict(meta["loss_scaler"])
         self.phase2_step = (int(t.phase2_start * t.max_steps)
@@ -86,7 +96,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main and training, cfg.log.tensorboard)
-        self.flops = model_flops_per_step(cfg.model, t.global_batch_size, cfg.model.seq_length)
         self.peak = peak_flops(ctx.device)
 
     # ----------------------------------------------------------------------- data
@@ -97,8 +106,15 @@ class Trainer:
         if not cfg.data.data_path:
             raise ConfigError("data.data_path is not set (a shard prefix, without .bin/.idx)")
         indexed = IndexedDataset(cfg.data.data_path)
+        sync = error_sync(ctx)
+        error = None
         if ctx.is_main and seq_length is None:
-            check_vocab(indexed, cfg.model.vocab_size)
+            try:
+                check_vocab(indexed, cfg.model.vocab_size)
+            except IndexedDataError as err:
+                error = str(err)
+        if (error := sync(error)) is not None:
+            raise IndexedDataError(error)
         ranges = split_ranges(indexed.num_documents, cfg.data.split)
         # an eval "iteration" is one global batch, so validation reads the same samples at
         # every DP size
@@ -109,19 +125,16 @@ class Trainer:
             tokens, continuation = self._bert_tokens()
             make = lambda rng, n, name: BertDataset(  # noqa: E731
                 indexed, rng, seq, n, t.seed, tokens, cfg.data, name=name,
-                continuation=continuation)
+                continuation=continuation, build=ctx.is_main, sync=sync)
         else:
             make = lambda rng, n, name: GPTDataset(  # noqa: E731
-                indexed, rng, seq, n, t.seed, name=name,
-                build=ctx.is_main, barrier=_barrier_fn(ctx))
+                indexed, rng, seq, n, t.seed, name=name, build=ctx.is_main, sync=sync)
         train = make(ranges[0], sizes[0], "train")
         valid = None
         if t.eval_iters > 0 and t.eval_interval > 0 and seq_length is None:
-            try:
+            try:  # too small or empty: every rank gets the same error, and goes on without
                 valid = make(ranges[1], sizes[1], "valid")
             except IndexedDataError as err:
-                if ranges[1][1] > ranges[1][0]:
-                    raise
                 if ctx.is_main:
                     print(f"warning: no validation ({err})", flush=True)
         return train, valid
@@ -199,6 +212,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.consumed += t.global_batch_size
+        self.tokens_seen += t.global_batch_size * self.train_data.seq_length
         out = {"step": self.step, "loss": self._dp_mean(total / self.accum), "lr": lr,
                "grad_norm": grad_norm}
         if self.scaler is not None:
@@ -221,7 +235,7 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
-                 "tokens_seen": self.consumed * self.cfg.model.seq_length}
+                 "tokens_seen": self.tokens_seen}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ctx,
@@ -231,7 +245,6 @@ class Trainer:
         """Train to ``train.max_steps``; returns the logged records (on every rank)."""
         t = self.cfg.train
         records = []
-        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
         while self.step < t.max_steps:
             tick = time.perf_counter()
@@ -247,10 +260,12 @@ class Trainer:
                     out.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
             if self.step % max(t.log_interval, 1) == 0 or at_end or "val_loss" in out:
                 seconds = busy / steps_since
-                out["tokens_per_sec"] = tokens_per_step / seconds
-                out["tflops"] = self.flops / seconds / 1e12
+                seq = self.train_data.seq_length  # phase 2 of BERT changes it
+                flops = model_flops_per_step(self.cfg.model, t.global_batch_size, seq)
+                out["tokens_per_sec"] = t.global_batch_size * seq / seconds
+                out["tflops"] = flops / seconds / 1e12
                 if self.peak:
-                    out["mfu"] = self.flops / seconds / (self.peak * self.ctx.world_size)
+                    out["mfu"] = flops / seconds / (self.peak * self.ctx.world_size)
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0
