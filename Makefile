@@ -32,7 +32,7 @@ $(VENV)/.ready: pyproject.toml
 
 setup: $(VENV)/.ready  ## create .venv: torch first, then megatron-lite and its extras
 
-demo: setup  ## the whole pipeline on 2 CPU processes (~4 min): see launch/demo.sh
+demo: setup  ## the whole pipeline on 2 CPU processes (~4.5 min): see launch/demo.sh
 	bash launch/demo.sh runs/demo
 
 test: setup  ## the test suite (CPU, gloo)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on 2 CPU processes, from nothing: corpus -> tokenizer -> shards ->
-# TP=2 training -> evaluation -> generation -> loss plot. About 4 minutes on 2 cores.
+# TP=2 training -> evaluation -> generation -> loss plot. About 4.5 minutes on 2 cores.
 # Usage: launch/demo.sh [OUT_DIR] [extra train overrides...]   (make demo runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
