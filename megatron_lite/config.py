@@ -100,8 +100,14 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     save_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3  # newest checkpoints kept in run_dir/checkpoints
     run_dir: str = "runs/default"
-    load: str | None = None
+    load: str | None = None  # a checkpoint to start from; a run_dir with one resumes itself
+    exit_after: int = 0  # stop (with a checkpoint) after this many steps of this process
+    # fault injection for restart tests: SIGKILL rank fail_rank after step fail_at_step of
+    # the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0)
+    fail_at_step: int = 0
+    fail_rank: int = 0
     # BERT two-phase schedule: from phase2_start * max_steps on, train at phase2_seq_length
     phase2_seq_length: int = 0
     phase2_start: float = 0.9

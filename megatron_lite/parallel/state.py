@@ -250,13 +250,20 @@ def init_parallel(
     )
     if launch.world_size > 1:
         if not dist.is_initialized():
-            dist.init_process_group(
-                backend=backend,
-                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                rank=launch.rank,
-                world_size=launch.world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
+            timeout = datetime.timedelta(seconds=timeout_s)
+            if launch.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" in (env or os.environ):
+                # NOTE: torchrun keeps its store across restarts (--max-restarts); without a
+                # per-attempt prefix the new workers read the addresses of the dead ones.
+                store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size,
+                                                   timeout=timeout))
+                attempt = (env or os.environ).get("TORCHELASTIC_RESTART_COUNT", "0")
+                dist.init_process_group(
+                    backend=backend, store=dist.PrefixStore(f"megatron_lite/{attempt}", store),
+                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+            else:
+                dist.init_process_group(
+                    backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
         ctx.backend = dist.get_backend()
         tp_groups, dp_groups = _grid(launch.world_size, tp)
         # NOTE: new_group is collective: every rank creates every group, in the same order.

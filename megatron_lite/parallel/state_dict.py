@@ -15,23 +15,42 @@ from megatron_lite.parallel.state import group_rank, group_size
 from megatron_lite.parallel.utils import merge_shards, shard_tensor
 
 
+def gather_like(p: torch.Tensor, local: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """The full form of ``local``, a tensor sharded like parameter ``p`` (collective over TP)."""
+    n = group_size(tp_group)
+    dim = getattr(p, "tp_dim", None)
+    local = local.detach()
+    if dim is None or n == 1:
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(parts, local.contiguous(), group=tp_group)
+    return merge_shards(parts, dim, getattr(p, "tp_stride", 1))
+
+
+def shard_like(p: torch.Tensor, full: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """This rank's slice of ``full`` for parameter ``p`` (no communication).
+
+    The vocab dim of ``full`` may be unpadded (HF) or padded for another TP size: it is
+    padded with zeros or trimmed to this model's padded size.
+    """
+    rank, n = group_rank(tp_group), group_size(tp_group)
+    vocab_dim, dim = getattr(p, "vocab_dim", None), getattr(p, "tp_dim", None)
+    if vocab_dim is not None:
+        full = _fit_vocab(full, vocab_dim, p.shape[vocab_dim] * (n if dim == vocab_dim else 1))
+    if dim is not None:
+        full = shard_tensor(full, dim, rank, n, getattr(p, "tp_stride", 1))
+    if full.shape != p.shape:
+        raise ValueError(f"shape {tuple(full.shape)} does not fit {tuple(p.shape)}")
+    return full
+
+
 def full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` in full; collective over ``tp_group``.
 
     The vocab dim stays padded to this model's padded size. Every rank gets the
     whole dict (fine for conversion tools; a checkpoint of a big model saves shards).
     """
-    n = group_size(tp_group)
-    out = {}
-    for name, p in model.named_parameters():
-        dim = getattr(p, "tp_dim", None)
-        t = p.detach()
-        if dim is None or n == 1:
-            out[name] = t.clone()
-            continue
-        parts = [torch.empty_like(t) for _ in range(n)]
-        dist.all_gather(parts, t.contiguous(), group=tp_group)
-        out[name] = merge_shards(parts, dim, getattr(p, "tp_stride", 1))
+    out = {name: gather_like(p, p, tp_group) for name, p in model.named_parameters()}
     for name, b in model.named_buffers():
         out[name] = b.detach().clone()
     return out
@@ -51,26 +70,16 @@ def _fit_vocab(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_group=None) -> None:
     """Copy this rank's slice of every full tensor into ``model`` (no communication).
 
-    The vocab dim of a full tensor may be unpadded (HF) or padded for another TP size:
-    it is padded with zeros or trimmed to this model's padded size.
-
     Raises:
         KeyError: a parameter is missing from ``full``, or ``full`` has extra keys.
         ValueError: a shape does not fit.
     """
-    rank, n = group_rank(tp_group), group_size(tp_group)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     missing, extra = sorted(set(own) - set(full)), sorted(set(full) - set(own))
     if missing or extra:
         raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
     for name, p in own.items():
-        t = full[name]
-        vocab_dim = getattr(p, "vocab_dim", None)
-        dim = getattr(p, "tp_dim", None)
-        if vocab_dim is not None:
-            t = _fit_vocab(t, vocab_dim, p.shape[vocab_dim] * (n if dim == vocab_dim else 1))
-        if dim is not None:
-            t = shard_tensor(t, dim, rank, n, getattr(p, "tp_stride", 1))
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(p.shape)}")
-        p.copy_(t)
+        try:
+            p.copy_(shard_like(p, full[name], tp_group))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None

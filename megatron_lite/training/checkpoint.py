@@ -1,16 +1,31 @@
-"""Checkpoints: ``RUN_DIR/checkpoints/step_NNNNNNNN/`` plus a ``latest`` pointer.
+"""Checkpoints that load at any TP/DP layout and resume a run exactly.
 
-Layout: ``model.pt`` (the full, unsharded state dict: it loads at any TP size),
-``optim_tp{r}.pt`` per TP rank (optimizer state of this rank's shards; DP ranks hold
-identical copies, so DP rank 0 writes), ``meta.json`` (step, consumed samples, layout)
-and ``config.yaml``. A checkpoint is written into a temporary folder and renamed into
-place; ``latest`` changes only after that. Loading uses ``weights_only=True``.
+``RUN_DIR/checkpoints/step_NNNNNNNN/``:
+
+- ``model.pt``: the full (unsharded) model state dict, vocab padded for the saving TP;
+- ``optim.pt``: the full optimizer state *by parameter name* (Adam moments gathered
+  like their parameters) and the group hyperparameters: it reshards on load;
+- ``rng/rank_NNNNN.pt``: every rank's RNG states (CPU, CUDA, TP-region tracker), used
+  when the layout is unchanged, so dropout continues bit for bit;
+- ``meta.json`` (format version, step, consumed samples, tokens seen, TP/DP sizes, loss
+  scaler) and ``config.yaml``.
+
+Why our own format rather than ``torch.distributed.checkpoint``: the full tensors make
+resharding a slice (the vocab padding changes with TP and must be padded or trimmed,
+which DCP does not do), the files load anywhere with ``torch.load(weights_only=True)``,
+and HF conversion reads the same ``model.pt``. The cost: rank 0 gathers the full
+model and optimizer state, fine up to models that fit one host's memory.
+
+A checkpoint is written into a temporary folder, fsynced and renamed into place; the
+``latest`` pointer changes only after that, and only the newest ``keep`` survive.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -19,8 +34,14 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, save_config
 from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
+from megatron_lite.parallel.state_dict import gather_like, shard_like
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model (the message names the file)."""
 
 
 def _barrier() -> None:
@@ -32,30 +53,103 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state(ctx: ParallelContext) -> dict:
+    state = {"cpu": torch.get_rng_state(), "tracker": ctx.rng.get_states()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def set_rng_state(ctx: ParallelContext, state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+    ctx.rng.set_states(state["tracker"])
+
+
+def _param_names(model, optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
+    """(name, parameter, group index) for every parameter the optimizer holds."""
+    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
+    return [(names[id(p)], p, g) for g, group in enumerate(optimizer.param_groups)
+            for p in group["params"]]
+
+
+def full_optimizer_state(model, optimizer, ctx: ParallelContext) -> dict:
+    """Optimizer state keyed by parameter name, tensors in full form (collective over TP)."""
+    state = {}
+    for name, p, _ in _param_names(model, optimizer):
+        entry = {}
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                entry[key] = gather_like(p, value, ctx.tp_group)
+            else:  # e.g. Adam's step counter
+                entry[key] = value.clone() if torch.is_tensor(value) else value
+        state[name] = entry
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model, optimizer, full: dict, ctx: ParallelContext) -> None:
+    """Reshard a :func:`full_optimizer_state` into this rank's optimizer."""
+    for group, saved in zip(optimizer.param_groups, full["param_groups"], strict=True):
+        group.update(saved)
+    for name, p, _ in _param_names(model, optimizer):
+        if name not in full["state"]:
+            raise KeyError(f"no optimizer state for {name}")
+        entry = {}
+        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+        for key, value in full["state"][name].items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                entry[key] = shard_like(p, value, ctx.tp_group).to(p.device).clone()
+            elif torch.is_tensor(value):  # step counters live with the params when fused
+                entry[key] = value.to(p.device) if on_device else value.clone()
+            else:
+                entry[key] = value
+        optimizer.state[p] = entry
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelContext,
-                    cfg: Config, extra: dict) -> Path:
+                    cfg: Config, extra: dict, keep: int = 3) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / "rng").mkdir(parents=True)
     _barrier()
-    state = full_state_dict(_unwrap(model), ctx.tp_group)  # collective over TP
+    model_state = full_state_dict(_unwrap(model), ctx.tp_group)  # collectives over TP
+    optim_state = full_optimizer_state(model, optimizer, ctx) if optimizer is not None else None
+    torch.save(rng_state(ctx), tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
     if ctx.is_main:
-        torch.save(state, tmp / "model.pt")
+        torch.save(model_state, tmp / "model.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optim.pt")
         save_config(cfg, tmp / "config.yaml")
         meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
-                "dp_size": ctx.dp_size, **extra}
+                "dp_size": ctx.dp_size, "world_size": ctx.world_size, **extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if ctx.dp_rank == 0 and optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / f"optim_tp{ctx.tp_rank}.pt")
     _barrier()
     if ctx.is_main:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _fsync_tree(tmp)
         old = root / f".old_step_{step:08d}"
         if final.exists():  # re-saving a step: move the old copy aside, never delete first
             shutil.rmtree(old, ignore_errors=True)
@@ -65,16 +159,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelCon
         os.replace(root / "latest.tmp", root / "latest")
         _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep)
     _barrier()
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and stale temporaries)."""
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    for p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp_step_*"):  # left by a killed save
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -88,25 +184,87 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no checkpoint here (expected model.pt or a latest pointer)")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model (the message names the file)."""
-
-
-def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext) -> dict:
-    """Load weights (any TP size) and, at the same TP size, the optimizer; return meta."""
-    ckpt = resolve_checkpoint(path)
+def _load(path: Path, map_location="cpu"):
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-        load_full_state_dict(_unwrap(model), state, ctx.tp_group)
-    except (KeyError, ValueError, RuntimeError, OSError, EOFError) as err:
-        raise CheckpointError(f"{ckpt}: cannot load into this model ({err})") from None
-    optim_file = ckpt / f"optim_tp{ctx.tp_rank}.pt"
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint?)") from None
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: unreadable or corrupt ({str(err).splitlines()[0]})") \
+            from None
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: unreadable ({err})") from None
+
+
+def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
+                    restore_rng: bool = False) -> dict:
+    """Load weights and optimizer state at any TP/DP layout; return the metadata.
+
+    With ``restore_rng`` and an unchanged layout, every rank's RNG states are restored
+    too (exact resume); with a changed layout they cannot be matched, and a warning says
+    so.
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        load_full_state_dict(_unwrap(model), _load(ckpt / "model.pt"), ctx.tp_group)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{ckpt}/model.pt: cannot load into this model ({err})") from None
     if optimizer is not None:
-        if meta["tp_size"] == ctx.tp_size and optim_file.exists():
-            optimizer.load_state_dict(torch.load(optim_file, map_location=ctx.device,
-                                                 weights_only=True))
+        if (ckpt / "optim.pt").exists():
+            try:
+                load_full_optimizer_state(model, optimizer, _load(ckpt / "optim.pt"), ctx)
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{ckpt}/optim.pt: does not fit ({err})") from None
         elif ctx.is_main:
-            print(f"warning: {ckpt}: no optimizer state for TP={ctx.tp_size} (saved at "
-                  f"TP={meta['tp_size']}); Adam restarts from zero moments", flush=True)
+            print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
+                  flush=True)
+    if restore_rng:
+        same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
+        if same and (ckpt / "rng").is_dir():
+            set_rng_state(ctx, _load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
+        elif ctx.is_main:
+            print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
+                  f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded, so the "
+                  "continuation is not bitwise identical", flush=True)
     return meta
+
+
+def average_checkpoints(paths: list[Path], out: Path) -> Path:
+    """Average the model parameters of several checkpoints into a new one (no optimizer)."""
+    if not paths:
+        raise CheckpointError("nothing to average")
+    total = None
+    for p in paths:
+        state = _load(p / "model.pt")
+        if total is None:
+            total = {k: v.double().clone() for k, v in state.items()}
+        else:
+            if state.keys() != total.keys():
+                raise CheckpointError(f"{p}/model.pt: parameters differ from {paths[0]}")
+            for k, v in state.items():
+                total[k] += v.double()
+    dtype_of = _load(paths[-1] / "model.pt")
+    averaged = {k: (v / len(paths)).to(dtype_of[k].dtype) for k, v in total.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(averaged, tmp / "model.pt")
+    shutil.copy(paths[-1] / "config.yaml", tmp / "config.yaml")
+    meta = read_meta(paths[-1])
+    meta.update(averaged_from=[str(p) for p in paths])
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _fsync_tree(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []

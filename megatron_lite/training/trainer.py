@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from megatron_lite.config import Config, ConfigError, save_config
+from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
@@ -82,12 +85,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device) if training else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
-        if t.load and training:
-            meta = load_checkpoint(t.load, self.model, self.optimizer, ctx)
+        source = self._resume_source() if training else None
+        if source is not None:
+            meta = load_checkpoint(source, self.model, self.optimizer, ctx, restore_rng=True)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
             self.tokens_seen = meta.get("tokens_seen", 0)
             if self.scaler is not None and "loss_scaler" in meta:
                 self.scaler.load_state_dict(meta["loss_scaler"])
+            if ctx.is_main:
+                print(f"resumed from {source} at step {self.step}", flush=True)
         self.phase2_step = (int(t.phase2_start * t.max_steps)
                             if t.phase2_seq_length and cfg.model.arch == "bert" else None)
         self.train_data, self.valid_data = self._datasets()
@@ -97,6 +103,23 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main and training, cfg.log.tensorboard)
         self.peak = peak_flops(ctx.device)
+
+    def _resume_source(self):
+        """``run_dir``'s own latest checkpoint (a restart), else ``train.load``, else None."""
+        t = self.cfg.train
+        if (self.run_dir / "checkpoints" / "latest").is_file():
+            saved = load_config(self.run_dir / "config.yaml") \
+                if (self.run_dir / "config.yaml").exists() else None
+            if saved is not None:
+                changed = [k for k, v in dataclasses.asdict(self.cfg.model).items()
+                           if getattr(saved.model, k) != v and k != "activation_checkpointing"]
+                if changed:
+                    raise ConfigError(
+                        f"{self.run_dir} holds a checkpoint of a different model "
+                        f"({', '.join(f'model.{k}' for k in changed)} changed): use a new "
+                        "train.run_dir, or train.load to start from it")
+            return self.run_dir
+        return t.load
 
     # ----------------------------------------------------------------------- data
 
@@ -239,13 +262,23 @@ class Trainer:
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ctx,
-                               self.cfg, extra)
+                               self.cfg, extra, keep=self.cfg.train.keep_checkpoints)
+
+    def _maybe_fail(self) -> None:
+        t = self.cfg.train
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if t.fail_at_step and self.step == t.fail_at_step and first_attempt \
+                and self.ctx.rank == t.fail_rank:
+            print(f"fault injection: killing rank {self.ctx.rank} after step {self.step}",
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def fit(self) -> list[dict]:
         """Train to ``train.max_steps``; returns the logged records (on every rank)."""
         t = self.cfg.train
         records = []
         busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
+        steps_here = 0
         while self.step < t.max_steps:
             tick = time.perf_counter()
             if self.phase2_step is not None and self.step == self.phase2_step:
@@ -269,8 +302,12 @@ class Trainer:
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0
+            steps_here += 1
+            if t.exit_after and steps_here >= t.exit_after and not at_end:
+                break
             if t.save_interval > 0 and self.step % t.save_interval == 0 and not at_end:
                 self.save()
+            self._maybe_fail()
         self.save()
         self.plot = self.metrics.close()
         return records

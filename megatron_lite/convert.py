@@ -1,0 +1,119 @@
+"""Convert between Hugging Face models and megatron-lite checkpoints (no downloads).
+
+    python -m megatron_lite.convert --from-hf HF_DIR --to CKPT_DIR [--tp N]
+    python -m megatron_lite.convert --from CKPT --to-hf HF_DIR
+
+``HF_DIR`` is a local folder with ``config.json`` and weights (GPT2LMHeadModel,
+BertForPreTraining or MegatronBertForPreTraining). ``--to-hf`` writes
+``config.json`` + ``model.safetensors``, loadable with ``from_pretrained`` without
+megatron-lite. Our checkpoints hold full tensors, so ``--tp`` only records the layout
+a run will start with; any TP size can load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_lite.config import Config, load_config, save_config
+from megatron_lite.models import build_model
+from megatron_lite.training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+
+
+def _hf_model(hf_dir: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json (a local Hugging Face model folder)")
+    kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
+           "megatron-bert": transformers.MegatronBertForPreTraining}.get(kind)
+    if cls is None:
+        raise CheckpointError(f"{hf_dir}: model_type {kind!r} is not supported "
+                              "(gpt2, bert, megatron-bert)")
+    return cls.from_pretrained(str(hf_dir), local_files_only=True).eval()
+
+
+def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
+    """Write a megatron-lite checkpoint folder holding an HF model's weights."""
+    from megatron_lite.models.hf import config_from_hf, hf_to_full_state
+
+    hf = _hf_model(hf_dir)
+    cfg = Config()
+    cfg.model = config_from_hf(hf.config)
+    cfg.parallel.tensor_parallel_size = tp
+    state = hf_to_full_state(hf.state_dict(), cfg.model)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "model.pt")
+    save_config(cfg, tmp / "config.yaml")
+    meta = {"format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
+            "tokens_seen": 0, "tp_size": tp, "dp_size": 1, "world_size": tp,
+            "converted_from": str(hf_dir)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def to_hf_dir(ckpt: Path, out: Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a megatron-lite checkpoint."""
+    from megatron_lite.models.hf import to_hf
+
+    ckpt = resolve_checkpoint(ckpt)
+    cfg = load_config(ckpt / "config.yaml")
+    model = build_model(cfg.model)
+    load_checkpoint(ckpt, model, None, _single())
+    hf = to_hf(model)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _single():
+    from megatron_lite.parallel import ParallelContext
+
+    return ParallelContext()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_lite.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-hf", type=Path, help="a local Hugging Face model folder")
+    p.add_argument("--to", type=Path, help="the megatron-lite checkpoint folder to write")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--from", dest="src", type=Path, help="a megatron-lite checkpoint or run")
+    p.add_argument("--to-hf", type=Path, help="the Hugging Face folder to write")
+    a = p.parse_args(argv)
+    try:
+        if a.from_hf and a.to:
+            out = from_hf_dir(a.from_hf, a.to, a.tp)
+        elif a.src and a.to_hf:
+            out = to_hf_dir(a.src, a.to_hf)
+        else:
+            p.error("use --from-hf HF_DIR --to CKPT_DIR, or --from CKPT --to-hf HF_DIR")
+    except (ValueError, OSError) as err:  # ConfigError, CheckpointError, missing files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

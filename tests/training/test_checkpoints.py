@@ -1,0 +1,229 @@
+"""Checkpoints: exact resume, resharding 2 -> 1 and 2 -> 4, crashes mid-save, restarts,
+HF round trip, averaging, and bad checkpoint files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint import main as checkpoint_main
+from megatron_lite.config import load_config
+from megatron_lite.convert import main as convert_main
+from megatron_lite.parallel import ParallelContext, full_state_dict, gather_from_tp_region
+from megatron_lite.train import main as train_main
+from megatron_lite.training.checkpoint import full_optimizer_state, load_checkpoint
+from megatron_lite.training.trainer import Trainer
+from tests.training.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB_PARAMS = ("wte.weight",)
+
+
+def _train(ctx, overrides):
+    Trainer(load_config(None, overrides), ctx).fit()
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (2, 1)], ids=["tp2xdp1", "tp1xdp2"])
+def test_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path, world, tp):
+    common = {"parallel.tensor_parallel_size": tp, "train.max_steps": 12,
+              "train.eval_interval": 6, "model.hidden_dropout": 0.1,
+              "model.attention_dropout": 0.1}
+    straight = tiny_overrides(gpt_shard, bpe_files, tmp_path / "straight", **common)
+    distributed(_train, world, straight, tp_size=tp)
+    split = tiny_overrides(gpt_shard, bpe_files, tmp_path / "split", **common)
+    distributed(_train, world, split + ["train.exit_after=6"], tp_size=tp)
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_00000006"
+    distributed(_train, world, split, tp_size=tp)  # resumes from the run dir by itself
+    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == rb["loss"] and ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
+        assert ra["grad_norm"] == rb["grad_norm"]
+
+
+def _trim(name, t):
+    return t[:2000] if name in VOCAB_PARAMS and t.dim() else t  # padding differs by TP
+
+
+def _check_reshard(ctx, overrides, ckpt, expect_path):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, ctx)  # loads train.load: saved at TP=2, here at ctx.tp_size
+    model_state = full_state_dict(trainer.model, ctx.tp_group)
+    optim_state = full_optimizer_state(trainer.model, trainer.optimizer, ctx)
+    saved_model = torch.load(Path(ckpt) / "model.pt", weights_only=True)
+    saved_optim = torch.load(Path(ckpt) / "optim.pt", weights_only=True)
+    for name, t in saved_model.items():
+        assert torch.equal(_trim(name, model_state[name]), _trim(name, t)), name
+    for name, entry in saved_optim["state"].items():
+        for key, t in entry.items():
+            assert torch.equal(_trim(name, optim_state["state"][name][key]), _trim(name, t)), \
+                (name, key)
+    ids = torch.arange(64).view(2, 32) % 2000
+    logits = gather_from_tp_region(trainer.model(ids), ctx.tp_group)[..., :2000]
+    if ctx.rank == 0:
+        torch.save(logits.detach(), expect_path)
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(distributed, gpt_shard, bpe_files,
+                                                       tmp_path):
+    base = {"train.max_steps": 3, "train.eval_interval": 0}
+    src = tiny_overrides(gpt_shard, bpe_files, tmp_path / "tp2",
+                         **base, **{"parallel.tensor_parallel_size": 2})
+    distributed(_train, 2, src, tp_size=2)
+    ckpt = tmp_path / "tp2/checkpoints/step_00000003"
+    outs = {}
+    for tp in (1, 4):
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / f"load{tp}", **base,
+                              **{"parallel.tensor_parallel_size": tp, "train.load": str(ckpt)})
+        distributed(_check_reshard, tp, over, str(ckpt), tmp_path / f"logits{tp}.pt", tp_size=tp)
+        outs[tp] = torch.load(tmp_path / f"logits{tp}.pt")
+    assert torch.allclose(outs[1], outs[4], atol=1e-5, rtol=0)
+
+
+def test_keep_only_the_newest_checkpoints(gpt_shard, bpe_files, tmp_path):
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path, **{
+        "train.max_steps": 5, "train.save_interval": 1, "train.keep_checkpoints": 2,
+        "train.eval_interval": 0})
+    Trainer(load_config(None, over), ParallelContext()).fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path):
+    from megatron_lite.models import build_model
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    run = tmp_path / "run"
+    over = tiny_overrides(gpt_shard, bpe_files, run, **{
+        "train.max_steps": 400, "train.save_interval": 1, "train.eval_interval": 0,
+        "train.log_interval": 50})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = []
+    for delay in (4.0, 4.7, 5.5):  # saves happen every step: kills land mid-save too
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", str(config),
+                                 *over], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (run / "checkpoints/latest").exists():
+            continue  # killed before the first save completed
+        model = build_model(load_config(run / "config.yaml").model)
+        steps.append(load_checkpoint(run, model, None, ParallelContext())["step"])
+    assert steps and steps == sorted(steps)  # each restart resumed and moved on
+    # the next start resumes from latest and removes what the kills left half-written
+    k = steps[-1]
+    assert train_main([str(config), *over, f"train.max_steps={k + 1}"]) == 0
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{k + 1:08d}"
+    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+
+
+def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, bpe_files,
+                                                                     tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    finals = {}
+    for name, extra in (("clean", []), ("fault", ["train.fail_at_step=5",
+                                                   "train.fail_rank=1"])):
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **{
+            "parallel.tensor_parallel_size": 2, "train.max_steps": 8, "train.save_interval": 2,
+            "train.eval_interval": 0, "model.hidden_dropout": 0.1})
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", "--max-restarts", "1",
+                              "-m", "megatron_lite.train", str(config), *over, *extra],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        if name == "fault":
+            assert "fault injection: killing rank 1 after step 5" in out.stdout
+            assert "resumed from" in out.stdout
+        finals[name] = {r["step"]: r["loss"] for r in _rows(tmp_path / name)}
+    assert finals["fault"][8] == finals["clean"][8]
+
+
+def test_hf_round_trip_and_back(gpt_shard, bpe_files, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                          **{"train.max_steps": 2, "train.eval_interval": 0})
+    assert train_main([str(config), *over]) == 0
+    assert convert_main(["--from", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf/model.safetensors").exists()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+
+    ours = Trainer(load_config(None, over + [f"train.load={tmp_path / 'run'}",
+                                             f"train.run_dir={tmp_path / 'x'}"]),
+                   ParallelContext()).model.eval()
+    ids = torch.arange(40).view(2, 20) * 7 % 2000
+    with torch.no_grad():
+        ref = ours(ids)[..., :2000]
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5
+    assert convert_main(["--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "back"),
+                         "--tp", "2"]) == 0
+    from megatron_lite.models import build_model
+
+    back = build_model(load_config(tmp_path / "back/config.yaml").model)
+    load_checkpoint(tmp_path / "back", back, None, ParallelContext())
+    with torch.no_grad():
+        assert (back.eval()(ids)[..., :2000] - ref).abs().max() <= 1e-5
+
+
+def test_average_of_checkpoints(gpt_shard, bpe_files, tmp_path):
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
+        "train.max_steps": 3, "train.save_interval": 1, "train.eval_interval": 0})
+    Trainer(load_config(None, over), ParallelContext()).fit()
+    assert checkpoint_main(["average", str(tmp_path / "run"), "--last", "2", "--output",
+                            str(tmp_path / "avg")]) == 0
+    ck = tmp_path / "run/checkpoints"
+    a, b = (torch.load(ck / f"step_0000000{i}/model.pt", weights_only=True) for i in (2, 3))
+    avg = torch.load(tmp_path / "avg/model.pt", weights_only=True)
+    for k in a:
+        assert torch.allclose(avg[k], (a[k] + b[k]) / 2, atol=1e-7)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_damaged_checkpoint_gives_one_line_naming_the_file(gpt_shard, bpe_files, tmp_path,
+                                                          capsys, damage):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                          **{"train.max_steps": 1, "train.eval_interval": 0})
+    assert train_main([str(config), *over]) == 0
+    model_pt = tmp_path / "run/checkpoints/step_00000001/model.pt"
+    if damage == "truncated":
+        model_pt.write_bytes(model_pt.read_bytes()[:1000])
+    elif damage == "garbage":
+        model_pt.write_bytes(b"not a checkpoint")
+    else:
+        model_pt.unlink()
+    capsys.readouterr()
+    again = tiny_overrides(gpt_shard, bpe_files, tmp_path / "new", **{
+        "train.max_steps": 1, "train.eval_interval": 0, "train.load": str(tmp_path / "run")})
+    assert train_main([str(config), *again]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "model.pt" in err and "\n" not in err
+
+
+def test_resuming_a_run_dir_with_another_model_is_refused(gpt_shard, bpe_files, tmp_path,
+                                                          capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                          **{"train.max_steps": 1, "train.eval_interval": 0})
+    assert train_main([str(config), *over]) == 0
+    capsys.readouterr()
+    assert train_main([str(config), *over, "model.hidden_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of a different model (model.hidden_size changed)" in err
