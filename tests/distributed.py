@@ -39,7 +39,8 @@ def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, f
         fn(ctx, *args)
         # NOTE: tear down together: a rank leaving while a peer still works can make gloo
         # abort the peer (SIGABRT) from its background thread.
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     except BaseException:
         # NOTE: record the failure before tearing down: peers blocked in a collective then
         # fail with "connection reset", and the runner must report the root cause first.
