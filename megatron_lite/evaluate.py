@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_lite.cli import run_cli
 from megatron_lite.config import load_config
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.parallel import (
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
         a.checkpoint = None
     if bool(a.checkpoint) == bool(a.config):
         p.error("give a checkpoint or --config (one of them)")
-    rank = 0
-    try:
+    def body() -> None:
         ckpt = resolve_checkpoint(a.checkpoint) if a.checkpoint else None
         cfg = load_config(ckpt / "config.yaml" if ckpt else a.config, a.overrides)
         from megatron_lite.parallel import read_launch_env
@@ -105,7 +105,6 @@ def main(argv=None) -> int:
         t.eval_interval = t.eval_interval or 1  # build the validation split in any case
         t.eval_iters = a.iters or t.eval_iters or 1
         ctx = init_parallel(tp, seed=cfg.train.seed)
-        rank = ctx.rank
         try:
             from megatron_lite.training.trainer import Trainer
 
@@ -117,14 +116,8 @@ def main(argv=None) -> int:
                 print(json.dumps(result))
         finally:
             destroy_parallel()
-    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
-        if rank == 0:  # the same on every rank: say it once
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a file system problem may be local to one rank
-        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

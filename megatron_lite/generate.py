@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from megatron_lite.cli import run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel
 from megatron_lite.parallel import (
@@ -76,8 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    rank = 0
-    try:
+    def body() -> None:
         ckpt = resolve_checkpoint(a.checkpoint)
         cfg = load_config(ckpt / "config.yaml")
         if cfg.model.arch != "gpt":
@@ -93,7 +93,6 @@ def main(argv=None) -> int:
         cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
         cfg.validate(world)  # heads and hidden must split over TP = world size
         ctx = init_parallel(world, seed=cfg.train.seed)
-        rank = ctx.rank
         try:
             model = GPTModel(cfg.model, ctx, device=ctx.device)
             load_checkpoint(ckpt, model, None, ctx)
@@ -103,14 +102,8 @@ def main(argv=None) -> int:
                 print(a.prompt + tok.decode(t for t in out if t != tok.eod))
         finally:
             destroy_parallel()
-    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
-        if rank == 0:  # the same on every rank: say it once
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a file system problem may be local to one rank
-        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from megatron_lite.cli import run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import destroy_parallel, init_parallel
 
@@ -18,11 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    rank = 0
-    try:
+
+    def body() -> None:
         cfg = load_config(argv[0], argv[1:])
         ctx = init_parallel(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
-        rank = ctx.rank
         try:
             from megatron_lite.training.trainer import Trainer
 
@@ -32,14 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {trainer.run_dir} (metrics.jsonl, loss.png, checkpoints/)")
         finally:
             destroy_parallel()
-    except ValueError as err:  # config, parallel layout, data, tokenizer, checkpoint errors
-        if rank == 0:  # the same on every rank: say it once
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a file system problem may be local to one rank
-        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
