@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_lite.cli import run_cli
 from megatron_lite.training.checkpoint import average_checkpoints, list_checkpoints
 
 
@@ -25,17 +26,16 @@ def main(argv=None) -> int:
     avg.add_argument("--last", type=int, default=5)
     avg.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         found = list_checkpoints(a.run_dir)
         if not found:
             raise FileNotFoundError(f"{a.run_dir}: no checkpoints/step_* folders")
         chosen = found[-a.last:]
         out = average_checkpoints(chosen, a.output)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}: mean of {', '.join(c.name for c in chosen)}")
-    return 0
+        print(f"wrote {out}: mean of {', '.join(c.name for c in chosen)}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

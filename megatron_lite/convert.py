@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
 from megatron_lite.models import build_model
 from megatron_lite.training.checkpoint import (
@@ -101,18 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="src", type=Path, help="a megatron-lite checkpoint or run")
     p.add_argument("--to-hf", type=Path, help="the Hugging Face folder to write")
     a = p.parse_args(argv)
-    try:
-        if a.from_hf and a.to:
-            out = from_hf_dir(a.from_hf, a.to, a.tp)
-        elif a.src and a.to_hf:
-            out = to_hf_dir(a.src, a.to_hf)
-        else:
-            p.error("use --from-hf HF_DIR --to CKPT_DIR, or --from CKPT --to-hf HF_DIR")
-    except (ValueError, OSError) as err:  # ConfigError, CheckpointError, missing files
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    if not ((a.from_hf and a.to) or (a.src and a.to_hf)):
+        p.error("use --from-hf HF_DIR --to CKPT_DIR, or --from CKPT --to-hf HF_DIR")
+
+    def body() -> None:
+        out = from_hf_dir(a.from_hf, a.to, a.tp) if a.from_hf else to_hf_dir(a.src, a.to_hf)
+        print(f"wrote {out}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_lite.data.indexed import IndexedDataError, merge_indexed
+from megatron_lite.cli import run_cli
+from megatron_lite.data.indexed import merge_indexed
 
 
 def main(argv=None) -> int:
@@ -21,13 +22,12 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="shard prefixes, in order")
     p.add_argument("--output-prefix", required=True)
     a = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         merged = merge_indexed(a.input, a.output_prefix)
-    except IndexedDataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{a.output_prefix}: {merged.num_documents} documents, {merged.num_tokens} tokens")
-    return 0
+        print(f"{a.output_prefix}: {merged.num_documents} documents, {merged.num_tokens} tokens")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

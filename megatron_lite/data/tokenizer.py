@@ -64,12 +64,6 @@ class Tokenizer:
             raise TokenizerError(f"{self.kind} has no {name} token")
         return self.specials[name]
 
-    def __getstate__(self):  # rebuilt from files in worker processes
-        return self._recipe
-
-    def __setstate__(self, recipe):
-        self.__dict__.update(build_tokenizer(**recipe).__dict__)
-
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
                     merge_file: str | None = None,

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.transformer import Transformer, activation_fn, embedding
+from megatron_lite.models.transformer import (
+    Transformer,
+    activation_fn,
+    embedding,
+    word_embedding,
+)
 from megatron_lite.parallel import (
     ParallelContext,
-    VocabParallelEmbedding,
     copy_to_tp_region,
-    normal_init,
-    pad_vocab_size,
     vocab_parallel_cross_entropy,
 )
 from megatron_lite.parallel.layers import mark_tp
@@ -47,11 +49,8 @@ class BertModel(nn.Module):
         ctx = ctx or ParallelContext()
         h, std = cfg.hidden_size, cfg.init_std
         self.cfg, self.tp_group = cfg, ctx.tp_group
-        self.padded_vocab_size = pad_vocab_size(
-            cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
-        self.word = VocabParallelEmbedding(self.padded_vocab_size, h, init_method=normal_init(std),
-                                           vocab_size=cfg.vocab_size, tp_group=ctx.tp_group,
-                                           device=device)
+        self.word = word_embedding(cfg, ctx, device)
+        self.padded_vocab_size = self.word.num_embeddings
         self.position = embedding(cfg.max_position_embeddings, h, std, device)
         self.tokentype = embedding(cfg.num_tokentypes, h, std, device)
         self.embed_ln = (nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)

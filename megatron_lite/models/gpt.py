@@ -7,13 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.transformer import Transformer, embedding
+from megatron_lite.models.transformer import Transformer, embedding, word_embedding
 from megatron_lite.parallel import (
     ParallelContext,
-    VocabParallelEmbedding,
     copy_to_tp_region,
-    normal_init,
-    pad_vocab_size,
     vocab_parallel_cross_entropy,
 )
 
@@ -31,12 +28,8 @@ class GPTModel(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         self.cfg, self.tp_group = cfg, ctx.tp_group
-        self.padded_vocab_size = pad_vocab_size(
-            cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
-        self.wte = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
-                                          init_method=normal_init(cfg.init_std),
-                                          vocab_size=cfg.vocab_size, tp_group=ctx.tp_group,
-                                          device=device)
+        self.wte = word_embedding(cfg, ctx, device)
+        self.padded_vocab_size = self.wte.num_embeddings
         self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std, device)
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
 

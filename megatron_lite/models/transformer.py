@@ -21,8 +21,10 @@ from megatron_lite.parallel import (
     ColumnParallelLinear,
     ParallelContext,
     RowParallelLinear,
+    VocabParallelEmbedding,
     checkpoint,
     normal_init,
+    pad_vocab_size,
     scaled_normal_init,
 )
 
@@ -134,6 +136,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = checkpoint(layer, self.rng, x, mask) if recompute else layer(x, mask)
         return x if self.final_ln is None else self.final_ln(x)
+
+
+def word_embedding(cfg: ModelConfig, ctx: ParallelContext, device=None):
+    """The vocab-parallel token embedding (also the tied output layer), vocab padded to
+    ``make_vocab_size_divisible_by x TP``; only the real vocab rows are drawn."""
+    padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
+    return VocabParallelEmbedding(padded, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+                                  vocab_size=cfg.vocab_size, tp_group=ctx.tp_group,
+                                  device=device)
 
 
 def embedding(num: int, dim: int, std: float, device=None) -> nn.Embedding:

@@ -25,11 +25,10 @@ from megatron_lite.parallel import (
     RowParallelLinear,
     destroy_parallel,
     init_parallel,
-    merge_shards,
     read_launch_env,
     scaled_normal_init,
 )
-from megatron_lite.parallel.state import group_size
+from megatron_lite.parallel.state_dict import gather_like
 
 TOL = 1e-5
 
@@ -80,17 +79,8 @@ def dense_block(params: dict[str, torch.Tensor], x: torch.Tensor, heads: int) ->
 
 def full_tensors(block: nn.Module, tp_group, grads: bool = False) -> dict[str, torch.Tensor]:
     """Gather every parameter (or its gradient) of ``block`` into its full, unsharded form."""
-    full = {}
-    for name, p in block.named_parameters():
-        t = (p.grad if grads else p).detach()
-        dim = getattr(p, "tp_dim", None)
-        if dim is None or group_size(tp_group) == 1:
-            full[name] = t.clone()
-            continue
-        parts = [torch.empty_like(t) for _ in range(group_size(tp_group))]
-        dist.all_gather(parts, t.contiguous(), group=tp_group)
-        full[name] = merge_shards(parts, dim, p.tp_stride)
-    return full
+    return {name: gather_like(p, p.grad if grads else p, tp_group)
+            for name, p in block.named_parameters()}
 
 
 @contextlib.contextmanager
