@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # =--system-site-packages so the venv sees it).
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
-EXTRAS ?= dev,hf
+EXTRAS ?= dev,hf,deepspeed
 PYTEST_ARGS ?=
 IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host

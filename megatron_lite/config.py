@@ -59,6 +59,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1  # data-parallel size = world size / TP
     engine: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 1  # parallel.engine=deepspeed: ZeRO stage 1 (optimizer state) or 2 (+ grads)
 
 
 @dataclass
@@ -153,9 +154,9 @@ class Config:
             problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
                             "'s' (self-attention) and 'f' (feed-forward)")
         t = self.train
-        if self.parallel.engine != "ddp":
-            problems.append(f"parallel.engine={self.parallel.engine!r} is not available yet "
-                            "(use ddp)")
+        if self.parallel.engine == "deepspeed" and self.parallel.zero_stage not in (1, 2):
+            problems.append(f"parallel.zero_stage={self.parallel.zero_stage} is not 1 or 2 "
+                            "(ZeRO-3 would partition the TP shards themselves)")
         if t.phase2_seq_length and m.arch != "bert":
             problems.append("train.phase2_seq_length is for model.arch=bert only")
         if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:

@@ -128,7 +128,11 @@ def load_full_optimizer_state(model, optimizer, full: dict, ctx: ParallelContext
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelContext,
                     cfg: Config, extra: dict, keep: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    ``optimizer`` as in :func:`load_checkpoint`; a ZeRO engine gathers its partitions into
+    the same full, per-parameter form, so the checkpoint loads under either engine.
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -136,8 +140,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelCon
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    model_state = full_state_dict(_unwrap(model), ctx.tp_group)  # collectives over TP
-    optim_state = full_optimizer_state(model, optimizer, ctx) if optimizer is not None else None
+    if hasattr(optimizer, "checkpoint_state"):  # ZeroEngine: fp32 masters, DP partitions
+        model_state, optim_state = optimizer.checkpoint_state()
+    else:
+        model_state = full_state_dict(_unwrap(model), ctx.tp_group)  # collectives over TP
+        optim_state = full_optimizer_state(model, optimizer, ctx) if optimizer else None
     torch.save(rng_state(ctx), tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
     if ctx.is_main:
         torch.save(model_state, tmp / "model.pt")
@@ -205,17 +212,31 @@ def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
                     restore_rng: bool = False) -> dict:
     """Load weights and optimizer state at any TP/DP layout; return the metadata.
 
+    ``optimizer`` is a torch optimizer, a :class:`~megatron_lite.training.zero.ZeroEngine`
+    (DeepSpeed's partitioned masters and moments), or None for the weights alone.
+
     With ``restore_rng`` and an unchanged layout, every rank's RNG states are restored
     too (exact resume); with a changed layout they cannot be matched, and a warning says
     so.
     """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    model_state = _load(ckpt / "model.pt")
     try:
-        load_full_state_dict(_unwrap(model), _load(ckpt / "model.pt"), ctx.tp_group)
+        load_full_state_dict(_unwrap(model), model_state, ctx.tp_group)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt}/model.pt: cannot load into this model ({err})") from None
-    if optimizer is not None:
+    if hasattr(optimizer, "load_checkpoint_state"):  # ZeroEngine: masters and moments
+        has_optim = (ckpt / "optim.pt").exists()
+        try:
+            optimizer.load_checkpoint_state(
+                model_state, _load(ckpt / "optim.pt") if has_optim else None)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{ckpt}/optim.pt: does not fit ({err})") from None
+        if not has_optim and ctx.is_main:
+            print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
+                  flush=True)
+    elif optimizer is not None:
         if (ckpt / "optim.pt").exists():
             try:
                 load_full_optimizer_state(model, optimizer, _load(ckpt / "optim.pt"), ctx)

@@ -76,18 +76,26 @@ class Trainer:
 
         ctx.seed(t.seed)
         self.model = build_model(cfg.model, ctx, device=ctx.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device) if training else None
+        # the engine: DDP over the DP group (or the bare model), or DeepSpeed ZeRO, which
+        # then owns the gradient reduction, clipping, master weights and loss scaling
+        self.zero = None
         self.ddp = self.model
-        if ctx.dp_size > 1:
+        if training and cfg.parallel.engine == "deepspeed":
+            from megatron_lite.training.zero import ZeroEngine
+
+            self.zero = self.ddp = ZeroEngine(self.model, self.optimizer, cfg, ctx)
+        elif ctx.dp_size > 1:
             self.ddp = DistributedDataParallel(
                 self.model, process_group=ctx.dp_group,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device) if training else None
-        self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
+        self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
         source = self._resume_source() if training else None
         if source is not None:
-            meta = load_checkpoint(source, self.model, self.optimizer, ctx, restore_rng=True)
+            meta = load_checkpoint(source, self.model, self.zero or self.optimizer, ctx,
+                                   restore_rng=True)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
             self.tokens_seen = meta.get("tokens_seen", 0)
             if self.scaler is not None and "loss_scaler" in meta:
@@ -205,11 +213,42 @@ class Trainer:
             value /= self.ctx.dp_size
         return value.item()
 
+    def _autocast(self):
+        """Autocast for the DDP engine; DeepSpeed's bf16 keeps the weights in bf16 instead."""
+        if self.zero is not None:
+            return contextlib.nullcontext()
+        return autocast(self.cfg.train.precision, self.ctx.device)
+
+    def _advance(self, out: dict) -> dict:
+        t = self.cfg.train
+        self.step += 1
+        self.consumed += t.global_batch_size
+        self.tokens_seen += t.global_batch_size * self.train_data.seq_length
+        return {"step": self.step, **out}
+
+    def _zero_step(self, lr: float) -> dict:
+        """One optimizer step through DeepSpeed (it accumulates, reduces, clips, steps)."""
+        for group in self.zero.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.ctx.device)
+        scale = self.zero.loss_scale()
+        for _ in range(self.accum):
+            loss = self.zero(**self._to_device(next(self.train_iter)))
+            self.zero.backward(loss)
+            grad_norm, stepped = self.zero.step()
+            total += loss.detach().float()
+        out = {"loss": self._dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
+        if scale is not None:
+            out.update(loss_scale=scale, skipped=not stepped)
+        return self._advance(out)
+
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns its metrics."""
         cfg, t = self.cfg, self.cfg.train
         self.ddp.train()
         lr = learning_rate(self.step, cfg.optim, t.max_steps)
+        if self.zero is not None:
+            return self._zero_step(lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.ctx.device)
@@ -220,7 +259,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is self.model else \
                 self.ddp.no_sync()
             with sync:
-                with autocast(t.precision, self.ctx.device):
+                with self._autocast():
                     loss = self.ddp(**batch)
                 (loss * (scale / self.accum)).backward()
             total += loss.detach().float()
@@ -233,14 +272,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.consumed += t.global_batch_size
-        self.tokens_seen += t.global_batch_size * self.train_data.seq_length
-        out = {"step": self.step, "loss": self._dp_mean(total / self.accum), "lr": lr,
-               "grad_norm": grad_norm}
+        out = {"loss": self._dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
-        return out
+        return self._advance(out)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -252,7 +287,7 @@ class Trainer:
         n = self.cfg.train.eval_iters * self.accum
         total = torch.zeros((), device=self.ctx.device)
         for batch in itertools.islice(it, n):
-            with autocast(self.cfg.train.precision, self.ctx.device):
+            with self._autocast():
                 total += self.model(**self._to_device(batch)).float()
         return self._dp_mean(total / n)
 
@@ -261,8 +296,8 @@ class Trainer:
                  "tokens_seen": self.tokens_seen}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ctx,
-                               self.cfg, extra, keep=self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, self.model, self.zero or self.optimizer,
+                               self.ctx, self.cfg, extra, keep=self.cfg.train.keep_checkpoints)
 
     def _maybe_fail(self) -> None:
         t = self.cfg.train
