@@ -100,6 +100,8 @@ class Trainer:
             self.tokens_seen = meta.get("tokens_seen", 0)
             if self.scaler is not None and "loss_scaler" in meta:
                 self.scaler.load_state_dict(meta["loss_scaler"])
+            if self.zero is not None and "deepspeed_loss_scaler" in meta:
+                self.zero.load_loss_scaler_state(meta["deepspeed_loss_scaler"])
             if ctx.is_main:
                 print(f"resumed from {source} at step {self.step}", flush=True)
         self.phase2_step = (int(t.phase2_start * t.max_steps)
@@ -296,6 +298,8 @@ class Trainer:
                  "tokens_seen": self.tokens_seen}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
+        if self.zero is not None and self.zero.loss_scaler_state() is not None:
+            extra["deepspeed_loss_scaler"] = self.zero.loss_scaler_state()
         return save_checkpoint(self.run_dir, self.step, self.model, self.zero or self.optimizer,
                                self.ctx, self.cfg, extra, keep=self.cfg.train.keep_checkpoints)
 

@@ -136,10 +136,13 @@ class ZeroEngine:
     """
 
     def __init__(self, model, optimizer, cfg: Config, ctx: ParallelContext):
-        if ctx.device.type != "cuda" and cfg.train.precision == "fp16":
-            raise ConfigError("train.precision=fp16 with parallel.engine=deepspeed needs a GPU "
-                              "(use bf16 or fp32 on CPU)")
         deepspeed = import_deepspeed(ctx.device)
+        from deepspeed.accelerator import get_accelerator
+
+        if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise ConfigError("train.precision=fp16 with parallel.engine=deepspeed: DeepSpeed's "
+                              f"{get_accelerator().device_name()} accelerator has no fp16 here "
+                              "(use bf16 or fp32)")
         if not dist.is_initialized():  # a one-process job: DeepSpeed still wants a group
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         self.ctx, self.model = ctx, model
@@ -185,6 +188,21 @@ class ZeroEngine:
     def loss_scale(self) -> float | None:
         return float(self.zero.loss_scale) if self.engine.fp16_enabled() else None
 
+    _SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def loss_scaler_state(self) -> dict | None:
+        """DeepSpeed's dynamic fp16 loss scaler, as plain numbers (None unless fp16)."""
+        if not self.engine.fp16_enabled():
+            return None
+        s = self.zero.loss_scaler
+        return {k: getattr(s, k) for k in self._SCALER_KEYS if hasattr(s, k)}
+
+    def load_loss_scaler_state(self, state: dict) -> None:
+        if self.engine.fp16_enabled():
+            for k, v in state.items():
+                if k in self._SCALER_KEYS:
+                    setattr(self.zero.loss_scaler, k, v)
+
     # ----------------------------------------------------------------------- state
 
     def _groups(self):
@@ -217,6 +235,9 @@ class ZeroEngine:
         """(full fp32 model state, full optimizer state by name): collective over TP and DP."""
         tp = self.ctx.tp_group
         model_state, optim = {}, {}
+        for name, p in self.model.named_parameters():  # any the optimizer does not hold
+            if not p.requires_grad:
+                model_state[name] = gather_like(p, p, tp)
         for flat, params, dp_group in self._groups():
             state = self.base.state.get(flat, {})
             for p in params:

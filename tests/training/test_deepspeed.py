@@ -155,3 +155,36 @@ def test_zero_bf16(gpt_shard, bpe_files, tmp_path):
     assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
     run_distributed(_check_partitioned, 2, zero + ["train.max_steps=7"], 1, torch.bfloat16,
                     tp_size=1)
+
+
+def _fp16_overflow_and_resume(ctx, overrides):
+    from deepspeed.accelerator import get_accelerator
+
+    # NOTE: DeepSpeed's CPU accelerator reports no fp16 without AVX512-FP16, yet torch runs
+    # this tiny model in fp16 on any CPU; the GPU path is the same code
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, ctx)
+    assert all(p.dtype == torch.float16 for p in trainer.model.parameters())
+    before, _ = trainer.zero.checkpoint_state()
+    trainer.zero.zero.loss_scaler.cur_scale = 2.0**100  # every fp16 gradient overflows
+    out = trainer.train_step()
+    assert out["skipped"] and out["loss_scale"] == 2.0**100
+    after, _ = trainer.zero.checkpoint_state()
+    assert all(torch.equal(before[k], v) for k, v in after.items())
+    trainer.zero.zero.loss_scaler.cur_scale = 2.0**10
+    out = trainer.train_step()
+    assert not out["skipped"] and out["loss_scale"] == 2.0**10
+    assert not all(torch.equal(before[k], v) for k, v in trainer.zero.checkpoint_state()[0].items())
+    trainer.save()
+    resumed = Trainer(load_config(None, overrides), ctx)
+    assert resumed.step == 2
+    assert resumed.zero.loss_scaler_state() == trainer.zero.loss_scaler_state()
+
+
+def test_zero_fp16_skips_overflow_and_resumes_the_scale(gpt_shard, bpe_files, tmp_path):
+    """One process: the engine makes its own one-rank group for DeepSpeed."""
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path, **ZERO, **{
+        "train.precision": "fp16", "train.max_steps": 4, "train.eval_interval": 0,
+        "model.seq_length": 8, "train.global_batch_size": 2})
+    run_distributed(_fp16_overflow_and_resume, 1, over, tp_size=1)
