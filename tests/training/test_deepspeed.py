@@ -34,6 +34,8 @@ def _rows(run_dir):
 def _assert_close(ref, got, rtol=1e-4, steps=None):
     ref = [r for r in ref if steps is None or r["step"] in steps]
     assert [r["step"] for r in got] == [r["step"] for r in ref]
+    rel = lambda k: max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(ref, got))  # noqa: E731
+    print(f"max relative difference: loss {rel('loss'):.1e}, grad_norm {rel('grad_norm'):.1e}")
     for a, b in zip(ref, got, strict=True):
         assert abs(a["loss"] - b["loss"]) <= rtol * abs(a["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= rtol * a["grad_norm"], (a, b)
