@@ -45,6 +45,7 @@ lint: setup  ## ruff, and hadolint on the Dockerfile
 bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/train_step.py
 	$(PY) bench/preprocess.py
+	$(PY) bench/zero.py
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
 	docker build -t $(IMAGE) .
