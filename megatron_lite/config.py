@@ -157,6 +157,8 @@ class Config:
         if self.parallel.engine == "deepspeed" and self.parallel.zero_stage not in (1, 2):
             problems.append(f"parallel.zero_stage={self.parallel.zero_stage} is not 1 or 2 "
                             "(ZeRO-3 would partition the TP shards themselves)")
+        if self.parallel.engine != "deepspeed" and self.parallel.zero_stage != 1:
+            problems.append("parallel.zero_stage is for parallel.engine=deepspeed")
         if t.phase2_seq_length and m.arch != "bert":
             problems.append("train.phase2_seq_length is for model.arch=bert only")
         if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:

@@ -60,8 +60,10 @@ class ModelParallelUnit:
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
         world = ctx.world_size
-        singles = [dist.new_group([r]) for r in range(world)]
-        own = singles[ctx.rank]
+        own = None
+        for r in range(world):
+            group = dist.new_group([r])
+            own = group if r == ctx.rank else own
         self.tp_group = ctx.tp_group if ctx.tp_group is not None else own
         self.dp_group = ctx.dp_group if ctx.dp_group is not None else own
         self.pp_group = own
@@ -130,8 +132,8 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext) -> dict:
 class ZeroEngine:
     """A model and its optimizer inside a DeepSpeed engine.
 
-    Use it like the DDP path: ``loss = engine(**batch)``, :meth:`backward` per
-    micro-batch, :meth:`step` once per global batch. Checkpoints go through
+    Per micro-batch: ``loss = engine(**batch)``, :meth:`backward`, :meth:`step` (DeepSpeed
+    steps the optimizer at the accumulation boundary only). Checkpoints go through
     :meth:`checkpoint_state` / :meth:`load_checkpoint_state`.
     """
 
@@ -181,9 +183,10 @@ class ZeroEngine:
         if not boundary:
             return float("nan"), False
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
         skipped = bool(getattr(self.zero, "overflow", False))
-        return norm, not skipped
+        if skipped or norm is None:  # an fp16 overflow: like the DDP engine, no norm
+            return float("nan"), not skipped
+        return float(norm), True
 
     def loss_scale(self) -> float | None:
         return float(self.zero.loss_scale) if self.engine.fp16_enabled() else None

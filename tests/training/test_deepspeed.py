@@ -2,6 +2,7 @@
 checkpoints (exact resume, loading under the DDP engine and at another layout)."""
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +35,9 @@ def _rows(run_dir):
 def _assert_close(ref, got, rtol=1e-4, steps=None):
     ref = [r for r in ref if steps is None or r["step"] in steps]
     assert [r["step"] for r in got] == [r["step"] for r in ref]
-    rel = lambda k: max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(ref, got))  # noqa: E731
+    def rel(key):
+        return max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(ref, got, strict=True))
+
     print(f"max relative difference: loss {rel('loss'):.1e}, grad_norm {rel('grad_norm'):.1e}")
     for a, b in zip(ref, got, strict=True):
         assert abs(a["loss"] - b["loss"]) <= rtol * abs(a["loss"]), (a, b)
@@ -171,7 +174,7 @@ def _fp16_overflow_and_resume(ctx, overrides):
     before, _ = trainer.zero.checkpoint_state()
     trainer.zero.zero.loss_scaler.cur_scale = 2.0**100  # every fp16 gradient overflows
     out = trainer.train_step()
-    assert out["skipped"] and out["loss_scale"] == 2.0**100
+    assert out["skipped"] and out["loss_scale"] == 2.0**100 and math.isnan(out["grad_norm"])
     after, _ = trainer.zero.checkpoint_state()
     assert all(torch.equal(before[k], v) for k, v in after.items())
     trainer.zero.zero.loss_scaler.cur_scale = 2.0**10

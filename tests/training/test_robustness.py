@@ -46,12 +46,13 @@ def test_a_split_too_small_is_skipped_on_every_rank(distributed, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("parallel.engine=deepspeed", "parallel.engine='deepspeed' is not available yet"),
+    ("parallel.zero_stage=2", "parallel.zero_stage is for parallel.engine=deepspeed"),
+    ("parallel.engine=deepspeed parallel.zero_stage=3", "zero_stage=3 is not 1 or 2"),
     ("train.phase2_seq_length=64", "phase2_seq_length is for model.arch=bert only"),
 ])
 def test_options_that_would_do_nothing_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override]).validate()
+        load_config(None, override.split()).validate()
 
 
 def test_loading_a_checkpoint_of_another_model_is_one_line(tmp_path, gpt_shard, bpe_files,
