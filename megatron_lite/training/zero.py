@@ -113,7 +113,7 @@ class ModelParallelUnit:
 def deepspeed_config(cfg: Config, ctx: ParallelContext) -> dict:
     """The DeepSpeed config dict our config implies (batch sizes, ZeRO stage, precision)."""
     t = cfg.train
-    config = {
+    return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * ctx.dp_size),
@@ -126,7 +126,6 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext) -> dict:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    return config
 
 
 class ZeroEngine:
@@ -152,10 +151,10 @@ class ZeroEngine:
             p.tensor_model_parallel = getattr(p, "tp_dim", None) is not None
         self.mpu = ModelParallelUnit(ctx)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            # the ZeRO optimizer holds flat fp32 partitions per group; ours steps them
+            self.engine, self.zero, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx),
                 mpu=self.mpu, dist_init_required=False)
-        self.zero = self.optimizer  # DeepSpeedZeroOptimizer: flat fp32 partitions per group
         self.base = self.zero.optimizer  # our AdamW, now over the partitions
         self.names = {id(p): n for n, p in model.named_parameters()}
 
