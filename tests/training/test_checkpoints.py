@@ -109,19 +109,27 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
         "train.max_steps": 400, "train.save_interval": 1, "train.eval_interval": 0,
         "train.log_interval": 50})
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    steps = []
-    for delay in (4.0, 4.7, 5.5):  # saves happen every step: kills land mid-save too
+    latest = run / "checkpoints/latest"
+    steps, half_written = [], 0
+    # kill as a save starts, as it writes, and at any moment (saves happen every step)
+    for moment in (".tmp_step_*", ".tmp_step_*/model.pt", None):
+        before = latest.read_text() if latest.exists() else None
         proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", str(config),
                                  *over], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        # NOTE: wait for this attempt's own first save, however slow the machine, then kill
+        deadline = time.monotonic() + 180
+        while (latest.read_text() if latest.exists() else None) == before or \
+                (moment and not list((run / "checkpoints").glob(moment))):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if not (run / "checkpoints/latest").exists():
-            continue  # killed before the first save completed
+        half_written += bool(list((run / "checkpoints").glob(".tmp_step_*")))
         model = build_model(load_config(run / "config.yaml").model)
         steps.append(load_checkpoint(run, model, None, ParallelContext())["step"])
-    assert steps and steps == sorted(steps)  # each restart resumed and moved on
+    assert steps == sorted(steps) and len(set(steps)) == 3  # each restart resumed, moved on
+    assert half_written  # measured: the first two kills leave a .tmp_step_* behind
     # the next start resumes from latest and removes what the kills left half-written
     k = steps[-1]
     assert train_main([str(config), *over, f"train.max_steps={k + 1}"]) == 0
