@@ -46,6 +46,7 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/train_step.py
 	$(PY) bench/preprocess.py
 	$(PY) bench/zero.py
+	$(PY) bench/generate.py
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
 	docker build -t $(IMAGE) .

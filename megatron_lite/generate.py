@@ -17,7 +17,7 @@ import torch
 
 from megatron_lite.cli import run_cli
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.models import GPTModel
+from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import (
     ParallelContext,
     destroy_parallel,
@@ -49,16 +49,28 @@ def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, tempera
 @torch.no_grad()
 def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_new_tokens: int,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eod: int | None = None) -> list[int]:
-    """Continue ``prompt_ids``; stops at ``eod`` or after ``max_new_tokens``."""
+             top_p: float = 1.0, seed: int = 0, eod: int | None = None,
+             use_cache: bool = True) -> list[int]:
+    """Continue ``prompt_ids``; stops at ``eod`` or after ``max_new_tokens``.
+
+    With ``use_cache`` each new token runs through the model alone, attending to the
+    cached keys/values of the earlier ones. Past ``max_position_embeddings`` the context
+    is the last window of tokens, recomputed at every step (as without the cache).
+    """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     window = model.cfg.max_position_embeddings
     vocab = model.cfg.vocab_size
+    cache = None
     for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-window:]], device=ctx.device)
-        logits = gather_from_tp_region(model(x)[:, -1], ctx.tp_group)[0, :vocab].cpu()
+        if not use_cache or cache is None or cache.length >= window:
+            cache = KVCache() if use_cache else None  # (re)fill from the last window
+            x = torch.tensor([ids[-window:]], device=ctx.device)
+        else:
+            x = torch.tensor([ids[-1:]], device=ctx.device)
+        logits = model(x, cache=cache)[:, -1]
+        logits = gather_from_tp_region(logits, ctx.tp_group)[0, :vocab].cpu()
         tok = next_token(logits, gen, greedy, temperature, top_k, top_p)
         ids.append(tok)
         if eod is not None and tok == eod:

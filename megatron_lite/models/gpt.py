@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.transformer import Transformer, embedding, word_embedding
+from megatron_lite.models.transformer import KVCache, Transformer, embedding, word_embedding
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
@@ -33,19 +33,26 @@ class GPTModel(nn.Module):
         self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std, device)
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
 
         Args:
             input_ids: ``[b, s]`` token ids.
             labels: ``[b, s]`` next-token ids aligned with ``input_ids`` (Megatron's
                 convention: the dataset shifts), ``-100`` where no loss is wanted.
+            cache: a :class:`KVCache` for incremental decoding: ``input_ids`` continue the
+                cached positions, and their keys/values are added to it.
         """
         s = input_ids.shape[1]
-        pos = torch.arange(s, device=input_ids.device)
+        start = cache.length if cache is not None else 0
+        if start + s > self.cfg.max_position_embeddings:
+            raise ValueError(f"{start + s} positions exceed model.max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}")
+        pos = torch.arange(start, start + s, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
-        x = self.transformer(x)  # [b, s, h]
+        x = self.transformer(x, cache=cache)  # [b, s, h]
         logits = F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)  # [b, s, V/tp]
         if labels is None:
             return logits

@@ -38,6 +38,25 @@ def activation_fn(name: str):
     raise ValueError(f"model.activation={name!r} is not one of gelu_tanh, gelu")
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per attention sublayer (incremental decoding).
+
+    Each TP rank caches only its own heads. ``length`` is the number of cached positions.
+    """
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor):
+        """Append ``[b, heads, s, d]`` keys/values for sublayer ``index``; return all of them."""
+        if index in self.layers:
+            past_k, past_v = self.layers[index]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[index] = (k, v)
+        return k, v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with heads split across the TP group."""
 
@@ -54,21 +73,30 @@ class SelfAttention(nn.Module):
             init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             mask: torch.Tensor | None) -> torch.Tensor:
+             mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v, with dropout drawn from this TP rank's RNG stream."""
         with self.rng.fork():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                 dropout_p=self.dropout_p if self.training else 0.0)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
+        causal = self.causal
+        if cache is not None:
+            past = cache.length
+            k, v = cache.extend(index, k, v)  # [b, heads/tp, past + s, d]
+            if causal and past:  # the queries are the last s positions: i sees past + i
+                causal = False
+                if s > 1:
+                    mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
         if self.selective and self.training and torch.is_grad_enabled():
-            ctx = checkpoint(self.core, self.rng, q, k, v, mask)
+            ctx = checkpoint(self.core, self.rng, q, k, v, mask, causal)
         else:
-            ctx = self.core(q, k, v, mask)  # [b, heads/tp, s, d]
+            ctx = self.core(q, k, v, mask, causal)  # [b, heads/tp, s, d]
         return self.proj(ctx.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
 
 
@@ -106,13 +134,17 @@ class Sublayer(nn.Module):
         else:
             raise ValueError(f"unknown sublayer kind {kind!r} (expected 's' or 'f')")
 
-    def body(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.attn(x, mask) if self.kind == "s" else self.mlp(x)
+    def body(self, x: torch.Tensor, mask: torch.Tensor | None, cache=None,
+             index: int = 0) -> torch.Tensor:
+        return self.attn(x, mask, cache, index) if self.kind == "s" else self.mlp(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
         if self.post_ln:
-            return self.ln(x + F.dropout(self.body(x, mask), self.dropout_p, self.training))
-        return x + F.dropout(self.body(self.ln(x), mask), self.dropout_p, self.training)
+            return self.ln(x + F.dropout(self.body(x, mask, cache, index), self.dropout_p,
+                                         self.training))
+        return x + F.dropout(self.body(self.ln(x), mask, cache, index), self.dropout_p,
+                             self.training)
 
 
 class Transformer(nn.Module):
@@ -131,10 +163,17 @@ class Transformer(nn.Module):
         self.final_ln = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
                          if cfg.layernorm_order == "pre" else None)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """``cache`` (inference): attend to the cached positions too, and add this input's."""
         recompute = self.full_checkpoint and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            x = checkpoint(layer, self.rng, x, mask) if recompute else layer(x, mask)
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                x = checkpoint(layer, self.rng, x, mask)
+            else:
+                x = layer(x, mask, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
         return x if self.final_ln is None else self.final_ln(x)
 
 

@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.evaluate import main as evaluate_main
 from megatron_lite.generate import generate, next_token
-from megatron_lite.models import GPTModel
+from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.train import main as train_main
 from tests.training.conftest import tiny_overrides
@@ -24,9 +25,26 @@ def _check_generate(ctx):
     dense = GPTModel(CFG, ParallelContext())
     prompt = [5, 17, 42]
     for kwargs in (dict(greedy=True), dict(temperature=0.8, top_k=20, top_p=0.9, seed=3)):
-        ours = generate(model, ctx, prompt, 24, **kwargs)  # runs past the 16-token window
-        ref = generate(dense, ParallelContext(), prompt, 24, **kwargs)
+        # runs past the 16-token window; the reference recomputes every step, no KV cache
+        ours = generate(model, ctx, prompt, 24, **kwargs)
+        ref = generate(dense, ParallelContext(), prompt, 24, use_cache=False, **kwargs)
         assert ours == ref, (kwargs, ours, ref)
+
+
+def test_kv_cache_logits_equal_a_full_forward():
+    torch.manual_seed(0)
+    model = GPTModel(CFG).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        # a 5-token prompt, two single tokens, then a 4-token chunk and the rest
+        pieces = [model(ids[:, a:b], cache=cache) for a, b in
+                  [(0, 5), (5, 6), (6, 7), (7, 11), (11, 16)]]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(ids[:, :1], cache=cache)
 
 
 def test_generation_is_the_same_at_tp2(distributed):
