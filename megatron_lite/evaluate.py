@@ -52,12 +52,16 @@ def evaluate(trainer, split: str = "valid", iters: int | None = None) -> dict:
     for batch in itertools.islice(trainer._iterator(data, 0), iters):
         batch = trainer._to_device(batch)
         with autocast(cfg.train.precision, ctx.device):
-            loss = model(**batch)
+            if cfg.model.arch == "bert":  # one forward for the loss and the accuracies
+                inputs = {k: v for k, v in batch.items() if "labels" not in k}
+                mlm_logits, nsp_logits = model(**inputs)
+                loss, _ = model.loss(mlm_logits, nsp_logits, batch["mlm_labels"],
+                                     batch["nsp_labels"])
+            else:
+                loss = model(**batch)
             sums[0] += float(loss)
             sums[1] += 1
             if cfg.model.arch == "bert":
-                inputs = {k: v for k, v in batch.items() if "labels" not in k}
-                mlm_logits, nsp_logits = model(**inputs)
                 pred = gather_from_tp_region(mlm_logits, ctx.tp_group)[..., :vocab].argmax(-1)
                 picked = batch["mlm_labels"] >= 0
                 sums[2] += float((pred[picked] == batch["mlm_labels"][picked]).sum())

@@ -99,12 +99,16 @@ class BertModel(nn.Module):
         nsp_logits = self.nsp(torch.tanh(self.pooler(x[:, 0])))  # [b, 2]
         if mlm_labels is None and nsp_labels is None:
             return mlm_logits, nsp_logits
+        loss, parts = self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)
+        return (loss, parts) if return_parts else loss
 
+    def loss(self, mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
+             mlm_labels: torch.Tensor | None, nsp_labels: torch.Tensor | None):
+        """``(MLM loss + NSP loss, {"mlm": ..., "nsp": ...})`` from the two heads' logits."""
         parts = {}
         if mlm_labels is not None:
             parts["mlm"] = vocab_parallel_cross_entropy(mlm_logits, mlm_labels, self.tp_group,
                                                         vocab_size=self.cfg.vocab_size)
         if nsp_labels is not None:
             parts["nsp"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        loss = sum(parts.values())
-        return (loss, {k: v.detach() for k, v in parts.items()}) if return_parts else loss
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}

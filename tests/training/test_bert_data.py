@@ -111,3 +111,38 @@ def test_bert_trains_and_switches_phase(sentence_shard, wordpiece_file, tmp_path
     assert np.mean(losses[:5]) - np.mean(losses[20:30]) > 0.3, losses  # phase 1 learns
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+
+
+def test_bert_evaluate_metrics(sentence_shard, wordpiece_file, tmp_path):
+    """evaluate's one-forward loss equals the trainer's (labels inside the model), and its
+    accuracies equal a count made here from the logits."""
+    import itertools
+
+    import torch
+
+    from megatron_lite.evaluate import evaluate
+
+    cfg = load_config(None, [
+        "model.arch=bert", "model.num_layers=2", "model.hidden_size=32",
+        "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=32",
+        "model.make_vocab_size_divisible_by=8", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "train.eval_iters=3", f"train.run_dir={tmp_path}",
+        f"data.data_path={sentence_shard}", "data.tokenizer_type=BertWordPieceLowerCase",
+        f"data.vocab_file={wordpiece_file}"])
+    trainer = Trainer(cfg, ParallelContext(), training=False)
+    result = evaluate(trainer, "valid", 3)
+    assert result["batches"] == 6
+    assert result["loss"] == pytest.approx(trainer.evaluate(), rel=1e-6)
+    correct = total = nsp = 0
+    with torch.no_grad():
+        for batch in itertools.islice(trainer._iterator(trainer.valid_data, 0), 6):
+            mlm, nsp_logits = trainer.model(batch["input_ids"], batch["token_type_ids"],
+                                            batch["attention_mask"])
+            picked = batch["mlm_labels"] != -100
+            pred = mlm[..., :cfg.model.vocab_size].argmax(-1)
+            correct += int((pred[picked] == batch["mlm_labels"][picked]).sum())
+            total += int(picked.sum())
+            nsp += int((nsp_logits.argmax(-1) == batch["nsp_labels"]).sum())
+    assert total > 50
+    assert result["mlm_accuracy"] == correct / total
+    assert result["nsp_accuracy"] == nsp / 24
