@@ -52,10 +52,7 @@ def split_ranges(num_docs: int, split: str) -> list[tuple[int, int]]:
 
 def check_vocab(ds: IndexedDataset, vocab_size: int) -> None:
     """Raise if a token id in the shard does not fit the model's vocab."""
-    top = -1
-    step = 1 << 24
-    for start in range(0, ds._bin.size, step):
-        top = max(top, int(ds._bin[start:start + step].max()))
+    top = ds.max_token()
     if top >= vocab_size:
         raise IndexedDataError(f"{ds.prefix}.bin: token id {top} does not fit "
                                f"model.vocab_size={vocab_size} (wrong tokenizer or vocab size?)")

@@ -193,6 +193,13 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
+    def max_token(self, chunk: int = 1 << 24) -> int:
+        """The largest token id in the shard (-1 when empty), read in chunks."""
+        top = -1
+        for start in range(0, self._bin.size, chunk):
+            top = max(top, int(self._bin[start:start + chunk].max()))
+        return top
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``i`` (a view into the map)."""
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset

@@ -59,6 +59,12 @@ def test_bytes_match_the_documented_layout(tmp_path, dtype, code):
     assert ds.get(2, offset=1, length=2).tolist() == [3, 65000]
 
 
+def test_max_token_reads_in_chunks(tmp_path):
+    ds = _write(tmp_path / "d")
+    assert [ds.max_token(chunk) for chunk in (1, 2, 3, 1 << 24)] == [65000] * 4
+    assert _write(tmp_path / "e", [[[0, 1]], [[2]]]).max_token(chunk=2) == 2
+
+
 def test_dtype_choice_follows_megatron():
     assert best_dtype(50257) is np.uint16 and best_dtype(65499) is np.uint16
     assert best_dtype(65500) is np.int32 and best_dtype(250000) is np.int32
