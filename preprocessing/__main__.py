@@ -13,7 +13,7 @@ import sys
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
 from preprocessing.pipeline import Options, run_pipeline
-from preprocessing.readers import InputError
+from preprocessing.readers import TXT_DOCS, InputError
 
 
 def parse_args(argv=None) -> Options:
@@ -23,13 +23,16 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--input", nargs="+", required=True,
                    help="files (.jsonl .jsonl.gz .json .parquet .txt) or folders of them")
     p.add_argument("--output-prefix", required=True,
-                   help="writes PREFIX_{key}_document.bin/.idx and PREFIX.stats.json")
+                   help="writes PREFIX_{key}_document.bin/.idx and PREFIX.stats.json "
+                        "(PREFIX_{key}.stats.json per key when --json-keys names several)")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument("--vocab-file")
     p.add_argument("--merge-file")
     p.add_argument("--tokenizer-model")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="field(s) holding the text (parquet: column names)")
+    p.add_argument("--txt-docs", choices=TXT_DOCS, default="file",
+                   help=".txt input: one document per file (default) or per blank-line block")
     p.add_argument("--append-eod", action="store_true", help="end each document with EOD")
     p.add_argument("--split-sentences", action="store_true",
                    help="one sequence per sentence (for BERT): PREFIX_{key}_sentence")
@@ -51,7 +54,8 @@ def parse_args(argv=None) -> Options:
     return Options(
         inputs=a.input, output_prefix=a.output_prefix, tokenizer_type=a.tokenizer_type,
         vocab_file=a.vocab_file, merge_file=a.merge_file, tokenizer_model=a.tokenizer_model,
-        json_keys=a.json_keys, append_eod=a.append_eod, split_sentences=a.split_sentences,
+        json_keys=a.json_keys, txt_docs=a.txt_docs, append_eod=a.append_eod,
+        split_sentences=a.split_sentences,
         min_tokens=a.min_tokens, dedup_threshold=a.dedup_threshold, dedup=not a.no_dedup,
         workers=a.workers, strict=a.strict, write_duplicates=a.write_duplicates,
         progress=not a.quiet)

@@ -50,6 +50,7 @@ class Options:
     merge_file: str | None = None
     tokenizer_model: str | None = None
     json_keys: list[str] = field(default_factory=lambda: ["text"])
+    txt_docs: str = "file"  # a .txt file is one document, or one per blank-line block
     append_eod: bool = False
     split_sentences: bool = False
     min_tokens: int = 128
@@ -174,7 +175,7 @@ class _Run:
 
     def _chunks(self):
         texts, wheres = [], []
-        for rec in read_documents(self.files, self.key):
+        for rec in read_documents(self.files, self.key, self.opts.txt_docs):
             self.stats["documents_read"] += 1
             self.stats["utf8_replaced"] += rec.replaced
             self._bytes_done += rec.nbytes

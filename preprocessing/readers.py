@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
+TXT_DOCS = ("file", "blank-line")
 
 
 class InputError(ValueError):
@@ -140,8 +141,30 @@ def _read_txt(path: Path) -> Iterator[Record]:
     yield Record(text, str(path), len(raw), None if text.strip() else "empty", replaced)
 
 
-def read_documents(files: list[Path], key: str = "text") -> Iterator[Record]:
-    """Every document of every file, in order."""
+def _read_txt_blocks(path: Path) -> Iterator[Record]:
+    """One document per block of non-blank lines; ``where`` is the block's first line."""
+    text, replaced = _decode(path.read_bytes())
+    block, start = [], 0
+    for n, line in enumerate([*text.split("\n"), ""], 1):  # a sentinel blank line ends it
+        if line.strip():
+            start = start if block else n
+            block.append(line)
+        elif block:
+            doc = "\n".join(block)
+            yield Record(doc, f"{path}:{start}", len(doc.encode("utf-8")), None,
+                         replaced and "\ufffd" in doc)
+            block = []
+
+
+def read_documents(files: list[Path], key: str = "text",
+                   txt_docs: str = "file") -> Iterator[Record]:
+    """Every document of every file, in order.
+
+    ``txt_docs``: a ``.txt`` file is one document (``file``) or one per block of lines
+    between blank lines (``blank-line``).
+    """
+    if txt_docs not in TXT_DOCS:
+        raise InputError(f"txt_docs={txt_docs!r} is not one of {', '.join(TXT_DOCS)}")
     for path in files:
         kind = _kind(path)
         if kind in (".jsonl", ".jsonl.gz"):
@@ -150,6 +173,8 @@ def read_documents(files: list[Path], key: str = "text") -> Iterator[Record]:
             yield from _read_json(path, key)
         elif kind == ".parquet":
             yield from _read_parquet(path, key)
+        elif txt_docs == "blank-line":
+            yield from _read_txt_blocks(path)
         else:
             yield from _read_txt(path)
 

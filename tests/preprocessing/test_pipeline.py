@@ -167,3 +167,19 @@ def test_interrupted_run_leaves_no_output(tmp_path, bpe_files, corpus_file, monk
         assert main(_args(tmp_path, [corpus_file], bpe_files, "--min-tokens", "1", *dedup)) == 130
         leftovers = [p.name for p in tmp_path.iterdir()]
         assert leftovers == [], leftovers
+
+
+def test_txt_one_document_per_blank_line_block(tmp_path, bpe_files, stdlib_docs):
+    from preprocessing.readers import read_documents
+
+    docs = [" ".join(t.split()) for t in stdlib_docs[70:73]]  # no blank lines inside
+    src = tmp_path / "in.txt"
+    src.write_text(f"\n\n{docs[0]}\n \t\n\n{docs[1][:300]}\n{docs[1][300:]}\n\n{docs[2]}")
+    recs = list(read_documents([src], txt_docs="blank-line"))
+    assert [r.where for r in recs] == [f"{src}:3", f"{src}:6", f"{src}:9"]
+    assert [r.text for r in recs] == [docs[0], f"{docs[1][:300]}\n{docs[1][300:]}", docs[2]]
+    assert main(_args(tmp_path, [src], bpe_files, "--txt-docs", "blank-line")) == 0
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert ds.num_documents == 3 and _stats(tmp_path)["documents_read"] == 3
+    assert main(_args(tmp_path, [src], bpe_files, prefix="whole")) == 0  # default: the file
+    assert IndexedDataset(tmp_path / "whole_text_document").num_documents == 1

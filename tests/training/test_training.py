@@ -163,6 +163,23 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(gpt_shard, bpe_files,
     assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from megatron_lite.training.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, True, False)
+    log.log({"step": 1, "loss": 2.5, "grad_norm": math.nan, "skipped": True})
+    log.log({"step": 2, "loss": math.inf, "grad_norm": 0.5})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    rows = [json.loads(x, parse_constant=refuse)
+            for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 2.5, "grad_norm": None, "skipped": True},
+                    {"step": 2, "loss": None, "grad_norm": 0.5}]
+    assert log.close() == tmp_path / "loss.png"  # the plot skips the null
+
+
 def test_loss_scaler_grows_after_clean_steps():
     s = DynamicLossScaler(initial_scale=4.0, growth_interval=2)
     s.update(True)
