@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from megatron_lite.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
+    written_dir,
 )
 
 
@@ -56,17 +56,13 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     cfg.model = config_from_hf(hf.config)
     cfg.parallel.tensor_parallel_size = tp
     state = hf_to_full_state(hf.state_dict(), cfg.model)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "model.pt")
-    save_config(cfg, tmp / "config.yaml")
     meta = {"format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
             "tokens_seen": 0, "tp_size": tp, "dp_size": 1, "world_size": tp,
             "converted_from": str(hf_dir)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with written_dir(out) as tmp:
+        torch.save(state, tmp / "model.pt")
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -79,11 +75,8 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     model = build_model(cfg.model)
     load_checkpoint(ckpt, model, None, _single())
     hf = to_hf(model)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with written_dir(out) as tmp:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
     return out
 
 

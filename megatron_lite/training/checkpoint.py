@@ -22,6 +22,7 @@ A checkpoint is written into a temporary folder, fsynced and renamed into place;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -270,20 +271,34 @@ def average_checkpoints(paths: list[Path], out: Path) -> Path:
                 raise CheckpointError(f"{p}/model.pt: parameters differ from {paths[0]}")
             for k, v in state.items():
                 total[k] += v.double()
-    dtype_of = _load(paths[-1] / "model.pt")
-    averaged = {k: (v / len(paths)).to(dtype_of[k].dtype) for k, v in total.items()}
+    averaged = {k: (v / len(paths)).to(state[k].dtype) for k, v in total.items()}  # last's
+    meta = read_meta(paths[-1])
+    meta.update(averaged_from=[str(p) for p in paths])
+    with written_dir(out) as tmp:
+        torch.save(averaged, tmp / "model.pt")
+        shutil.copy(paths[-1] / "config.yaml", tmp / "config.yaml")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def written_dir(out: Path):
+    """Fill the yielded temporary folder; on success it is fsynced and replaces ``out``
+    (for the tools that write one folder; training saves go through :func:`save_checkpoint`).
+    On an error the temporary folder is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(averaged, tmp / "model.pt")
-    shutil.copy(paths[-1] / "config.yaml", tmp / "config.yaml")
-    meta = read_meta(paths[-1])
-    meta.update(averaged_from=[str(p) for p in paths])
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync_tree(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
