@@ -227,23 +227,17 @@ def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
         load_full_state_dict(_unwrap(model), model_state, ctx.tp_group)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt}/model.pt: cannot load into this model ({err})") from None
-    if hasattr(optimizer, "load_checkpoint_state"):  # ZeroEngine: masters and moments
+    if optimizer is not None:
         has_optim = (ckpt / "optim.pt").exists()
+        optim_state = _load(ckpt / "optim.pt") if has_optim else None
         try:
-            optimizer.load_checkpoint_state(
-                model_state, _load(ckpt / "optim.pt") if has_optim else None)
+            if hasattr(optimizer, "load_checkpoint_state"):  # ZeroEngine: masters, moments
+                optimizer.load_checkpoint_state(model_state, optim_state)
+            elif has_optim:
+                load_full_optimizer_state(model, optimizer, optim_state, ctx)
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"{ckpt}/optim.pt: does not fit ({err})") from None
         if not has_optim and ctx.is_main:
-            print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
-                  flush=True)
-    elif optimizer is not None:
-        if (ckpt / "optim.pt").exists():
-            try:
-                load_full_optimizer_state(model, optimizer, _load(ckpt / "optim.pt"), ctx)
-            except (KeyError, ValueError) as err:
-                raise CheckpointError(f"{ckpt}/optim.pt: does not fit ({err})") from None
-        elif ctx.is_main:
             print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
                   flush=True)
     if restore_rng:

@@ -52,16 +52,17 @@ def import_deepspeed(device: torch.device):
 class ModelParallelUnit:
     """Megatron's ``mpu`` interface over a :class:`ParallelContext`.
 
-    DeepSpeed's "model parallel" is our TP; there is no pipeline. DeepSpeed needs real
-    groups where the context says ``None`` (a dimension of size one), so single-rank
-    groups are made for those (collective: every rank builds every group).
+    DeepSpeed's "model parallel" is our TP; there is no pipeline (DeepSpeed asks for its
+    group only when its size is above one). DeepSpeed needs real groups where the context
+    says ``None`` (a dimension of size one), so single-rank groups are made, only then
+    (collective: every rank builds every group).
     """
 
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
         world = ctx.world_size
         own = None
-        for r in range(world):
+        for r in range(world) if ctx.tp_group is None or ctx.dp_group is None else []:
             group = dist.new_group([r])
             own = group if r == ctx.rank else own
         self.tp_group = ctx.tp_group if ctx.tp_group is not None else own

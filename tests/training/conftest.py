@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from preprocessing.__main__ import main as preprocess_main
@@ -12,6 +14,13 @@ def gpt_shard(tmp_path_factory, corpus_file, bpe_files):
                             "--merge-file", str(merges), "--append-eod", "--quiet",
                             "--workers", "1"]) == 0
     return out / "c_text_document"
+
+
+def gpt_yaml(tmp_path) -> Path:
+    """The smallest config file for the CLIs: everything else comes from overrides."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: gpt\n")
+    return path
 
 
 def tiny_overrides(shard, bpe_files, run_dir, **kw) -> list[str]:

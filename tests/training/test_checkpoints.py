@@ -19,7 +19,7 @@ from megatron_lite.parallel import ParallelContext, full_state_dict, gather_from
 from megatron_lite.train import main as train_main
 from megatron_lite.training.checkpoint import full_optimizer_state, load_checkpoint
 from megatron_lite.training.trainer import Trainer
-from tests.training.conftest import tiny_overrides
+from tests.training.conftest import gpt_yaml, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB_PARAMS = ("wte.weight",)
@@ -102,8 +102,7 @@ def test_keep_only_the_newest_checkpoints(gpt_shard, bpe_files, tmp_path):
 def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path):
     from megatron_lite.models import build_model
 
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     run = tmp_path / "run"
     over = tiny_overrides(gpt_shard, bpe_files, run, **{
         "train.max_steps": 400, "train.save_interval": 1, "train.eval_interval": 0,
@@ -139,8 +138,7 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
 
 def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, bpe_files,
                                                                      tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     finals = {}
     for name, extra in (("clean", []), ("fault", ["train.fail_at_step=5",
                                                    "train.fail_rank=1"])):
@@ -162,8 +160,7 @@ def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, 
 
 def test_hf_round_trip_and_back(gpt_shard, bpe_files, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
                           **{"train.max_steps": 2, "train.eval_interval": 0})
     assert train_main([str(config), *over]) == 0
@@ -204,8 +201,7 @@ def test_average_of_checkpoints(gpt_shard, bpe_files, tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_damaged_checkpoint_gives_one_line_naming_the_file(gpt_shard, bpe_files, tmp_path,
                                                           capsys, damage):
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
                           **{"train.max_steps": 1, "train.eval_interval": 0})
     assert train_main([str(config), *over]) == 0
@@ -226,8 +222,7 @@ def test_damaged_checkpoint_gives_one_line_naming_the_file(gpt_shard, bpe_files,
 
 def test_resuming_a_run_dir_with_another_model_is_refused(gpt_shard, bpe_files, tmp_path,
                                                           capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
                           **{"train.max_steps": 1, "train.eval_interval": 0})
     assert train_main([str(config), *over]) == 0

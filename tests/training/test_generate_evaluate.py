@@ -11,7 +11,7 @@ from megatron_lite.generate import generate, next_token
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.train import main as train_main
-from tests.training.conftest import tiny_overrides
+from tests.training.conftest import gpt_yaml, tiny_overrides
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                   max_position_embeddings=16, vocab_size=100, make_vocab_size_divisible_by=8,
@@ -61,8 +61,7 @@ def test_sampling_filters():
 
 
 def test_evaluate_cli_on_a_checkpoint_and_a_fresh_model(gpt_shard, bpe_files, tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     overrides = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
                                **{"train.max_steps": 4, "train.eval_interval": 0})
     assert train_main([str(config), *overrides]) == 0

@@ -57,10 +57,9 @@ def test_options_that_would_do_nothing_are_refused(override, message):
 
 def test_loading_a_checkpoint_of_another_model_is_one_line(tmp_path, gpt_shard, bpe_files,
                                                             capsys):
-    from tests.training.conftest import tiny_overrides
+    from tests.training.conftest import gpt_yaml, tiny_overrides
 
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     base = tiny_overrides(gpt_shard, bpe_files, tmp_path / "a",
                           **{"train.max_steps": 1, "train.eval_interval": 0})
     assert train_main([str(config), *base]) == 0

@@ -17,7 +17,7 @@ from megatron_lite.training.optim import global_grad_norm, param_groups
 from megatron_lite.training.precision import DynamicLossScaler
 from megatron_lite.training.schedule import learning_rate
 from megatron_lite.training.trainer import Trainer
-from tests.training.conftest import tiny_overrides
+from tests.training.conftest import gpt_yaml, tiny_overrides
 
 
 def _train(ctx, overrides):
@@ -205,8 +205,7 @@ def test_split_ranges():
     ("bad_key", "unknown key train.max_step"),
 ])
 def test_clear_errors(gpt_shard, bpe_files, tmp_path, capsys, case, message):
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  arch: gpt\n")
+    config = gpt_yaml(tmp_path)
     overrides = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run")
     if case == "missing":
         overrides.append(f"data.data_path={tmp_path / 'nope'}")
