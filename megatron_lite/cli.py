@@ -1,7 +1,8 @@
-"""What every command line does with errors: one ``error:`` line and exit code 2."""
+"""What every command line shares: override parsing, and one ``error:`` line (exit code 2)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -29,3 +30,10 @@ def run_cli(body: Callable[[], int | None]) -> int:
         rank = _rank()
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse a command line whose ``section.key=value`` overrides may come anywhere:
+    before, between or after the options (``parse_intermixed_args``; plain
+    ``parse_args`` stops collecting positionals once an option has appeared)."""
+    return parser.parse_intermixed_args(argv)

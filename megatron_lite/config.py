@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from megatron_lite.files import atomic_write
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
@@ -131,25 +133,18 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, world_size: int = 1) -> Config:
-        """Check value choices and the parallel layout; raise one :class:`ConfigError`."""
-        from megatron_lite.parallel.state import ParallelConfigError, validate_parallel_config
+    def problems(self) -> list[str]:
+        """Every value choice or combination that cannot work, one message each.
 
+        The parallel layout (TP x DP over a world size) is checked by
+        :func:`megatron_lite.run.check_config`, which adds these.
+        """
         problems = []
         for key, allowed in CHOICES.items():
             value = _get(self, key)
             if value not in allowed:
                 problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
         m = self.model
-        try:
-            validate_parallel_config(
-                world_size, self.parallel.tensor_parallel_size,
-                hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-                ffn_hidden_size=m.ffn_hidden_size,
-                global_batch_size=self.train.global_batch_size,
-                micro_batch_size=self.train.micro_batch_size)
-        except ParallelConfigError as err:
-            problems.append(str(err))
         if set(m.pattern) - {"s", "f"}:
             problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
                             "'s' (self-attention) and 'f' (feed-forward)")
@@ -169,7 +164,11 @@ class Config:
         if m.seq_length > m.max_position_embeddings:
             problems.append(f"model.seq_length={m.seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")
-        if problems:
+        return problems
+
+    def validate(self) -> Config:
+        """Raise one :class:`ConfigError` naming every problem of :meth:`problems`."""
+        if problems := self.problems():
             raise ConfigError("; ".join(problems))
         return self
 
@@ -260,8 +259,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically: see :mod:`megatron_lite.files`)."""
+    with atomic_write(path) as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

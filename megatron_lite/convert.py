@@ -22,13 +22,15 @@ import torch
 
 from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
-from megatron_lite.models import build_model
+from megatron_lite.data.tokenizer import TokenizerError
+from megatron_lite.files import written_dir
+from megatron_lite.parallel import ParallelContext
+from megatron_lite.run import build_run, tokenizer_from_config
 from megatron_lite.training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
-    written_dir,
 )
 
 
@@ -67,23 +69,29 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
 
 
 def to_hf_dir(ckpt: Path, out: Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for a megatron-lite checkpoint."""
+    """Write ``config.json`` + ``model.safetensors`` for a megatron-lite checkpoint.
+
+    The end-of-text id (GPT-2's ``bos``/``eos``) comes from the run's tokenizer; when
+    its files cannot be read, a warning says so and the export names none.
+    """
     from megatron_lite.models.hf import to_hf
 
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
-    model = build_model(cfg.model)
-    load_checkpoint(ckpt, model, None, _single())
-    hf = to_hf(model)
+    cfg.parallel.tensor_parallel_size = 1  # one process builds the full model
+    cfg.train.global_batch_size = cfg.train.micro_batch_size
+    try:
+        tokenizer_from_config(cfg)
+    except TokenizerError as err:
+        print(f"warning: {err}: the export names no end-of-text token", file=sys.stderr)
+        cfg.data.tokenizer_type = None
+    ctx = ParallelContext()
+    run = build_run(cfg, ctx, data=False)
+    load_checkpoint(ckpt, run.model, ctx)
+    hf = to_hf(run.model, eos_token_id=run.tokenizer.eod if run.tokenizer else None)
     with written_dir(out) as tmp:
         hf.save_pretrained(str(tmp), safe_serialization=True)
     return out
-
-
-def _single():
-    from megatron_lite.parallel import ParallelContext
-
-    return ParallelContext()
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from megatron_lite.cli import run_cli
+from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import (
@@ -25,8 +25,8 @@ from megatron_lite.parallel import (
     init_parallel,
     read_launch_env,
 )
+from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
-from megatron_lite.training.trainer import tokenizer_from_config
 
 
 def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, temperature: float,
@@ -79,7 +79,8 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_lite.generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m megatron_lite.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -88,27 +89,26 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
+
     def body() -> None:
         ckpt = resolve_checkpoint(a.checkpoint)
         cfg = load_config(ckpt / "config.yaml")
         if cfg.model.arch != "gpt":
             raise ConfigError(f"{ckpt}: generation needs a GPT checkpoint (model.arch=gpt)")
-        tok = tokenizer_from_config(cfg)
-        if tok is None:
+        if not (cfg.data.tokenizer_type and (cfg.data.vocab_file or cfg.data.tokenizer_model)):
             raise ConfigError(f"{ckpt}/config.yaml names no tokenizer files (data.vocab_file)")
         if not a.prompt:
             raise ConfigError("--prompt must not be empty")
         world = read_launch_env().world_size
-        cfg.model.vocab_size = tok.vocab_size
-        cfg.parallel.tensor_parallel_size = world
+        cfg.parallel.tensor_parallel_size = world  # heads and hidden must split over it
         cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
-        cfg.validate(world)  # heads and hidden must split over TP = world size
         ctx = init_parallel(world, seed=cfg.train.seed)
         try:
-            model = GPTModel(cfg.model, ctx, device=ctx.device)
-            load_checkpoint(ckpt, model, None, ctx)
-            out = generate(model, ctx, tok.encode(a.prompt), a.max_new_tokens, a.greedy,
+            run = build_run(cfg, ctx, data=False)
+            load_checkpoint(ckpt, run.model, ctx)
+            tok = run.tokenizer
+            out = generate(run.model, ctx, tok.encode(a.prompt), a.max_new_tokens, a.greedy,
                            a.temperature, a.top_k, a.top_p, a.seed, tok.eod)
             if ctx.is_main:
                 print(a.prompt + tok.decode(t for t in out if t != tok.eod))

@@ -27,6 +27,7 @@ import numpy as np
 
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.files import atomic_write
 from preprocessing import dedup
 from preprocessing.readers import InputError, Record, expand_inputs, read_documents, total_bytes
 from preprocessing.sentences import split_sentences
@@ -144,9 +145,8 @@ class _OrderedPool:
 # --------------------------------------------------------------------------- main
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 class _Run:
@@ -266,13 +266,10 @@ class _Run:
             final.abort()
             raise
         if self.opts.write_duplicates:
-            path = Path(f"{self.out_prefix}.duplicates.jsonl")
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as f:
+            with atomic_write(f"{self.out_prefix}.duplicates.jsonl") as f:
                 for kept, removed in sorted(clusters.items()):
                     f.write(json.dumps({"kept": self.wheres[kept],
                                         "removed": [self.wheres[r] for r in removed]}) + "\n")
-            os.replace(tmp, path)
 
     def _record_output(self, writer: IndexedDatasetWriter) -> None:
         self.stats["documents_written"] = writer.num_documents
@@ -288,7 +285,7 @@ def run_pipeline(opts: Options) -> list[dict]:
     if opts.append_eod and tok.eod is None:
         raise InputError(f"--append-eod: {opts.tokenizer_type} has no end-of-document token")
     Path(opts.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    initargs = (tok._recipe, opts.split_sentences, opts.append_eod, opts.dedup)
+    initargs = (tok.recipe, opts.split_sentences, opts.append_eod, opts.dedup)
     pool = _OrderedPool(opts.workers, initargs)
     try:
         results = []

@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from megatron_lite.files import atomic_write
+
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
               "__pycache__", "ensurepip", "turtledemo"}
 
@@ -62,13 +64,11 @@ def write_corpus(path: str | Path) -> int:
     """Write the corpus as jsonl (atomically); returns the number of documents."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for doc in iter_documents():
             f.write(json.dumps(doc) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from megatron_lite.data.tokenizer import BERT_SPECIALS, GPT2_EOD
+from megatron_lite.files import publish
 from preprocessing.pipeline import normalize
 from preprocessing.readers import InputError, expand_inputs, read_documents
 
@@ -53,7 +53,7 @@ def train(inputs: list[str], kind: str, vocab_size: int, output_dir: str | Path,
             raise InputError(f"--type {kind!r} is not one of bpe, wordpiece")
         tok.save_model(tmp)
         for name in names:
-            os.replace(Path(tmp, name), out / name)
+            publish(Path(tmp, name), out / name)
     return [out / n for n in names]
 
 

@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from preprocessing.__main__ import main as preprocess_main
 from preprocessing.stdlib_corpus import iter_documents
 from preprocessing.train_tokenizer import train
 from tests.distributed import run_distributed
@@ -41,6 +42,16 @@ def wordpiece_file(tmp_path_factory, corpus_file):
     out = tmp_path_factory.mktemp("wp")
     train([str(corpus_file)], "wordpiece", 2000, out)
     return out / "vocab.txt"
+
+
+@pytest.fixture(scope="session")
+def sentence_shard(tmp_path_factory, corpus_file, wordpiece_file):
+    out = tmp_path_factory.mktemp("bert")
+    assert preprocess_main(["--input", str(corpus_file), "--output-prefix", str(out / "c"),
+                            "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
+                            str(wordpiece_file), "--split-sentences", "--quiet",
+                            "--workers", "1"]) == 0
+    return out / "c_text_sentence"
 
 
 def mutate(text: str, fraction: float, seed: int) -> str:

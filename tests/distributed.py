@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from megatron_lite.parallel import destroy_parallel, init_parallel, merge_shards
-from megatron_lite.parallel.state import group_size
+from megatron_lite.parallel.comm import all_gather_list
 
 
 def free_port() -> int:
@@ -92,11 +92,7 @@ def _failure_report(context, err_dir: str) -> str:
 
 def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's copy of ``t`` (no autograd), in rank order."""
-    if group_size(group) == 1:
-        return [t.detach()]
-    parts = [torch.empty_like(t) for _ in range(group_size(group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return parts
+    return all_gather_list(t.detach(), group)
 
 
 def gather_full(t: torch.Tensor, group, dim: int, stride: int = 1) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import pytest
 
 from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.run import check_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -51,7 +52,21 @@ def test_validate_choices_and_layout():
     assert "train.precision='fp8'" in str(err.value)
 
     cfg = load_config(None, ["parallel.tensor_parallel_size=2", "model.num_attention_heads=3",
-                             "model.hidden_size=96"])
-    with pytest.raises(ConfigError, match="num_attention_heads=3 is not divisible"):
-        cfg.validate(world_size=2)
-    Config().validate(world_size=1)
+                             "model.hidden_size=96", "train.precision=fp8"])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, world_size=2)
+    # one error naming the layout problem and the config's own
+    assert "num_attention_heads=3 is not divisible" in str(err.value)
+    assert "train.precision='fp8'" in str(err.value) and "\n" not in str(err.value)
+    Config().validate()
+    check_config(Config(), world_size=1)
+
+
+def test_config_does_not_import_the_parallel_core():
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_lite.config; "
+            "print(any(m.startswith('megatron_lite.parallel') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

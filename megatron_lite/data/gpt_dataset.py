@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
+from megatron_lite.files import atomic_write
 
 INDEX_VERSION = 1
 
@@ -58,13 +58,6 @@ def check_vocab(ds: IndexedDataset, vocab_size: int) -> None:
                                f"model.vocab_size={vocab_size} (wrong tokenizer or vocab size?)")
 
 
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
 def cache_key(indexed: IndexedDataset, *parts) -> str:
     """A short hash of what defines an index: the shard's identity and ``parts``.
 
@@ -90,7 +83,8 @@ def build_once(paths: list[Path], build: bool, make, sync: ErrorSync | None) -> 
     if build and not all(p.exists() for p in paths):
         try:
             for path, arr in zip(paths, make(), strict=True):
-                _save_npy_atomic(path, arr)
+                with atomic_write(path, "wb") as f:
+                    np.save(f, arr)
         except IndexedDataError as err:
             error = str(err)
     if sync is not None:
@@ -165,7 +159,6 @@ class GPTDataset:
                                                        seed), sync)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (
             np.load(p, mmap_mode="r") for p in paths)
-        self.index_files = paths
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

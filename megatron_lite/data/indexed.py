@@ -17,12 +17,13 @@ byte-identical to those written by megatron-core's ``IndexedDatasetBuilder``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from megatron_lite.files import publish
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -39,11 +40,6 @@ class IndexedDataError(ValueError):
 def best_dtype(vocab_size: int) -> type[np.number]:
     """uint16 when every id fits comfortably (< 65,500 entries, as Megatron), else int32."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 class IndexedDatasetWriter:
@@ -119,11 +115,8 @@ class IndexedDatasetWriter:
             f.write(lengths.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_idx.tobytes(order="C"))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_file(self._tmp_bin)
-        os.replace(self._tmp_bin, f"{self.prefix}.bin")
-        os.replace(self._tmp_idx, f"{self.prefix}.idx")
+        publish(self._tmp_bin, f"{self.prefix}.bin")
+        publish(self._tmp_idx, f"{self.prefix}.idx")
 
     def abort(self) -> None:
         """Drop the temporary files (nothing is left under the final names)."""

@@ -35,13 +35,18 @@ def _need(path: str | None, flag: str, kind: str) -> Path:
 
 
 class Tokenizer:
-    """A uniform face over the backends: ``encode_batch``, ``decode``, sizes and special ids."""
+    """A uniform face over the backends: ``encode_batch``, ``decode``, sizes and special ids.
+
+    ``recipe`` holds the :func:`build_tokenizer` arguments that made it, so another
+    process (a preprocessing worker) can build the same tokenizer from files.
+    """
 
     def __init__(self, kind: str, backend, vocab_size: int, eod: int | None,
-                 specials: dict[str, int] | None = None):
+                 specials: dict[str, int] | None = None, recipe: dict | None = None):
         self.kind, self._backend = kind, backend
         self.vocab_size, self.eod = vocab_size, eod
         self.specials = specials or {}
+        self.recipe = recipe or {}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added)."""
@@ -58,11 +63,11 @@ class Tokenizer:
             return self._backend.decode(ids)
         return self._backend.decode(ids, skip_special_tokens=False)
 
-    def token_id(self, name: str) -> int:
-        """Id of a special token (``[MASK]``, ``[CLS]``, ...), with a clear error if absent."""
-        if name not in self.specials:
-            raise TokenizerError(f"{self.kind} has no {name} token")
-        return self.specials[name]
+    def vocab(self) -> dict[str, int]:
+        """Every piece and its id (WordPiece continuations start with ``##``)."""
+        if self.kind == "SentencePieceTokenizer":
+            return {self._backend.id_to_piece(i): i for i in range(self.vocab_size)}
+        return self._backend.get_vocab()
 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
@@ -89,7 +94,7 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
         if GPT2_EOD not in table:
             raise TokenizerError(f"--vocab-file {vocab}: has no {GPT2_EOD} token")
         tok = Tokenizer(tokenizer_type, backend, backend.get_vocab_size(), table[GPT2_EOD],
-                        {GPT2_EOD: table[GPT2_EOD]})
+                        {GPT2_EOD: table[GPT2_EOD]}, recipe)
     elif tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
         from tokenizers import BertWordPieceTokenizer
 
@@ -102,7 +107,7 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
         backend = BertWordPieceTokenizer(str(vocab),
                                          lowercase=tokenizer_type == "BertWordPieceLowerCase")
         tok = Tokenizer(tokenizer_type, backend, len(lines), ids["[SEP]"],
-                        {t: ids[t] for t in BERT_SPECIALS})
+                        {t: ids[t] for t in BERT_SPECIALS}, recipe)
     elif tokenizer_type == "SentencePieceTokenizer":
         import sentencepiece as spm
 
@@ -113,9 +118,8 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
             raise TokenizerError(f"--tokenizer-model {model}: cannot load ({err})") from None
         eos = backend.eos_id()
         tok = Tokenizer(tokenizer_type, backend, backend.get_piece_size(),
-                        eos if eos >= 0 else None)
+                        eos if eos >= 0 else None, recipe=recipe)
     else:
         raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r} "
                              f"(one of {', '.join(TOKENIZER_TYPES)})")
-    tok._recipe = recipe
     return tok

@@ -27,7 +27,8 @@ from megatron_lite.parallel import (
 from megatron_lite.parallel.layers import mark_tp
 
 
-def _linear(n_in: int, n_out: int, std: float, device=None) -> nn.Linear:
+def _dense(n_in: int, n_out: int, std: float, device=None) -> nn.Linear:
+    """A replicated ``nn.Linear`` initialized N(0, std), zero bias (the heads' layers)."""
     layer = nn.Linear(n_in, n_out, device=device)
     if layer.weight.device.type != "meta":
         nn.init.normal_(layer.weight, mean=0.0, std=std)
@@ -58,18 +59,17 @@ class BertModel(nn.Module):
         self.transformer = Transformer(cfg, ctx, causal=False, device=device)
         # masked-LM head: dense + act + LayerNorm, then the tied, vocab-parallel decoder
         self.act = activation_fn(cfg.activation)
-        self.lm_dense = _linear(h, h, std, device)
+        self.lm_dense = _dense(h, h, std, device)
         self.lm_ln = nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)
         self.lm_bias = nn.Parameter(torch.zeros(self.word.weight.shape[0], device=device))
         mark_tp(self.lm_bias, 0, vocab_dim=0)
         # next-sentence head on [CLS]
-        self.pooler = _linear(h, h, std, device)
-        self.nsp = _linear(h, 2, std, device)
+        self.pooler = _dense(h, h, std, device)
+        self.nsp = _dense(h, 2, std, device)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                mlm_labels: torch.Tensor | None = None, nsp_labels: torch.Tensor | None = None,
-                return_parts: bool = False):
+                mlm_labels: torch.Tensor | None = None, nsp_labels: torch.Tensor | None = None):
         """``(mlm_logits [b, s, V/tp], nsp_logits [b, 2])``, or the loss when labels are given.
 
         Args:
@@ -78,7 +78,6 @@ class BertModel(nn.Module):
             attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
             mlm_labels: ``[b, s]`` original ids at masked positions, ``-100`` elsewhere.
             nsp_labels: ``[b]``, 0 = B follows A, 1 = B is random.
-            return_parts: with labels, return ``(loss, {"mlm": ..., "nsp": ...})``.
         """
         s = input_ids.shape[1]
         if token_type_ids is None:
@@ -99,8 +98,7 @@ class BertModel(nn.Module):
         nsp_logits = self.nsp(torch.tanh(self.pooler(x[:, 0])))  # [b, 2]
         if mlm_labels is None and nsp_labels is None:
             return mlm_logits, nsp_logits
-        loss, parts = self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)
-        return (loss, parts) if return_parts else loss
+        return self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)[0]
 
     def loss(self, mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
              mlm_labels: torch.Tensor | None, nsp_labels: torch.Tensor | None):

@@ -48,7 +48,8 @@ def _gpt_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def _linear(ours: str, theirs: str) -> list[Rule]:
+def _linear_rules(ours: str, theirs: str) -> list[Rule]:
+    """Copy rules for a module's ``weight`` and ``bias`` (a Linear or a LayerNorm)."""
     return [(f"{ours}.weight", f"{theirs}.weight", "copy"),
             (f"{ours}.bias", f"{theirs}.bias", "copy")]
 
@@ -60,29 +61,30 @@ def _bert_rules(cfg: ModelConfig) -> list[Rule]:
              ("position.weight", f"{e}.position_embeddings.weight", "copy"),
              ("tokentype.weight", f"{e}.token_type_embeddings.weight", "copy")]
     if post:
-        rules += _linear("embed_ln", f"{e}.LayerNorm")
+        rules += _linear_rules("embed_ln", f"{e}.LayerNorm")
     for i in range(cfg.num_layers):
         a, f, L = f"transformer.layers.{2 * i}", f"transformer.layers.{2 * i + 1}", \
             f"bert.encoder.layer.{i}"
         rules += [(f"{a}.attn.qkv.weight", f"{L}.attention.self.{{q,k,v}}.weight", "qkv"),
                   (f"{a}.attn.qkv.bias", f"{L}.attention.self.{{q,k,v}}.bias", "qkv")]
-        rules += _linear(f"{a}.attn.proj", f"{L}.attention.output.dense")
-        rules += _linear(f"{f}.mlp.fc1", f"{L}.intermediate.dense")
-        rules += _linear(f"{f}.mlp.fc2", f"{L}.output.dense")
+        rules += _linear_rules(f"{a}.attn.proj", f"{L}.attention.output.dense")
+        rules += _linear_rules(f"{f}.mlp.fc1", f"{L}.intermediate.dense")
+        rules += _linear_rules(f"{f}.mlp.fc2", f"{L}.output.dense")
         if post:
-            rules += _linear(f"{a}.ln", f"{L}.attention.output.LayerNorm")
-            rules += _linear(f"{f}.ln", f"{L}.output.LayerNorm")
+            rules += _linear_rules(f"{a}.ln", f"{L}.attention.output.LayerNorm")
+            rules += _linear_rules(f"{f}.ln", f"{L}.output.LayerNorm")
         else:
-            rules += _linear(f"{a}.ln", f"{L}.attention.ln") + _linear(f"{f}.ln", f"{L}.ln")
+            rules += _linear_rules(f"{a}.ln", f"{L}.attention.ln")
+            rules += _linear_rules(f"{f}.ln", f"{L}.ln")
     if not post:
-        rules += _linear("transformer.final_ln", "bert.encoder.ln")
-    rules += _linear("pooler", "bert.pooler.dense")
-    rules += _linear("lm_dense", "cls.predictions.transform.dense")
-    rules += _linear("lm_ln", "cls.predictions.transform.LayerNorm")
+        rules += _linear_rules("transformer.final_ln", "bert.encoder.ln")
+    rules += _linear_rules("pooler", "bert.pooler.dense")
+    rules += _linear_rules("lm_dense", "cls.predictions.transform.dense")
+    rules += _linear_rules("lm_ln", "cls.predictions.transform.LayerNorm")
     rules += [("lm_bias", "cls.predictions.bias", "vocab"),
               ("lm_bias", "cls.predictions.decoder.bias", "vocab"),  # tied
               ("word.weight", "cls.predictions.decoder.weight", "vocab")]  # tied
-    rules += _linear("nsp", "cls.seq_relationship")
+    rules += _linear_rules("nsp", "cls.seq_relationship")
     return rules
 
 
@@ -169,8 +171,14 @@ def config_from_hf(hf_config) -> ModelConfig:
     raise ValueError(f"HF model type {kind!r} is not supported (gpt2, bert, megatron-bert)")
 
 
-def hf_config_from(cfg: ModelConfig):
-    """The HF config object matching a :class:`ModelConfig`."""
+def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None):
+    """The HF config object matching a :class:`ModelConfig`.
+
+    Args:
+        eos_token_id: GPT-2's end-of-text id (its ``bos`` and ``eos``), from the
+            tokenizer; None names none (a vocabulary's last id is not always it: a
+            tokenizer trained by ``preprocessing.train_tokenizer`` has it at 0).
+    """
     import transformers
 
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
@@ -184,7 +192,7 @@ def hf_config_from(cfg: ModelConfig):
             resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
             attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std,
             activation_function=act, tie_word_embeddings=True,
-            bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     config_cls = (transformers.BertConfig if cfg.layernorm_order == "post"
                   else transformers.MegatronBertConfig)
     return config_cls(
@@ -217,13 +225,18 @@ def from_hf(hf_model, ctx: ParallelContext | None = None, **overrides) -> GPTMod
     return model
 
 
-def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None):
-    """The equivalent HF model (built on every rank; collective over the TP group)."""
+def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
+          eos_token_id: int | None = None):
+    """The equivalent HF model (built on every rank; collective over the TP group).
+
+    Args:
+        eos_token_id: the tokenizer's end-of-text id, for GPT-2's config.
+    """
     import transformers
 
     ctx = ctx or ParallelContext()
     cfg = model.cfg
-    hf_config = hf_config_from(cfg)
+    hf_config = hf_config_from(cfg, eos_token_id)
     if cfg.arch == "gpt":
         hf_cls = transformers.GPT2LMHeadModel
     elif cfg.layernorm_order == "post":

@@ -94,10 +94,10 @@ class SelfAttention(nn.Module):
                 if s > 1:
                     mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
         if self.selective and self.training and torch.is_grad_enabled():
-            ctx = checkpoint(self.core, self.rng, q, k, v, mask, causal)
+            heads = checkpoint(self.core, self.rng, q, k, v, mask, causal)
         else:
-            ctx = self.core(q, k, v, mask, causal)  # [b, heads/tp, s, d]
-        return self.proj(ctx.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
+            heads = self.core(q, k, v, mask, causal)  # [b, heads/tp, s, d]
+        return self.proj(heads.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
 
 
 class MLP(nn.Module):

@@ -8,15 +8,9 @@ logit (owned by exactly one rank) and the sum of exponentials.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from megatron_lite.parallel.state import group_rank, group_size
-
-
-def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from megatron_lite.parallel.comm import MAX, all_reduce
+from megatron_lite.parallel.state import group_rank
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -37,7 +31,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             local_max = logits[:, :valid].max(dim=-1).values.float()
         else:  # this rank holds only padding
             local_max = logits.new_full((logits.shape[0],), float("-inf"), dtype=torch.float32)
-        logits_max = _all_reduce_(local_max, group, dist.ReduceOp.MAX)
+        logits_max = all_reduce(local_max, group, MAX)
         exp = logits.float() - logits_max.unsqueeze(-1)  # [n, v/tp], new fp32 tensor
 
         ignored = target == ignore_index
@@ -45,11 +39,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         mine = (local_target >= 0) & (local_target < valid) & ~ignored
         local_target = local_target.masked_fill(~mine, 0)
         rows = torch.arange(exp.shape[0], device=exp.device)
-        target_logit = _all_reduce_(exp[rows, local_target].masked_fill(~mine, 0.0), group)
+        target_logit = all_reduce(exp[rows, local_target].masked_fill(~mine, 0.0), group)
 
         exp.exp_()
         exp[:, valid:] = 0.0
-        sum_exp = _all_reduce_(exp.sum(dim=-1), group)
+        sum_exp = all_reduce(exp.sum(dim=-1), group)
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
         ctx.save_for_backward(exp, sum_exp, local_target, mine, ignored)
         return loss

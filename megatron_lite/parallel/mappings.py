@@ -22,8 +22,8 @@ communication happens.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from megatron_lite.parallel.comm import all_gather, all_reduce
 from megatron_lite.parallel.state import group_rank, group_size
 
 
@@ -31,9 +31,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     # NOTE: reduce a copy; the input may be a tensor autograd saved for another op.
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce(x.contiguous().clone(), group)
 
 
 def _split_last(x: torch.Tensor, group) -> torch.Tensor:
@@ -43,16 +41,6 @@ def _split_last(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[-1] % n:
         raise ValueError(f"last dim {x.shape[-1]} is not divisible by TP size {n}")
     return x.chunk(n, dim=-1)[group_rank(group)].contiguous()
-
-
-def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
-    n = group_size(group)
-    if n == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=-1)
 
 
 class _CopyToTPRegion(torch.autograd.Function):
@@ -84,14 +72,14 @@ class _ScatterToTPRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
+        return all_gather(grad, ctx.group), None
 
 
 class _GatherFromTPRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_last(x, group)
+        return all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad):

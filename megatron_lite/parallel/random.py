@@ -96,17 +96,22 @@ class TPRNGTracker:
             _set_state(self.device, outer)
 
 
-def _snapshot(tracker: TPRNGTracker, device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, tracker.get_states()
+def rng_state(tracker: TPRNGTracker) -> dict:
+    """Every RNG state a step draws from: the default CPU generator, the device's (CUDA)
+    and the tracker's TP-region streams. Used by checkpoints (exact resume) and by
+    :func:`checkpoint` (exact recomputation)."""
+    state = {"cpu": torch.get_rng_state(), "tracker": tracker.get_states()}
+    if tracker.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(tracker.device)
+    return state
 
 
-def _restore(snapshot: tuple, tracker: TPRNGTracker, device: torch.device) -> None:
-    cpu, cuda, tracked = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-    tracker.set_states(tracked)
+def set_rng_state(tracker: TPRNGTracker, state: dict) -> None:
+    """Restore a :func:`rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and tracker.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], tracker.device)
+    tracker.set_states(state["tracker"])
 
 
 class _CheckpointFunction(torch.autograd.Function):
@@ -116,9 +121,8 @@ class _CheckpointFunction(torch.autograd.Function):
     def forward(ctx, run_function, tracker, *args):
         ctx.run_function = run_function
         ctx.tracker = tracker
-        ctx.device = tracker.device
-        ctx.rng = _snapshot(tracker, ctx.device)
-        device_type = ctx.device.type
+        ctx.rng = rng_state(tracker)
+        device_type = tracker.device.type
         ctx.autocast = (
             device_type,
             torch.is_autocast_enabled(device_type),
@@ -135,14 +139,14 @@ class _CheckpointFunction(torch.autograd.Function):
         args = list(ctx.others)
         for i, t in zip(ctx.tensor_index, ctx.saved_tensors, strict=True):
             args[i] = t.detach().requires_grad_(t.requires_grad)
-        after_forward = _snapshot(ctx.tracker, ctx.device)
-        _restore(ctx.rng, ctx.tracker, ctx.device)
+        after_forward = rng_state(ctx.tracker)
+        set_rng_state(ctx.tracker, ctx.rng)
         device_type, enabled, dtype = ctx.autocast
         try:
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 outputs = ctx.run_function(*args)
         finally:
-            _restore(after_forward, ctx.tracker, ctx.device)
+            set_rng_state(ctx.tracker, after_forward)
         if torch.is_tensor(outputs):
             outputs = (outputs,)
         pairs = [

@@ -182,7 +182,6 @@ class ParallelContext:
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None
     rng: TPRNGTracker = field(default_factory=TPRNGTracker)
 
     @property
@@ -264,7 +263,6 @@ def init_parallel(
                 dist.init_process_group(
                     backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                     rank=launch.rank, world_size=launch.world_size, timeout=timeout)
-        ctx.backend = dist.get_backend()
         tp_groups, dp_groups = _grid(launch.world_size, tp)
         # NOTE: new_group is collective: every rank creates every group, in the same order.
         for ranks in tp_groups if tp > 1 else []:

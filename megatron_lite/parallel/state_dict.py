@@ -8,23 +8,20 @@ functions are the basis of HF conversion and of loading at another TP size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel.comm import all_gather_list
 from megatron_lite.parallel.state import group_rank, group_size
 from megatron_lite.parallel.utils import merge_shards, shard_tensor
 
 
 def gather_like(p: torch.Tensor, local: torch.Tensor, tp_group=None) -> torch.Tensor:
     """The full form of ``local``, a tensor sharded like parameter ``p`` (collective over TP)."""
-    n = group_size(tp_group)
     dim = getattr(p, "tp_dim", None)
     local = local.detach()
-    if dim is None or n == 1:
+    if dim is None or group_size(tp_group) == 1:
         return local.clone()
-    parts = [torch.empty_like(local) for _ in range(n)]
-    dist.all_gather(parts, local.contiguous(), group=tp_group)
-    return merge_shards(parts, dim, getattr(p, "tp_stride", 1))
+    return merge_shards(all_gather_list(local, tp_group), dim, getattr(p, "tp_stride", 1))
 
 
 def shard_like(p: torch.Tensor, full: torch.Tensor, tp_group=None) -> torch.Tensor:

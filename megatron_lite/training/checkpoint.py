@@ -16,15 +16,14 @@ which DCP does not do), the files load anywhere with ``torch.load(weights_only=T
 and HF conversion reads the same ``model.pt``. The cost: rank 0 gathers the full
 model and optimizer state, fine up to models that fit one host's memory.
 
-A checkpoint is written into a temporary folder, fsynced and renamed into place; the
-``latest`` pointer changes only after that, and only the newest ``keep`` survive.
+A checkpoint is written into a temporary folder, fsynced and renamed into place
+(:mod:`megatron_lite.files`); the ``latest`` pointer changes only after that, and only
+the newest ``keep`` survive.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
 import re
 import shutil
@@ -34,8 +33,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, save_config
+from megatron_lite.files import atomic_write, publish, temp_name, written_dir
 from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
-from megatron_lite.parallel.state_dict import gather_like, shard_like
+from megatron_lite.parallel.random import rng_state, set_rng_state
+from megatron_lite.training.optim_state import full_optimizer_state, load_full_optimizer_state
 
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -54,99 +55,34 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rng_state(ctx: ParallelContext) -> dict:
-    state = {"cpu": torch.get_rng_state(), "tracker": ctx.rng.get_states()}
-    if ctx.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    return state
-
-
-def set_rng_state(ctx: ParallelContext, state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], ctx.device)
-    ctx.rng.set_states(state["tracker"])
-
-
-def _param_names(model, optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
-    """(name, parameter, group index) for every parameter the optimizer holds."""
-    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
-    return [(names[id(p)], p, g) for g, group in enumerate(optimizer.param_groups)
-            for p in group["params"]]
-
-
-def full_optimizer_state(model, optimizer, ctx: ParallelContext) -> dict:
-    """Optimizer state keyed by parameter name, tensors in full form (collective over TP)."""
-    state = {}
-    for name, p, _ in _param_names(model, optimizer):
-        entry = {}
-        for key, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                entry[key] = gather_like(p, value, ctx.tp_group)
-            else:  # e.g. Adam's step counter
-                entry[key] = value.clone() if torch.is_tensor(value) else value
-        state[name] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
-
-
-def load_full_optimizer_state(model, optimizer, full: dict, ctx: ParallelContext) -> None:
-    """Reshard a :func:`full_optimizer_state` into this rank's optimizer."""
-    for group, saved in zip(optimizer.param_groups, full["param_groups"], strict=True):
-        group.update(saved)
-    for name, p, _ in _param_names(model, optimizer):
-        if name not in full["state"]:
-            raise KeyError(f"no optimizer state for {name}")
-        entry = {}
-        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-        for key, value in full["state"][name].items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                entry[key] = shard_like(p, value, ctx.tp_group).to(p.device).clone()
-            elif torch.is_tensor(value):  # step counters live with the params when fused
-                entry[key] = value.to(p.device) if on_device else value.clone()
-            else:
-                entry[key] = value
-        optimizer.state[p] = entry
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelContext,
-                    cfg: Config, extra: dict, keep: int = 3) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: Config,
+                    extra: dict, *, optimizer=None, zero=None, keep: int = 3) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    ``optimizer`` as in :func:`load_checkpoint`; a ZeRO engine gathers its partitions into
-    the same full, per-parameter form, so the checkpoint loads under either engine.
+    Args:
+        model: the (unwrapped or DDP-wrapped) model.
+        extra: more metadata for ``meta.json`` (consumed samples, loss scaler...).
+        optimizer: the DDP engine's torch optimizer, or None (weights only) ...
+        zero: ... or the :class:`~megatron_lite.training.zero.ZeroEngine`, whose fp32
+            masters and Adam moments are gathered from their DP partitions into the
+            same full form, so the checkpoint loads under either engine.
+        keep: how many of the newest checkpoints survive.
     """
+    assert optimizer is None or zero is None, "give the optimizer or the ZeRO engine"
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
+    tmp = temp_name(final)
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    if hasattr(optimizer, "checkpoint_state"):  # ZeroEngine: fp32 masters, DP partitions
-        model_state, optim_state = optimizer.checkpoint_state()
+    if zero is not None:
+        model_state, optim_state = zero.checkpoint_state()
     else:
         model_state = full_state_dict(_unwrap(model), ctx.tp_group)  # collectives over TP
-        optim_state = full_optimizer_state(model, optimizer, ctx) if optimizer else None
-    torch.save(rng_state(ctx), tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
+        optim_state = (full_optimizer_state(_unwrap(model), optimizer, ctx)
+                       if optimizer is not None else None)
+    torch.save(rng_state(ctx.rng), tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
     if ctx.is_main:
         torch.save(model_state, tmp / "model.pt")
         if optim_state is not None:
@@ -157,16 +93,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ctx: ParallelCon
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     _barrier()
     if ctx.is_main:
-        _fsync_tree(tmp)
-        old = root / f".old_step_{step:08d}"
-        if final.exists():  # re-saving a step: move the old copy aside, never delete first
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(final.name + "\n")
-        os.replace(root / "latest.tmp", root / "latest")
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final)  # fsync, rename (an old copy of the step is replaced safely)
+        with atomic_write(root / "latest") as f:  # the pointer moves only after that
+            f.write(final.name + "\n")
         _prune(root, keep)
     _barrier()
     return final
@@ -177,7 +106,7 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
     for p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp_step_*"):  # left by a killed save
+    for p in root.glob(temp_name("step_*").name):  # left by a killed save
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -209,17 +138,20 @@ def read_meta(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt / 'meta.json'}: unreadable ({err})") from None
 
 
-def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
-                    restore_rng: bool = False) -> dict:
-    """Load weights and optimizer state at any TP/DP layout; return the metadata.
+def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=None,
+                    zero=None, restore_rng: bool = False) -> dict:
+    """Load weights (and optimizer state) at any TP/DP layout; return the metadata.
 
-    ``optimizer`` is a torch optimizer, a :class:`~megatron_lite.training.zero.ZeroEngine`
-    (DeepSpeed's partitioned masters and moments), or None for the weights alone.
-
-    With ``restore_rng`` and an unchanged layout, every rank's RNG states are restored
-    too (exact resume); with a changed layout they cannot be matched, and a warning says
-    so.
+    Args:
+        path: a checkpoint folder, its ``checkpoints/`` folder or its run folder.
+        model: the (unwrapped or DDP-wrapped) model.
+        optimizer: a torch optimizer to restore, or None (weights only) ...
+        zero: ... or a :class:`~megatron_lite.training.zero.ZeroEngine` (DeepSpeed's
+            partitioned masters and moments).
+        restore_rng: with an unchanged layout, restore every rank's RNG states too (exact
+            resume); with a changed layout they cannot be matched, and a warning says so.
     """
+    assert optimizer is None or zero is None, "give the optimizer or the ZeRO engine"
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     model_state = _load(ckpt / "model.pt")
@@ -227,14 +159,14 @@ def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
         load_full_state_dict(_unwrap(model), model_state, ctx.tp_group)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt}/model.pt: cannot load into this model ({err})") from None
-    if optimizer is not None:
+    if optimizer is not None or zero is not None:
         has_optim = (ckpt / "optim.pt").exists()
         optim_state = _load(ckpt / "optim.pt") if has_optim else None
         try:
-            if hasattr(optimizer, "load_checkpoint_state"):  # ZeroEngine: masters, moments
-                optimizer.load_checkpoint_state(model_state, optim_state)
+            if zero is not None:  # the masters come from model.pt, the moments if saved
+                zero.load_checkpoint_state(model_state, optim_state)
             elif has_optim:
-                load_full_optimizer_state(model, optimizer, optim_state, ctx)
+                load_full_optimizer_state(_unwrap(model), optimizer, optim_state, ctx)
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"{ckpt}/optim.pt: does not fit ({err})") from None
         if not has_optim and ctx.is_main:
@@ -243,7 +175,7 @@ def load_checkpoint(path: str | Path, model, optimizer, ctx: ParallelContext,
     if restore_rng:
         same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
         if same and (ckpt / "rng").is_dir():
-            set_rng_state(ctx, _load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
+            set_rng_state(ctx.rng, _load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
         elif ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
                   f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded, so the "
@@ -273,26 +205,6 @@ def average_checkpoints(paths: list[Path], out: Path) -> Path:
         shutil.copy(paths[-1] / "config.yaml", tmp / "config.yaml")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-@contextlib.contextmanager
-def written_dir(out: Path):
-    """Fill the yielded temporary folder; on success it is fsynced and replaces ``out``
-    (for the tools that write one folder; training saves go through :func:`save_checkpoint`).
-    On an error the temporary folder is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.files import atomic_path
+
 # dense bf16 peak per device, for the MFU estimate (where the device is known)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12,
               "L40": 181e12, "V100": 125e12}
@@ -98,8 +100,7 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out

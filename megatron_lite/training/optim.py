@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import OptimConfig
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.comm import all_reduce
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -54,9 +54,7 @@ def global_grad_norm(params, ctx: ParallelContext) -> float:
         sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
     else:
         sq = torch.zeros((), device=ctx.device)
-    if ctx.tp_group is not None:
-        dist.all_reduce(sq, group=ctx.tp_group)
-    return math.sqrt(sq.item())
+    return math.sqrt(all_reduce(sq, ctx.tp_group).item())
 
 
 def clip_grads_(params, max_norm: float, ctx: ParallelContext) -> float:

@@ -7,6 +7,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel.comm import MAX, all_reduce
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,8 +39,7 @@ class DynamicLossScaler:
         if grads:
             torch._foreach_mul_(grads, 1.0 / self.scale)
             found += sum((~torch.isfinite(g)).any().float() for g in grads)
-        if dist.is_initialized():
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        all_reduce(found, dist.group.WORLD if dist.is_initialized() else None, MAX)
         return found.item() == 0
 
     def update(self, finite: bool) -> None:

@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.state_dict import gather_like, shard_like
+from megatron_lite.training.optim_state import (
+    gather_param_state,
+    group_hyperparameters,
+    load_group_hyperparameters,
+    shard_param_state,
+    step_on_device,
+)
 
 
 def import_deepspeed(device: torch.device):
@@ -129,6 +137,53 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext) -> dict:
     }
 
 
+class _DeepSpeedZeroInternals:
+    """Every use of DeepSpeed's private ZeRO-1/2 optimizer state, in one place.
+
+    NOTE: read from DeepSpeed 0.19 (``deepspeed/runtime/zero/stage_1_and_2.py``,
+    ``DeepSpeedZeroOptimizer``, and ``utils/mixed_precision_linkage.py`` for
+    ``_hp_mapping``); the ``deepspeed`` extra pins ``>=0.19,<0.20``. A DeepSpeed upgrade
+    needs a look at these attributes, and ``tests/training/test_deepspeed.py`` checks
+    them against the DDP engine.
+    """
+
+    def __init__(self, zero_optimizer):
+        self.zero = zero_optimizer
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer we passed in (our AdamW), now stepping the flat fp32 partitions."""
+        return self.zero.optimizer
+
+    def partitions(self):
+        """(this rank's flat fp32 partition, the parameters it covers, its DP group) per group."""
+        z = self.zero
+        return [(z.single_partition_of_fp32_groups[g], z.bit16_groups[g],
+                 z.real_dp_process_group[g]) for g in range(len(z.bit16_groups))]
+
+    @staticmethod
+    def fragment(p) -> tuple[int, int, int] | None:
+        """(start in ``p`` flattened, start in the flat partition, length) of the piece of
+        ``p`` this rank's partition holds; None when it holds none."""
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:
+            return None
+        lp, hp = m.lp_fragment_address, m.hp_fragment_address
+        return lp.start, hp.start, lp.numel
+
+    def overflow(self) -> bool:
+        """Whether the last step was skipped for an fp16 overflow."""
+        return bool(getattr(self.zero, "overflow", False))
+
+    @property
+    def loss_scaler(self):
+        return self.zero.loss_scaler
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.zero.loss_scale)
+
+
 class ZeroEngine:
     """A model and its optimizer inside a DeepSpeed engine.
 
@@ -153,10 +208,11 @@ class ZeroEngine:
         self.mpu = ModelParallelUnit(ctx)
         with contextlib.redirect_stdout(io.StringIO()):
             # the ZeRO optimizer holds flat fp32 partitions per group; ours steps them
-            self.engine, self.zero, _, _ = deepspeed.initialize(
+            self.engine, zero_optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx),
                 mpu=self.mpu, dist_init_required=False)
-        self.base = self.zero.optimizer  # our AdamW, now over the partitions
+        self.internals = _DeepSpeedZeroInternals(zero_optimizer)
+        self.base = self.internals.base_optimizer
         self.names = {id(p): n for n, p in model.named_parameters()}
 
     def __call__(self, **batch):
@@ -183,13 +239,13 @@ class ZeroEngine:
         if not boundary:
             return float("nan"), False
         norm = self.engine.get_global_grad_norm()
-        skipped = bool(getattr(self.zero, "overflow", False))
+        skipped = self.internals.overflow()
         if skipped or norm is None:  # an fp16 overflow: like the DDP engine, no norm
             return float("nan"), not skipped
         return float(norm), True
 
     def loss_scale(self) -> float | None:
-        return float(self.zero.loss_scale) if self.engine.fp16_enabled() else None
+        return self.internals.loss_scale if self.engine.fp16_enabled() else None
 
     _SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
@@ -197,41 +253,30 @@ class ZeroEngine:
         """DeepSpeed's dynamic fp16 loss scaler, as plain numbers (None unless fp16)."""
         if not self.engine.fp16_enabled():
             return None
-        s = self.zero.loss_scaler
+        s = self.internals.loss_scaler
         return {k: getattr(s, k) for k in self._SCALER_KEYS if hasattr(s, k)}
 
     def load_loss_scaler_state(self, state: dict) -> None:
         if self.engine.fp16_enabled():
             for k, v in state.items():
                 if k in self._SCALER_KEYS:
-                    setattr(self.zero.loss_scaler, k, v)
+                    setattr(self.internals.loss_scaler, k, v)
 
     # ----------------------------------------------------------------------- state
 
-    def _groups(self):
-        """(flat fp32 partition, its parameters, its DP group) per optimizer group."""
-        z = self.zero
-        return [(z.single_partition_of_fp32_groups[g], z.bit16_groups[g],
-                 z.real_dp_process_group[g]) for g in range(len(z.bit16_groups))]
-
-    def _full_from_partitions(self, p, flat: torch.Tensor, dp_group) -> torch.Tensor:
+    def _assemble(self, p, flat: torch.Tensor, dp_group) -> torch.Tensor:
         """Parameter ``p``'s slice of ``flat`` on every DP rank, assembled (collective over DP)."""
         buf = torch.zeros(p.numel(), dtype=flat.dtype, device=flat.device)
-        m = getattr(p, "_hp_mapping", None)
-        if m is not None:
-            lp, hp = m.lp_fragment_address, m.hp_fragment_address
-            buf.narrow(0, lp.start, lp.numel).copy_(flat.narrow(0, hp.start, hp.numel))
-        dist.all_reduce(buf, group=dp_group)
-        return buf.view(p.shape)
+        if (where := self.internals.fragment(p)) is not None:
+            start, flat_start, n = where
+            buf.narrow(0, start, n).copy_(flat.narrow(0, flat_start, n))
+        return all_reduce(buf, dp_group).view(p.shape)  # the fragments are disjoint
 
-    @staticmethod
-    def _into_partition(p, value: torch.Tensor, flat: torch.Tensor) -> None:
+    def _scatter(self, p, value: torch.Tensor, flat: torch.Tensor) -> None:
         """Write this rank's fragment of ``value`` (shaped like ``p``) into ``flat``."""
-        m = getattr(p, "_hp_mapping", None)
-        if m is not None:
-            lp, hp = m.lp_fragment_address, m.hp_fragment_address
-            flat.narrow(0, hp.start, hp.numel).copy_(
-                value.reshape(-1).narrow(0, lp.start, lp.numel))
+        if (where := self.internals.fragment(p)) is not None:
+            start, flat_start, n = where
+            flat.narrow(0, flat_start, n).copy_(value.reshape(-1).narrow(0, start, n))
 
     @torch.no_grad()
     def checkpoint_state(self) -> tuple[dict, dict]:
@@ -241,24 +286,18 @@ class ZeroEngine:
         for name, p in self.model.named_parameters():  # any the optimizer does not hold
             if not p.requires_grad:
                 model_state[name] = gather_like(p, p, tp)
-        for flat, params, dp_group in self._groups():
+        for flat, params, dp_group in self.internals.partitions():
             state = self.base.state.get(flat, {})
             for p in params:
                 name = self.names[id(p)]
-                master = self._full_from_partitions(p, flat, dp_group)
-                model_state[name] = gather_like(p, master, tp)
-                entry = {}
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.shape == flat.shape:
-                        full = self._full_from_partitions(p, value, dp_group)
-                        entry[key] = gather_like(p, full, tp)
-                    else:  # Adam's step counter, shared by the group
-                        entry[key] = value.clone() if torch.is_tensor(value) else value
-                optim[name] = entry
+                model_state[name] = gather_like(p, self._assemble(p, flat, dp_group), tp)
+                local = {k: self._assemble(p, v, dp_group)
+                         if torch.is_tensor(v) and v.shape == flat.shape else v
+                         for k, v in state.items()}  # moments: this TP rank's, whole over DP
+                optim[name] = gather_param_state(p, local, tp)
         for name, b in self.model.named_buffers():
             model_state[name] = b.detach().clone()
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.base.param_groups]
-        return model_state, {"state": optim, "param_groups": groups}
+        return model_state, {"state": optim, "param_groups": group_hyperparameters(self.base)}
 
     @torch.no_grad()
     def load_checkpoint_state(self, model_state: dict, optim_state: dict | None) -> None:
@@ -267,31 +306,31 @@ class ZeroEngine:
         The model's own (bf16 or fp32) weights are loaded by the caller; this sets the fp32
         masters they are updated from, and creates the optimizer state the way our AdamW
         would have after its last step (no communication).
+
+        Raises:
+            KeyError: a parameter has no saved optimizer state.
         """
         tp = self.ctx.tp_group
-        for flat, params, _ in self._groups():
+        for flat, params, _ in self.internals.partitions():
             for p in params:
                 master = shard_like(p, model_state[self.names[id(p)]], tp)
-                self._into_partition(p, master.to(flat.dtype), flat)
+                self._scatter(p, master.to(flat.dtype), flat)
         if optim_state is None:
             return
-        for group, saved in zip(self.base.param_groups, optim_state["param_groups"],
-                                strict=True):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        on_device = self.base.defaults.get("fused") or self.base.defaults.get("capturable")
-        for flat, params, _ in self._groups():
+        load_group_hyperparameters(self.base, optim_state["param_groups"])
+        on_device = step_on_device(self.base)
+        for flat, params, _ in self.internals.partitions():
             state = self.base.state[flat]  # a defaultdict: created when absent
             for p in params:
                 name = self.names[id(p)]
                 if name not in optim_state["state"]:
                     raise KeyError(f"no optimizer state for {name}")
-                for key, value in optim_state["state"][name].items():
+                local = shard_param_state(p, optim_state["state"][name], tp, flat.device,
+                                          on_device)
+                for key, value in local.items():
                     if torch.is_tensor(value) and value.dim() > 0:
                         if key not in state:
                             state[key] = torch.zeros_like(flat)
-                        self._into_partition(p, shard_like(p, value, tp).to(flat.dtype),
-                                             state[key])
-                    elif torch.is_tensor(value):
-                        state[key] = value.to(flat.device) if on_device else value.clone()
-                    else:
+                        self._scatter(p, value.to(flat.dtype), state[key])
+                    else:  # the step counter, shared by the group
                         state[key] = value

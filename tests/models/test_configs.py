@@ -1,12 +1,15 @@
 """Shipped configs: they load, validate, have the published sizes, and big ones build sharded."""
 
+import dataclasses
 import resource
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lite.config import load_config
 from megatron_lite.models import build_model
+from megatron_lite.run import check_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/*/*.yaml"))
 
@@ -18,19 +21,52 @@ def _count(cfg, ctx=None) -> int:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_loads_validates_and_builds(path):
     cfg = load_config(path)
-    cfg.validate(world_size=cfg.parallel.tensor_parallel_size)
+    check_config(cfg, world_size=cfg.parallel.tensor_parallel_size)
     assert _count(cfg.model) > 0
 
 
-# published sizes, with the vocab padded to a multiple of 128 (TP=1)
-@pytest.mark.parametrize("name,millions", [
-    ("gpt2/124m", 124.5), ("gpt2/355m", 355.0), ("gpt2/774m", 774.0), ("gpt2/1.5b", 1557.7),
-    ("gpt2/8.3b", 8300.0), ("bert/base", 110.0), ("bert/large", 336.0), ("bert/3.9b", 3900.0),
-])
-def test_parameter_counts(name, millions):
-    cfg = load_config(next(p for p in CONFIGS if f"{p.parent.name}/{p.stem}" == name))
-    got = _count(cfg.model) / 1e6
-    assert abs(got - millions) / millions < 0.015, f"{name}: {got:.1f}M parameters"
+# the published sizes, exactly: Hugging Face's GPT2LMHeadModel / BertForPreTraining of the
+# released checkpoints (tied output layer counted once; BERT with its MLM and NSP heads)
+PUBLISHED = {"gpt2/124m": 124_439_808, "gpt2/355m": 354_823_168, "gpt2/774m": 774_030_080,
+             "gpt2/1.5b": 1_557_611_200, "bert/base": 110_106_428, "bert/large": 336_226_108}
+
+
+def _config(name):
+    return load_config(next(p for p in CONFIGS if f"{p.parent.name}/{p.stem}" == name))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_are_the_published_ones(name):
+    cfg = _config(name)
+    m = cfg.model
+    unpadded = dataclasses.replace(m, make_vocab_size_divisible_by=1)
+    assert _count(unpadded) == PUBLISHED[name]
+    # the padding (to 128 rows at TP=1) adds embedding rows, and BERT's MLM bias entries
+    padded = build_model(m, device="meta").padded_vocab_size
+    extra = (padded - m.vocab_size) * (m.hidden_size + (m.arch == "bert"))
+    assert _count(m) == PUBLISHED[name] + extra
+
+
+@pytest.mark.parametrize("name", ["gpt2/124m", "bert/base"])
+def test_parameter_counts_equal_transformers(name):
+    """The same count from the independent implementation, built on the meta device."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_lite.models.hf import hf_config_from
+
+    m = dataclasses.replace(_config(name).model, make_vocab_size_divisible_by=1)
+    cls = transformers.GPT2LMHeadModel if m.arch == "gpt" else (
+        transformers.MegatronBertForPreTraining if m.layernorm_order == "pre"
+        else transformers.BertForPreTraining)
+    with torch.device("meta"):
+        hf = cls(hf_config_from(m))
+    assert sum(p.numel() for p in hf.parameters()) == _count(m)
+
+
+@pytest.mark.parametrize("name,billions", [("gpt2/8.3b", 8.3), ("bert/3.9b", 3.9)])
+def test_megatron_paper_sizes(name, billions):
+    """The Megatron-LM paper's models, whose sizes it gives rounded."""
+    got = _count(_config(name).model) / 1e9
+    assert abs(got - billions) / billions < 0.01, f"{name}: {got:.3f}B parameters"
 
 
 def _sharded_counts(ctx) -> None:

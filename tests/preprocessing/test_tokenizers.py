@@ -24,7 +24,7 @@ def test_wordpiece_specials(wordpiece_file):
     lines = wordpiece_file.read_text().splitlines()
     assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = build_tokenizer("BertWordPieceLowerCase", str(wordpiece_file))
-    assert tok.token_id("[MASK]") == 4 and tok.eod == 3 and tok.vocab_size == len(lines)
+    assert tok.specials["[MASK]"] == 4 and tok.eod == 3 and tok.vocab_size == len(lines)
     ids = tok.encode("Return the VALUE of the attribute.")
     assert 2 not in ids and 3 not in ids  # no [CLS]/[SEP] added by encode
     assert tok.decode(ids).replace(" ##", "") == "return the value of the attribute."

@@ -15,9 +15,11 @@ import torch
 from megatron_lite.checkpoint import main as checkpoint_main
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
+from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.parallel import ParallelContext, full_state_dict, gather_from_tp_region
 from megatron_lite.train import main as train_main
-from megatron_lite.training.checkpoint import full_optimizer_state, load_checkpoint
+from megatron_lite.training.checkpoint import load_checkpoint
+from megatron_lite.training.optim_state import full_optimizer_state
 from megatron_lite.training.trainer import Trainer
 from tests.training.conftest import gpt_yaml, tiny_overrides
 
@@ -111,7 +113,7 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
     latest = run / "checkpoints/latest"
     steps, half_written = [], 0
     # kill as a save starts, as it writes, and at any moment (saves happen every step)
-    for moment in (".tmp_step_*", ".tmp_step_*/model.pt", None):
+    for moment in (".step_*.tmp", ".step_*.tmp/model.pt", None):
         before = latest.read_text() if latest.exists() else None
         proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", str(config),
                                  *over], env=env, stdout=subprocess.DEVNULL,
@@ -124,16 +126,16 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        half_written += bool(list((run / "checkpoints").glob(".tmp_step_*")))
+        half_written += bool(list((run / "checkpoints").glob(".step_*.tmp")))
         model = build_model(load_config(run / "config.yaml").model)
-        steps.append(load_checkpoint(run, model, None, ParallelContext())["step"])
+        steps.append(load_checkpoint(run, model, ParallelContext())["step"])
     assert steps == sorted(steps) and len(set(steps)) == 3  # each restart resumed, moved on
-    assert half_written  # measured: the first two kills leave a .tmp_step_* behind
+    assert half_written  # measured: the first two kills leave a .step_*.tmp behind
     # the next start resumes from latest and removes what the kills left half-written
     k = steps[-1]
     assert train_main([str(config), *over, f"train.max_steps={k + 1}"]) == 0
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{k + 1:08d}"
-    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+    assert not list((run / "checkpoints").glob(".step_*.tmp"))
 
 
 def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, bpe_files,
@@ -167,6 +169,8 @@ def test_hf_round_trip_and_back(gpt_shard, bpe_files, tmp_path, capsys):
     assert convert_main(["--from", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf/model.safetensors").exists()
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    eod = build_tokenizer("GPT2BPETokenizer", *map(str, bpe_files)).eod
+    assert eod == 0 and hf.config.eos_token_id == hf.config.bos_token_id == eod  # not V - 1
 
     ours = Trainer(load_config(None, over + [f"train.load={tmp_path / 'run'}",
                                              f"train.run_dir={tmp_path / 'x'}"]),
@@ -180,7 +184,7 @@ def test_hf_round_trip_and_back(gpt_shard, bpe_files, tmp_path, capsys):
     from megatron_lite.models import build_model
 
     back = build_model(load_config(tmp_path / "back/config.yaml").model)
-    load_checkpoint(tmp_path / "back", back, None, ParallelContext())
+    load_checkpoint(tmp_path / "back", back, ParallelContext())
     with torch.no_grad():
         assert (back.eval()(ids)[..., :2000] - ref).abs().max() <= 1e-5
 

@@ -67,7 +67,7 @@ def zero2_run(gpt_shard, bpe_files, tmp_path_factory):
 
 def _check_partitioned(ctx, overrides, stage, dtype):
     trainer = Trainer(load_config(None, overrides), ctx)
-    z = trainer.zero.zero
+    z = trainer.zero.internals.zero
     total = sum(p.numel() for p in trainer.model.parameters())
     held = sum(flat.numel() for flat in z.single_partition_of_fp32_groups)
     assert held < 0.51 * total + 64, (held, total)  # half the fp32 masters (+ alignment)
@@ -172,12 +172,12 @@ def _fp16_overflow_and_resume(ctx, overrides):
     trainer = Trainer(cfg, ctx)
     assert all(p.dtype == torch.float16 for p in trainer.model.parameters())
     before, _ = trainer.zero.checkpoint_state()
-    trainer.zero.zero.loss_scaler.cur_scale = 2.0**100  # every fp16 gradient overflows
+    trainer.zero.internals.loss_scaler.cur_scale = 2.0**100  # every fp16 gradient overflows
     out = trainer.train_step()
     assert out["skipped"] and out["loss_scale"] == 2.0**100 and math.isnan(out["grad_norm"])
     after, _ = trainer.zero.checkpoint_state()
     assert all(torch.equal(before[k], v) for k, v in after.items())
-    trainer.zero.zero.loss_scaler.cur_scale = 2.0**10
+    trainer.zero.internals.loss_scaler.cur_scale = 2.0**10
     out = trainer.train_step()
     assert not out["skipped"] and out["loss_scale"] == 2.0**10
     assert not all(torch.equal(before[k], v) for k, v in trainer.zero.checkpoint_state()[0].items())

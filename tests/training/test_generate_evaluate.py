@@ -73,3 +73,28 @@ def test_evaluate_cli_on_a_checkpoint_and_a_fresh_model(gpt_shard, bpe_files, tm
     before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert before["step"] == 0 and after["loss"] < before["loss"]
     assert after["perplexity"] == __import__("math").exp(after["loss"])
+
+
+@pytest.mark.parametrize("order", ["options_first", "overrides_first", "mixed"])
+def test_overrides_go_anywhere_on_the_command_line(gpt_shard, bpe_files, tmp_path, capsys,
+                                                   order):
+    """``key=value`` overrides before, after or between evaluate's options (``train`` has
+    no options besides ``--help``; its overrides follow the config)."""
+    config = gpt_yaml(tmp_path)
+    overrides = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                               **{"train.max_steps": 1, "train.eval_interval": 0})
+    head, tail = overrides[:3], overrides[3:]
+    assert train_main([str(config), *overrides]) == 0
+    capsys.readouterr()
+    run, extra = str(tmp_path / "run"), ["model.hidden_dropout=0.0", "train.eval_iters=3"]
+    argv = {"options_first": ["--iters", "1", "--split", "train", run, *extra],
+            "overrides_first": [run, *extra, "--iters", "1", "--split", "train"],
+            "mixed": [extra[0], "--iters", "1", run, extra[1], "--split", "train"]}[order]
+    assert evaluate_main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["split"] == "train" and out["batches"] == 4  # --iters 1 wins over eval_iters
+    fresh = {"options_first": ["--iters", "1", "--config", str(config), *overrides],
+             "overrides_first": [*overrides, "--config", str(config), "--iters", "1"],
+             "mixed": [*head, "--config", str(config), *tail, "--iters", "1"]}[order]
+    assert evaluate_main(fresh) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 0

@@ -34,7 +34,7 @@ def _train_with_tiny_valid(ctx, prefix, run_dir):
         "train.eval_iters=1", f"train.run_dir={run_dir}", "log.tensorboard=false",
         f"data.data_path={prefix}", "data.split=9,1,0"])
     trainer = Trainer(cfg, ctx)
-    assert trainer.valid_data is None  # too small: a warning on every rank, not a hang
+    assert trainer.run.valid_data is None  # too small: a warning on every rank, not a hang
     trainer.fit()
 
 

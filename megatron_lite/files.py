@@ -1,0 +1,114 @@
+"""Files that are either complete or absent: write under a temporary name, then rename.
+
+One rule for every output of megatron-lite and its preprocessing (configs, index caches,
+stats, metrics plots, shards, tokenizer files, checkpoints, conversions):
+
+1. write the data under a temporary name next to the final one (same filesystem);
+2. fsync the data (every file of a folder);
+3. ``os.replace`` it onto the final name (atomic on POSIX);
+4. fsync the parent directory, so the rename itself survives a power loss.
+
+A crash at any point leaves either the old complete output or the new one, never a
+half-written file under the final name. On an error the temporary is removed.
+
+    with atomic_write(path) as f:           # a text (or "wb": binary) file object
+        f.write(text)
+    with atomic_path(path) as tmp:          # for writers that want a path (savefig, ...)
+        fig.savefig(tmp)
+    with written_dir(folder) as tmp:        # a whole folder, replaced in one rename
+        torch.save(state, tmp / "model.pt")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync one file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under ``path`` and the directories holding them."""
+    path = Path(path)
+    for f in sorted(path.rglob("*")):
+        fsync_path(f)
+    fsync_path(path)
+
+
+def publish(tmp: str | Path, final: str | Path) -> None:
+    """Steps 2-4 of the rule: fsync ``tmp`` (a file or a folder), rename it onto ``final``,
+    fsync the parent. A folder already at ``final`` is moved aside first and deleted only
+    after the rename, so some complete copy exists at every moment."""
+    tmp, final = Path(tmp), Path(final)
+    if tmp.is_dir():
+        fsync_tree(tmp)
+        old = final.with_name(f".old_{final.name}")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+
+
+def temp_name(final: str | Path) -> Path:
+    """The temporary name of ``final``: a hidden sibling, so globs of the outputs skip it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path`` through; published when the block succeeds."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    publish(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"
+                 ) -> Iterator[IO]:
+    """Yield an open file (``mode`` "w" or "wb") that replaces ``path`` when the block succeeds."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def written_dir(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces the folder ``out`` when the block succeeds.
+
+    On an error the temporary folder is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    tmp = temp_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)

@@ -1,0 +1,43 @@
+"""The collectives, each written once. A ``None`` group is a group of one: no communication.
+
+Every other module (the autograd mappings, the vocab-parallel cross-entropy, state-dict
+gathering, gradient clipping, checkpoints, evaluation, the tests) calls these instead
+of ``torch.distributed`` directly, so "what does a size-one dimension cost" has one
+answer: nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel.state import group_size
+
+SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+
+
+def all_reduce(x: torch.Tensor, group, op=SUM) -> torch.Tensor:
+    """Reduce ``x`` over ``group`` in place (``op``: SUM or MAX) and return it.
+
+    NOTE: in place. Reduce a copy when ``x`` may be a tensor autograd saved for backward.
+    """
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def all_gather_list(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape everywhere), in rank order; ``[x]`` for a group of one."""
+    n = group_size(group)
+    if n == 1:
+        return [x]
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    return parts
+
+
+def all_gather(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order; ``x`` for a group of one."""
+    parts = all_gather_list(x, group)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

@@ -1,0 +1,42 @@
+"""Outputs are complete or absent: atomic_write, atomic_path and written_dir."""
+
+import pytest
+
+from megatron_lite.files import atomic_path, atomic_write, written_dir
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    path = tmp_path / "stats.json"
+    with atomic_write(path) as f:
+        f.write("old\n")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old\n"  # the failed write left the old file alone
+    with atomic_write(path, "wb") as f:
+        f.write(b"new\n")
+    assert path.read_bytes() == b"new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]  # no temporaries
+
+
+def test_atomic_path_for_writers_that_take_a_name(tmp_path):
+    out = tmp_path / "loss.png"
+    with atomic_path(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name != out.name
+        assert not out.exists()
+        tmp.write_bytes(b"png")
+    assert out.read_bytes() == b"png"
+
+
+def test_written_dir_swaps_whole_folders(tmp_path):
+    out = tmp_path / "hf"
+    with written_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(KeyboardInterrupt), written_dir(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise KeyboardInterrupt
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    with written_dir(out) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["c.txt"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
