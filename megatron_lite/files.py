@@ -3,7 +3,8 @@
 One rule for every output of megatron-lite and its preprocessing (configs, index caches,
 stats, metrics plots, shards, tokenizer files, checkpoints, conversions):
 
-1. write the data under a temporary name next to the final one (same filesystem);
+1. write the data under a temporary name next to the final one (same filesystem; a
+   hidden ``.NAME.tmp``, see :func:`temp_name`);
 2. fsync the data (every file of a folder);
 3. ``os.replace`` it onto the final name (atomic on POSIX);
 4. fsync the parent directory, so the rename itself survives a power loss.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,23 +68,26 @@ def publish(tmp: str | Path, final: str | Path) -> None:
         fsync_path(final.parent)
 
 
-def temp_name(final: str | Path) -> Path:
-    """The temporary name of ``final``: a hidden sibling, so globs of the outputs skip it."""
+def temp_name(final: str | Path, unique: bool = False) -> Path:
+    """The temporary name of ``final``: a hidden sibling ``.NAME.tmp``, so globs of the
+    outputs skip it; with ``unique``, ``.NAME.<pid>-<random>.tmp``, so two processes
+    writing the same output at once (two jobs building one index cache) never share one."""
     final = Path(final)
-    return final.with_name(f".{final.name}.tmp")
+    tag = f".{os.getpid()}-{secrets.token_hex(4)}" if unique else ""
+    return final.with_name(f".{final.name}{tag}.tmp")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; published when the block succeeds."""
     path = Path(path)
-    tmp = temp_name(path)
+    tmp = temp_name(path, unique=True)
     try:
         yield tmp
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    publish(tmp, path)
 
 
 @contextlib.contextmanager
@@ -103,12 +108,11 @@ def written_dir(out: str | Path) -> Iterator[Path]:
     On an error the temporary folder is removed and ``out`` is left as it was.
     """
     out = Path(out)
-    tmp = temp_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(out, unique=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish(tmp, out)

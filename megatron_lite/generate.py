@@ -25,7 +25,7 @@ from megatron_lite.parallel import (
     init_parallel,
     read_launch_env,
 )
-from megatron_lite.run import build_run
+from megatron_lite.run import build_run, names_tokenizer
 from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         cfg = load_config(ckpt / "config.yaml")
         if cfg.model.arch != "gpt":
             raise ConfigError(f"{ckpt}: generation needs a GPT checkpoint (model.arch=gpt)")
-        if not (cfg.data.tokenizer_type and (cfg.data.vocab_file or cfg.data.tokenizer_model)):
+        if not names_tokenizer(cfg):
             raise ConfigError(f"{ckpt}/config.yaml names no tokenizer files (data.vocab_file)")
         if not a.prompt:
             raise ConfigError("--prompt must not be empty")

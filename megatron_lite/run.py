@@ -40,10 +40,16 @@ from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.training.precision import autocast
 
 
+def names_tokenizer(cfg: Config) -> bool:
+    """Whether ``data.*`` names a tokenizer (a type and its files)."""
+    d = cfg.data
+    return bool(d.tokenizer_type and (d.vocab_file or d.tokenizer_model))
+
+
 def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
     """The tokenizer named in ``data.*``, or None when the config names none."""
     d = cfg.data
-    if not d.tokenizer_type or not (d.vocab_file or d.tokenizer_model):
+    if not names_tokenizer(cfg):
         return None
     return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
 
@@ -167,14 +173,14 @@ class Run:
 
     def dp_mean(self, value: torch.Tensor) -> float:
         """The mean of a scalar over the DP group (every rank gets it)."""
-        return all_reduce(value.detach().clone(), self.ctx.dp_group).item() / self.ctx.dp_size
+        return (all_reduce(value.detach().clone(), self.ctx.dp_group) / self.ctx.dp_size).item()
 
     # ----------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid", iters: int | None = None,
-                 precision: Callable[[], contextlib.AbstractContextManager] | None = None
-                 ) -> dict:
+                 precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 accuracy: bool = True) -> dict:
         """Metrics of the model on ``iters`` global batches (default ``eval_iters``) of a
         split, the same samples at every TP/DP layout.
 
@@ -185,6 +191,7 @@ class Run:
             split: ``valid`` or ``train``.
             iters: global batches to read.
             precision: the autocast context to run in (default: ``train.precision``'s).
+            accuracy: BERT's accuracies too (they gather the MLM logits over TP).
         """
         cfg, ctx, model = self.cfg, self.ctx, self.model
         data = self.valid_data if split == "valid" else self.train_data
@@ -192,6 +199,7 @@ class Run:
             raise IndexedDataError(f"the {split} split is empty")
         precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
         bert = cfg.model.arch == "bert"
+        accuracy = accuracy and bert
         model.eval()
         # loss, batches, mlm correct, mlm total, nsp correct, nsp total
         sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
@@ -208,7 +216,7 @@ class Run:
                     loss = model(**batch)
             sums[0] += loss.detach().double()
             sums[1] += 1
-            if bert:
+            if accuracy:
                 vocab = cfg.model.vocab_size
                 pred = gather_from_tp_region(mlm_logits, ctx.tp_group)[..., :vocab].argmax(-1)
                 labels, picked = batch["mlm_labels"], batch["mlm_labels"] >= 0
@@ -218,7 +226,7 @@ class Run:
                 sums[5] += batch["nsp_labels"].numel()
         loss_sum, batches, mlm_ok, mlm_n, nsp_ok, nsp_n = all_reduce(sums, ctx.dp_group).tolist()
         out = {"batches": int(batches), "loss": loss_sum / batches}
-        if bert:
+        if accuracy:
             out.update(mlm_accuracy=mlm_ok / max(mlm_n, 1), nsp_accuracy=nsp_ok / max(nsp_n, 1))
         else:
             out["perplexity"] = math.exp(min(out["loss"], 50.0))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lite.files import publish
+from megatron_lite.files import publish, temp_name
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -58,8 +58,8 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
-        self._tmp_bin = self.prefix.with_name(self.prefix.name + ".bin.tmp")
-        self._tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
+        self._tmp_bin = temp_name(f"{self.prefix}.bin", unique=True)
+        self._tmp_idx = temp_name(f"{self.prefix}.idx", unique=True)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in finalize/abort
         self._lengths: list[int] = []

@@ -1,9 +1,11 @@
-"""The collectives, each written once. A ``None`` group is a group of one: no communication.
+"""The tensor collectives, each written once. A ``None`` group is a group of one: no
+communication.
 
-Every other module (the autograd mappings, the vocab-parallel cross-entropy, state-dict
-gathering, gradient clipping, checkpoints, evaluation, the tests) calls these instead
-of ``torch.distributed`` directly, so "what does a size-one dimension cost" has one
-answer: nothing.
+The autograd mappings, the vocab-parallel cross-entropy, state-dict gathering, gradient
+clipping, the loss scaler, ZeRO checkpoints, evaluation and the tests call these instead
+of ``torch.distributed``, so "what does a size-one dimension cost" has one answer:
+nothing. (Job-wide synchronisation, barriers and the exchange of error messages, stays
+with ``torch.distributed`` where it is used.)
 """
 
 from __future__ import annotations

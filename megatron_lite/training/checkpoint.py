@@ -55,6 +55,11 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _one_of(optimizer, zero) -> None:
+    if optimizer is not None and zero is not None:
+        raise TypeError("pass the torch optimizer or the ZeRO engine, not both")
+
+
 def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: Config,
                     extra: dict, *, optimizer=None, zero=None, keep: int = 3) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
@@ -68,7 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
             same full form, so the checkpoint loads under either engine.
         keep: how many of the newest checkpoints survive.
     """
-    assert optimizer is None or zero is None, "give the optimizer or the ZeRO engine"
+    _one_of(optimizer, zero)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = temp_name(final)
@@ -106,8 +111,10 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
     for p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(temp_name("step_*").name):  # left by a killed save
-        shutil.rmtree(p, ignore_errors=True)
+    # left by a killed save (".tmp_step_*": the name before megatron_lite.files)
+    for pattern in (temp_name("step_*").name, ".tmp_step_*"):
+        for p in root.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -151,7 +158,7 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
         restore_rng: with an unchanged layout, restore every rank's RNG states too (exact
             resume); with a changed layout they cannot be matched, and a warning says so.
     """
-    assert optimizer is None or zero is None, "give the optimizer or the ZeRO engine"
+    _one_of(optimizer, zero)
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     model_state = _load(ckpt / "model.pt")

@@ -193,7 +193,7 @@ class Trainer:
         """Mean validation loss over ``eval_iters`` global batches (the same every time)."""
         if self.run.valid_data is None:
             return None
-        return self.run.evaluate("valid", precision=self._autocast)["loss"]
+        return self.run.evaluate("valid", precision=self._autocast, accuracy=False)["loss"]
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,

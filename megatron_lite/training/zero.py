@@ -221,9 +221,6 @@ class ZeroEngine:
     def train(self) -> None:
         self.engine.train()
 
-    def eval(self) -> None:
-        self.engine.eval()
-
     @property
     def param_groups(self) -> list[dict]:
         return self.base.param_groups
