@@ -25,6 +25,47 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
 
 
+# ---------------------------------------------------------------------------------------
+# Sublayer orders
+# ---------------------------------------------------------------------------------------
+
+
+def sandwich_pattern(num_layers: int, k: int) -> str:
+    """Press et al. 2019: ``s^k (sf)^(n-k) f^k`` for ``n`` layers; the same sublayers (so the
+    same parameters and compute) as ``(sf)^n``, attention moved down and FFNs up."""
+    if not 0 <= k <= num_layers:
+        raise ConfigError(f"model.sandwich_coefficient={k} must be in [0, model.num_layers="
+                          f"{num_layers}]")
+    return "s" * k + "sf" * (num_layers - k) + "f" * k
+
+
+def par_pattern(num_layers: int, ratio: float) -> str:
+    """PAR's design rules (Mandava et al. 2020) for ``2n`` blocks with ``p = ratio``.
+
+    ``a = round(2n / p)`` of the blocks are self-attention, the rest feed-forward. The
+    attention blocks sit in the lower two thirds of the stack, ``R = round(2n * 2/3)``
+    blocks, spread uniformly from the bottom: block ``floor(i * R / a)`` for ``i = 0..a-1``.
+    E.g. n = 8, p = 5: a = 3 of 16 blocks, R = 11, attention at 0, 3, 7:
+    ``sffsfffsffffffff``.
+    """
+    blocks = 2 * num_layers
+    if ratio < 1:
+        raise ConfigError(f"model.par_ratio={ratio} must be >= 1 (blocks per attention block)")
+    a, region = round(blocks / ratio), round(blocks * 2 / 3)
+    if not 1 <= a <= region:
+        raise ConfigError(f"model.par_ratio={ratio}: {a} attention blocks of {blocks} do not "
+                          f"fit the lower two thirds ({region} blocks)")
+    attn = {i * region // a for i in range(a)}
+    return "".join("s" if b in attn else "f" for b in range(blocks))
+
+
+def layer_units(pattern: str) -> list[tuple[int, int]]:
+    """The "layers" of a sublayer pattern: consecutive pairs of sublayers ``[start, end)``
+    (an ``sf`` pair in an ordinary stack; the last unit of an odd pattern is one sublayer).
+    LayerDrop's ``layer`` granularity, ``layers_to_keep`` and ``prune`` count these."""
+    return [(i, min(i + 2, len(pattern))) for i in range(0, len(pattern), 2)]
+
+
 @dataclass
 class ModelConfig:
     arch: str = "gpt"  # gpt | bert
@@ -43,14 +84,40 @@ class ModelConfig:
     layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
     activation: str = "gelu_tanh"  # gelu_tanh (GPT-2 "gelu_new") | gelu (exact, BERT)
     # residual sublayers bottom to top: s = self-attention, f = feed-forward;
-    # empty = "sf" * num_layers (ordinary layers)
+    # empty = "sf" * num_layers (ordinary layers). At most one of these three orders:
     sublayer_pattern: str = ""
+    sandwich_coefficient: int = 0  # k: s^k (sf)^(n-k) f^k (Press et al. 2019)
+    par_ratio: float = 0.0  # p: PAR's rules, round(2n/p) attention blocks in the lower 2/3
     num_tokentypes: int = 2  # BERT segment embeddings
     activation_checkpointing: str = "none"  # none | full | selective
+    # LayerDrop (Fan et al. 2019): skip each layer with probability p in training
+    layerdrop: float = 0.0
+    layerdrop_granularity: str = "layer"  # layer (a pair of sublayers) | sublayer
+    layerdrop_keep_ends: bool = False  # never drop the first and the last layer
+    layers_to_keep: str = ""  # "0,2,4,6": run only these layers (prune without a checkpoint)
 
     @property
     def pattern(self) -> str:
-        return self.sublayer_pattern or "sf" * self.num_layers
+        """The sublayer string this config builds (see :func:`sandwich_pattern`,
+        :func:`par_pattern`)."""
+        if self.sublayer_pattern:
+            return self.sublayer_pattern
+        if self.sandwich_coefficient:
+            return sandwich_pattern(self.num_layers, self.sandwich_coefficient)
+        if self.par_ratio:
+            return par_pattern(self.num_layers, self.par_ratio)
+        return "sf" * self.num_layers
+
+    @property
+    def kept_layers(self) -> list[int] | None:
+        """``layers_to_keep`` as indices of :func:`layer_units`, or None (all layers)."""
+        if not self.layers_to_keep.strip():
+            return None
+        try:
+            return [int(x) for x in self.layers_to_keep.split(",")]
+        except ValueError:
+            raise ConfigError(f"model.layers_to_keep={self.layers_to_keep!r}: expected "
+                              "layer indices like 0,2,4") from None
 
     @property
     def ffn_size(self) -> int:
@@ -145,9 +212,7 @@ class Config:
             if value not in allowed:
                 problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
         m = self.model
-        if set(m.pattern) - {"s", "f"}:
-            problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
-                            "'s' (self-attention) and 'f' (feed-forward)")
+        problems += _order_problems(m)
         t = self.train
         if self.parallel.engine == "deepspeed" and self.parallel.zero_stage not in (1, 2):
             problems.append(f"parallel.zero_stage={self.parallel.zero_stage} is not 1 or 2 "
@@ -173,8 +238,50 @@ class Config:
         return self
 
 
+def _order_problems(m: ModelConfig) -> list[str]:
+    """Sublayer order, LayerDrop and layers_to_keep settings that cannot work."""
+    problems = []
+    generated = {}
+    if m.sandwich_coefficient:
+        generated["model.sandwich_coefficient"] = m.sandwich_coefficient
+    if m.par_ratio:
+        generated["model.par_ratio"] = m.par_ratio
+    if len(generated) > 1:
+        problems.append("model.sandwich_coefficient and model.par_ratio are two sublayer "
+                        "orders: give one")
+    try:
+        pattern = m.pattern
+        if m.sublayer_pattern and generated:
+            # config.yaml of a run holds the chosen pattern next to the key it came from
+            key, value = next(iter(generated.items()))
+            tmp = dataclasses.replace(m, sublayer_pattern="")
+            if tmp.pattern != m.sublayer_pattern:
+                problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} and {key}="
+                                f"{value} give different orders: give one")
+    except ConfigError as err:
+        return problems + [str(err)]
+    if not pattern or set(pattern) - {"s", "f"}:
+        problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
+                        "'s' (self-attention) and 'f' (feed-forward)")
+    if not 0.0 <= m.layerdrop < 1.0:
+        problems.append(f"model.layerdrop={m.layerdrop} must be in [0, 1)")
+    try:
+        kept, units = m.kept_layers, len(layer_units(pattern))
+    except ConfigError as err:
+        return problems + [str(err)]
+    if kept is not None:
+        bad = [i for i in kept if not 0 <= i < units]
+        if bad:
+            problems.append(f"model.layers_to_keep={m.layers_to_keep!r}: layer {bad[0]} out of "
+                            f"range (the model has layers 0..{units - 1})")
+        elif len(set(kept)) != len(kept):
+            problems.append(f"model.layers_to_keep={m.layers_to_keep!r} repeats a layer")
+    return problems
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
+    "model.layerdrop_granularity": ("layer", "sublayer"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
     "model.activation": ("gelu_tanh", "gelu"),

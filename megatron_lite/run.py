@@ -237,9 +237,10 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
               data: bool = True) -> Run:
     """Check ``cfg`` against ``ctx``'s grid, then build tokenizer, model and datasets.
 
-    Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files, and
-    seeds ``ctx`` with ``train.seed`` before the model is drawn (so a model is the same at
-    every TP size). Raises one-line ``ValueError``s (config, layout, data, tokenizer).
+    Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files,
+    ``model.sublayer_pattern`` to the order a sandwich or PAR key chose, and seeds ``ctx``
+    with ``train.seed`` before the model is drawn (so a model is the same at every TP
+    size). Raises one-line ``ValueError``s (config, layout, data, tokenizer).
 
     Args:
         cfg: the resolved config (changed in place: the tokenizer's vocab size).
@@ -252,6 +253,9 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
     if tokenizer is not None:
         cfg.model.vocab_size = tokenizer.vocab_size
     check_config(cfg, ctx.world_size)
+    m = cfg.model
+    if (m.sandwich_coefficient or m.par_ratio) and not m.sublayer_pattern:
+        m.sublayer_pattern = m.pattern  # written into config.yaml: later commands rebuild it
     if cfg.parallel.tensor_parallel_size != ctx.tp_size:
         raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
                           f" but the job was started with TP={ctx.tp_size}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron_lite.config import ModelConfig
 from megatron_lite.models.bert import BertModel
 from megatron_lite.models.gpt import GPTModel
+from megatron_lite.models.layerdrop import set_layerdrop_key
 from megatron_lite.models.transformer import KVCache
 from megatron_lite.parallel import ParallelContext
 
@@ -18,4 +19,4 @@ def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, device=Non
     raise ValueError(f"model.arch={cfg.arch!r} is not one of gpt, bert")
 
 
-__all__ = ["BertModel", "GPTModel", "KVCache", "build_model"]
+__all__ = ["BertModel", "GPTModel", "KVCache", "build_model", "set_layerdrop_key"]

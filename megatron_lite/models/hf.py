@@ -89,8 +89,13 @@ def _bert_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 def _rules(cfg: ModelConfig) -> list[Rule]:
-    if cfg.sublayer_pattern and cfg.sublayer_pattern != "sf" * cfg.num_layers:
-        raise ValueError(f"sublayer_pattern={cfg.sublayer_pattern!r} has no HF equivalent")
+    if cfg.pattern != "sf" * cfg.num_layers:
+        raise ValueError(f"the sublayer pattern {cfg.pattern!r} is not (sf)^{cfg.num_layers}: "
+                         "Hugging Face's GPT-2 and BERT have an attention and a feed-forward "
+                         "sublayer in every layer, so no HF model holds it")
+    if cfg.kept_layers is not None:
+        raise ValueError(f"model.layers_to_keep={cfg.layers_to_keep!r}: write the pruned "
+                         "checkpoint first (python -m megatron_lite.prune), then convert it")
     return _gpt_rules(cfg) if cfg.arch == "gpt" else _bert_rules(cfg)
 
 

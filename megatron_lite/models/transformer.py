@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.layerdrop import LayerDrop, zero_touch
 from megatron_lite.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -152,7 +153,8 @@ class Transformer(nn.Module):
 
     ``activation_checkpointing``: ``full`` keeps only each sublayer's input and
     recomputes the rest in backward; ``selective`` recomputes only the attention core
-    (softmax and its dropout), Megatron's cheapest memory saving.
+    (softmax and its dropout), Megatron's cheapest memory saving. ``layerdrop`` and
+    ``layers_to_keep`` skip sublayers (:mod:`megatron_lite.models.layerdrop`).
     """
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, causal: bool, device=None):
@@ -162,16 +164,25 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Sublayer(k, cfg, ctx, causal, device) for k in cfg.pattern)
         self.final_ln = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
                          if cfg.layernorm_order == "pre" else None)
+        self.layerdrop = LayerDrop(cfg, ctx.dp_rank)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """``cache`` (inference): attend to the cached positions too, and add this input's."""
-        recompute = self.full_checkpoint and self.training and torch.is_grad_enabled()
+        grad = self.training and torch.is_grad_enabled()
+        recompute = self.full_checkpoint and grad
+        run = self.layerdrop.plan(len(self.layers), self.training)
+        skipped = None  # zero terms giving the skipped sublayers' parameters a gradient
         for i, layer in enumerate(self.layers):
-            if recompute:
+            if run is not None and not run[i]:
+                if grad:
+                    skipped = zero_touch(layer) + (0.0 if skipped is None else skipped)
+            elif recompute:
                 x = checkpoint(layer, self.rng, x, mask)
             else:
                 x = layer(x, mask, cache, i)
+        if skipped is not None:
+            x = x + skipped.to(x.dtype)
         if cache is not None:
             cache.length += x.shape[1]
         return x if self.final_ln is None else self.final_ln(x)

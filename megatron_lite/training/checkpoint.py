@@ -128,7 +128,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no checkpoint here (expected model.pt or a latest pointer)")
 
 
-def _load(path: Path, map_location="cpu"):
+def load_file(path: Path, map_location="cpu"):
+    """``torch.load`` of a checkpoint file (tensors only); one-line errors naming the file."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -161,14 +162,14 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
     _one_of(optimizer, zero)
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    model_state = _load(ckpt / "model.pt")
+    model_state = load_file(ckpt / "model.pt")
     try:
         load_full_state_dict(_unwrap(model), model_state, ctx.tp_group)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt}/model.pt: cannot load into this model ({err})") from None
     if optimizer is not None or zero is not None:
         has_optim = (ckpt / "optim.pt").exists()
-        optim_state = _load(ckpt / "optim.pt") if has_optim else None
+        optim_state = load_file(ckpt / "optim.pt") if has_optim else None
         try:
             if zero is not None:  # the masters come from model.pt, the moments if saved
                 zero.load_checkpoint_state(model_state, optim_state)
@@ -182,7 +183,7 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
     if restore_rng:
         same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
         if same and (ckpt / "rng").is_dir():
-            set_rng_state(ctx.rng, _load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
+            set_rng_state(ctx.rng, load_file(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
         elif ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
                   f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded, so the "
@@ -196,7 +197,7 @@ def average_checkpoints(paths: list[Path], out: Path) -> Path:
         raise CheckpointError("nothing to average")
     total = None
     for p in paths:
-        state = _load(p / "model.pt")
+        state = load_file(p / "model.pt")
         if total is None:
             total = {k: v.double().clone() for k, v in state.items()}
         else:

@@ -25,12 +25,15 @@ def peak_flops(device: torch.device) -> float | None:
 def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
     """Forward + backward FLOPs of one step (Narayanan et al. 2021), activations not recomputed.
 
-    Counts the layers as ``len(pattern) / 2`` ordinary layers (an attention + MLP pair).
+    Per token, forward: an attention sublayer ``8h^2 + 4sh`` (QKV and output projections,
+    scores and context), a feed-forward one ``4h * ffn``, the logits ``2hV``; an ordinary
+    layer is their sum. Counts every sublayer of the pattern (sandwich, PAR), LayerDrop's
+    skipped ones too (the expected cost is lower by about ``p``).
     """
-    h, layers, vocab = cfg.hidden_size, len(cfg.pattern) / 2, cfg.vocab_size
-    ffn_ratio = cfg.ffn_size / (4 * h)
-    per_layer = 24 * h * h * (1 + 2 * ffn_ratio) / 3 + 4 * seq * h  # per token, forward
-    return 3 * global_batch * seq * (layers * per_layer + 2 * h * vocab)
+    h, pattern, vocab = cfg.hidden_size, cfg.pattern, cfg.vocab_size
+    attention, ffn = 8 * h * h + 4 * seq * h, 4 * h * cfg.ffn_size
+    per_token = pattern.count("s") * attention + pattern.count("f") * ffn + 2 * h * vocab
+    return 3 * global_batch * seq * per_token
 
 
 class MetricsLogger:

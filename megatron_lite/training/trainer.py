@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.models import set_layerdrop_key
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
@@ -54,6 +55,10 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            pattern = cfg.model.pattern
+            if pattern != "sf" * cfg.model.num_layers:
+                print(f"sublayer pattern ({pattern.count('s')} attention, {pattern.count('f')} "
+                      f"feed-forward, bottom to top): {pattern}", flush=True)
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard)
         self.peak = peak_flops(ctx.device)
 
@@ -144,7 +149,8 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.ctx.device)
         scale = self.zero.loss_scale()
-        for _ in range(self.accum):
+        for k in range(self.accum):
+            set_layerdrop_key(self.model, (self.cfg.train.seed, self.step, k))
             loss = self.zero(**self.run.to_device(next(self.train_iter)))
             self.zero.backward(loss)
             grad_norm, stepped = self.zero.step()
@@ -166,6 +172,7 @@ class Trainer:
         total = torch.zeros((), device=self.ctx.device)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for k in range(self.accum):
+            set_layerdrop_key(self.model, (t.seed, self.step, k))  # the same on a resume
             batch = self.run.to_device(next(self.train_iter))
             last = k == self.accum - 1
             sync = contextlib.nullcontext() if last or self.engine is self.model else \
