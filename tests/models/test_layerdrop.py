@@ -5,8 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_lite.config import ConfigError, layer_units, load_config, par_pattern, \
-    sandwich_pattern
+from megatron_lite.config import (
+    ConfigError,
+    layer_units,
+    load_config,
+    par_pattern,
+    sandwich_pattern,
+)
 from megatron_lite.models import build_model, set_layerdrop_key
 from megatron_lite.parallel import ParallelContext
 from tests.distributed import gather_full, max_dev
