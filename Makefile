@@ -15,7 +15,7 @@ IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host
 CMD ?= python -m megatron_lite.train --help
 
-.PHONY: help setup demo test lint bench docker-build docker-run slurm-test clean
+.PHONY: help setup demo test lint bench results docker-build docker-run slurm-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -47,6 +47,11 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/preprocess.py
 	$(PY) bench/zero.py
 	$(PY) bench/generate.py
+	$(PY) bench/layerdrop.py
+
+results: setup  ## the paper experiments (bench/experiments/*.py) -> docs/results.md, docs/img/
+	for f in bench/experiments/[a-z]*.py; do \
+		case $$f in */common.py) continue;; esac; $(PY) $$f || exit 1; done
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
 	docker build -t $(IMAGE) .

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from megatron_lite.config import load_config
+from megatron_lite.convert import main as convert_main
 from megatron_lite.evaluate import main as evaluate_main
+from megatron_lite.generate import main as generate_main
 from megatron_lite.models import build_model
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.prune import main as prune_main
@@ -124,6 +126,11 @@ def test_prune_keeps_a_sandwich_pattern(gpt_shard, bpe_files, tmp_path, capsys):
     assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
     assert "sssfsfff" in capsys.readouterr().out  # printed at start
     assert load_config(tmp_path / "run/config.yaml").model.sublayer_pattern == "sssfsfff"
+    assert generate_main([str(tmp_path / "run"), "--prompt", "Return the", "--greedy",
+                          "--max-new-tokens", "4"]) == 0  # rebuilt from config.yaml
+    assert convert_main(["--from", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 2
+    assert "'sssfsfff' is not (sf)^4" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
     assert prune_main(["--from", str(tmp_path / "run"), "--to", str(tmp_path / "p"),
                        "--keep", "0,3"]) == 0
     assert load_config(tmp_path / "p/config.yaml").model.pattern == "ssff"
