@@ -90,6 +90,10 @@ class ModelConfig:
     par_ratio: float = 0.0  # p: PAR's rules, round(2n/p) attention blocks in the lower 2/3
     num_tokentypes: int = 2  # BERT segment embeddings
     activation_checkpointing: str = "none"  # none | full | selective
+    # Transformer-XL (Dai et al. 2019), GPT only: relative positions and segment memory
+    position_embedding: str = "learned"  # learned (GPT-2) | relative
+    mem_len: int = 0  # memory of past positions per attention sublayer (relative only)
+    clamp_len: int = 0  # cap relative distances (0: no cap)
     # LayerDrop (Fan et al. 2019): skip each layer with probability p in training
     layerdrop: float = 0.0
     layerdrop_granularity: str = "layer"  # layer (a pair of sublayers) | sublayer
@@ -152,6 +156,7 @@ class DataConfig:
     vocab_file: str | None = None
     merge_file: str | None = None
     tokenizer_model: str | None = None
+    ordering: str = "shuffled"  # GPT samples: shuffled | consecutive (lanes, Transformer-XL)
     # BERT
     masked_lm_prob: float = 0.15
     max_predictions_per_seq: int = 0  # 0: round(masked_lm_prob * seq_length)
@@ -226,7 +231,8 @@ class Config:
         if t.phase2_seq_length and t.phase2_seq_length > m.max_position_embeddings:
             problems.append(f"train.phase2_seq_length={t.phase2_seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")
-        if m.seq_length > m.max_position_embeddings:
+        problems += _xl_problems(self)
+        if m.seq_length > m.max_position_embeddings and m.position_embedding == "learned":
             problems.append(f"model.seq_length={m.seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")
         return problems
@@ -236,6 +242,25 @@ class Config:
         if problems := self.problems():
             raise ConfigError("; ".join(problems))
         return self
+
+
+def _xl_problems(cfg: Config) -> list[str]:
+    """Transformer-XL settings that cannot work (see megatron_lite/models/relative.py)."""
+    m, problems = cfg.model, []
+    if m.position_embedding == "relative":
+        if m.arch != "gpt":
+            problems.append("model.position_embedding=relative is for GPT only (model.arch=gpt)")
+        if m.layernorm_order != "pre":
+            problems.append("model.position_embedding=relative is built pre-LN "
+                            "(model.layernorm_order=pre)")
+    if m.mem_len < 0 or m.clamp_len < 0:
+        problems.append("model.mem_len and model.clamp_len must be >= 0")
+    if m.mem_len > 0 and m.position_embedding != "relative":
+        problems.append(f"model.mem_len={m.mem_len} needs model.position_embedding=relative "
+                        "(absolute positions cannot be continued across segments)")
+    if cfg.data.ordering == "consecutive" and m.arch != "gpt":
+        problems.append("data.ordering=consecutive is for GPT only")
+    return problems
 
 
 def _order_problems(m: ModelConfig) -> list[str]:
@@ -282,6 +307,8 @@ def _order_problems(m: ModelConfig) -> list[str]:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.layerdrop_granularity": ("layer", "sublayer"),
+    "model.position_embedding": ("learned", "relative"),
+    "data.ordering": ("shuffled", "consecutive"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
     "model.activation": ("gelu_tanh", "gelu"),

@@ -4,7 +4,11 @@
     torchrun --nproc_per_node 2 -m megatron_lite.evaluate CKPT --tp 2
     python -m megatron_lite.evaluate --config configs/gpt2/tiny-cpu.yaml data.data_path=...
 
-GPT: loss and perplexity. BERT: MLM loss and accuracy on the masked positions, NSP
+GPT: loss and perplexity. A relative-position (Transformer-XL) model is evaluated by
+its protocol: the whole split (``--iters N``: N global batches of segments) in
+consecutive segments with the memory carried, e.g. ``evaluate RUN model.mem_len=640
+model.seq_length=64``; it prints targets scored and tokens/s too.
+BERT: MLM loss and accuracy on the masked positions, NSP
 accuracy. Prints one JSON line (rank 0); loads at any TP size.
 """
 
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
         try:
             run = build_run(cfg, ctx, training=False)
             step = load_checkpoint(ckpt, run.model, ctx)["step"] if ckpt else 0
-            result = {"split": a.split, "step": step, **run.evaluate(a.split)}
+            result = {"split": a.split, "step": step, **run.evaluate(a.split, a.iters)}
             if ctx.is_main:
                 print(json.dumps(result))
         finally:

@@ -18,6 +18,7 @@ import torch
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel, KVCache
+from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelContext,
     destroy_parallel,
@@ -56,20 +57,37 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
     With ``use_cache`` each new token runs through the model alone, attending to the
     cached keys/values of the earlier ones. Past ``max_position_embeddings`` the context
     is the last window of tokens, recomputed at every step (as without the cache).
+
+    A relative-position (Transformer-XL) model caches with its memory instead: the last
+    ``mem_len`` (else ``max_position_embeddings``) positions of every attention
+    sublayer's input, carried forever; without the cache each step recomputes the last
+    ``that + 1`` tokens (the same tokens while nothing has been dropped from the memory).
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
+    relative = model.cfg.position_embedding == "relative"
     window = model.cfg.max_position_embeddings
+    if relative:
+        context = model.cfg.mem_len or window
+        window = context + 1
     vocab = model.cfg.vocab_size
     cache = None
     for _ in range(max_new_tokens):
-        if not use_cache or cache is None or cache.length >= window:
-            cache = KVCache() if use_cache else None  # (re)fill from the last window
-            x = torch.tensor([ids[-window:]], device=ctx.device)
+        if relative and use_cache:
+            if cache is None:
+                cache = Memory(context)
+                x = torch.tensor([ids], device=ctx.device)
+            else:
+                x = torch.tensor([ids[-1:]], device=ctx.device)
+            logits = model(x, memory=cache)[:, -1]
         else:
-            x = torch.tensor([ids[-1:]], device=ctx.device)
-        logits = model(x, cache=cache)[:, -1]
+            if not use_cache or cache is None or cache.length >= window:
+                cache = KVCache() if use_cache else None  # (re)fill from the last window
+                x = torch.tensor([ids[-window:]], device=ctx.device)
+            else:
+                x = torch.tensor([ids[-1:]], device=ctx.device)
+            logits = model(x, cache=cache)[:, -1]
         logits = gather_from_tp_region(logits, ctx.tp_group)[0, :vocab].cpu()
         tok = next_token(logits, gen, greedy, temperature, top_k, top_p)
         ids.append(tok)

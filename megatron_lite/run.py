@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,13 +29,16 @@ from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
+from megatron_lite.data.stream import ConsecutiveGPTDataset, TokenStream
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_lite.models import build_model
+from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelConfigError,
     ParallelContext,
     gather_from_tp_region,
     validate_parallel_config,
+    vocab_parallel_cross_entropy,
 )
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.training.precision import autocast
@@ -135,6 +139,9 @@ class Run:
             make = lambda rng, n, name: BertDataset(  # noqa: E731
                 indexed, rng, seq, n, t.seed, tokens, cfg.data, name=name,
                 continuation=continuation, build=ctx.is_main, sync=sync)
+        elif cfg.data.ordering == "consecutive":  # one lane per global-batch row
+            make = lambda rng, n, name: ConsecutiveGPTDataset(  # noqa: E731
+                indexed, rng, seq, t.global_batch_size, name=name)
         else:
             make = lambda rng, n, name: GPTDataset(  # noqa: E731
                 indexed, rng, seq, n, t.seed, name=name, build=ctx.is_main, sync=sync)
@@ -178,6 +185,17 @@ class Run:
     # ----------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
+    def evaluate_stream(self, split: str = "valid", max_tokens: int | None = None,
+                        precision=None) -> dict:
+        """Transformer-XL's evaluation: the split's token stream (or its first
+        ``max_tokens`` targets) in consecutive segments of ``model.seq_length``, every
+        target predicted exactly once, the memory (``model.mem_len``) carried from segment
+        to segment. The stream is cut into ``micro_batch_size x DP`` lanes (each starts
+        without memory). Returns loss, perplexity, targets and tokens/s."""
+        precision = precision or (lambda: autocast(self.cfg.train.precision, self.ctx.device))
+        return _stream_evaluate(self, split, max_tokens, precision)
+
+    @torch.no_grad()
     def evaluate(self, split: str = "valid", iters: int | None = None,
                  precision: Callable[[], contextlib.AbstractContextManager] | None = None,
                  accuracy: bool = True) -> dict:
@@ -194,10 +212,14 @@ class Run:
             accuracy: BERT's accuracies too (they gather the MLM logits over TP).
         """
         cfg, ctx, model = self.cfg, self.ctx, self.model
+        precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
+        if cfg.model.position_embedding == "relative":
+            t = cfg.train
+            return self.evaluate_stream(
+                split, iters and iters * t.global_batch_size * cfg.model.seq_length, precision)
         data = self.valid_data if split == "valid" else self.train_data
         if data is None:
             raise IndexedDataError(f"the {split} split is empty")
-        precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
         bert = cfg.model.arch == "bert"
         accuracy = accuracy and bert
         model.eval()
@@ -231,6 +253,49 @@ class Run:
         else:
             out["perplexity"] = math.exp(min(out["loss"], 50.0))
         return out
+
+
+def _stream_evaluate(run: Run, split: str, max_tokens: int | None, precision) -> dict:
+    """Transformer-XL's protocol (see :meth:`Run.evaluate_stream`)."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
+    indexed = IndexedDataset(cfg.data.data_path)
+    index = {"train": 0, "valid": 1, "test": 2}[split]
+    stream = TokenStream(indexed, split_ranges(indexed.num_documents, cfg.data.split)[index],
+                         split)
+    total = stream.num_tokens - 1  # every token after the first is a target
+    if max_tokens:
+        total = min(total, max_tokens)
+    mb, seg = cfg.train.micro_batch_size, cfg.model.seq_length
+    lanes = mb * ctx.dp_size
+    lane = -(-total // lanes)  # targets per lane (the last lane may hold fewer)
+    inputs = np.zeros((mb, lane), dtype=np.int64)
+    labels = np.full((mb, lane), -100, dtype=np.int64)
+    for row in range(mb):  # this DP rank's lanes
+        start = (ctx.dp_rank * mb + row) * lane
+        n = max(0, min(lane, total - start))
+        if n:
+            tokens = stream.read(start, n + 1)
+            inputs[row, :n], labels[row, :n] = tokens[:-1], tokens[1:]
+    inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+    memory = Memory(cfg.model.mem_len)
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
+    tick = time.perf_counter()
+    for start in range(0, lane, seg):
+        ids = inputs[:, start:start + seg].to(ctx.device)
+        target = labels[:, start:start + seg].to(ctx.device)
+        with precision():
+            logits = model(ids, memory=memory)  # [mb, seg, V/tp]
+        sums[0] += vocab_parallel_cross_entropy(logits.float(), target, ctx.tp_group,
+                                                vocab_size=cfg.model.vocab_size,
+                                                reduction="sum").double()
+        sums[1] += (target != -100).sum()
+    loss_sum, count = all_reduce(sums, ctx.dp_group).tolist()
+    seconds = time.perf_counter() - tick
+    loss = loss_sum / max(count, 1)
+    return {"tokens": int(count), "segment": seg, "mem_len": cfg.model.mem_len,
+            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "tokens_per_sec": count / seconds}
 
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,

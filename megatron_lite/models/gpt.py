@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.relative import Memory
 from megatron_lite.models.transformer import KVCache, Transformer, embedding, word_embedding
 from megatron_lite.parallel import (
     ParallelContext,
@@ -30,11 +31,13 @@ class GPTModel(nn.Module):
         self.cfg, self.tp_group = cfg, ctx.tp_group
         self.wte = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.wte.num_embeddings
-        self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std, device)
+        # relative positions (Transformer-XL): no absolute position embedding
+        self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std,
+                             device) if cfg.position_embedding == "learned" else None
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, memory: Memory | None = None) -> torch.Tensor:
         """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
 
         Args:
@@ -43,16 +46,26 @@ class GPTModel(nn.Module):
                 convention: the dataset shifts), ``-100`` where no loss is wanted.
             cache: a :class:`KVCache` for incremental decoding: ``input_ids`` continue the
                 cached positions, and their keys/values are added to it.
+            memory: relative positions only: a :class:`Memory` of the previous segments,
+                which ``input_ids`` continue; it is updated with this segment.
         """
         s = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + s > self.cfg.max_position_embeddings:
-            raise ValueError(f"{start + s} positions exceed model.max_position_embeddings="
-                             f"{self.cfg.max_position_embeddings}")
-        pos = torch.arange(start, start + s, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
+        if self.wpe is None:
+            if cache is not None:
+                raise ValueError("model.position_embedding=relative caches with a Memory "
+                                 "(memory=...), not a KVCache")
+            x = self.wte(input_ids)  # [b, s, h]
+        else:
+            if memory is not None:
+                raise ValueError("a memory needs model.position_embedding=relative")
+            start = cache.length if cache is not None else 0
+            if start + s > self.cfg.max_position_embeddings:
+                raise ValueError(f"{start + s} positions exceed model.max_position_embeddings="
+                                 f"{self.cfg.max_position_embeddings}")
+            pos = torch.arange(start, start + s, device=input_ids.device)
+            x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
-        x = self.transformer(x, cache=cache)  # [b, s, h]
+        x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h]
         logits = F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)  # [b, s, V/tp]
         if labels is None:
             return logits

@@ -93,6 +93,10 @@ def _rules(cfg: ModelConfig) -> list[Rule]:
         raise ValueError(f"the sublayer pattern {cfg.pattern!r} is not (sf)^{cfg.num_layers}: "
                          "Hugging Face's GPT-2 and BERT have an attention and a feed-forward "
                          "sublayer in every layer, so no HF model holds it")
+    if cfg.position_embedding != "learned":
+        raise ValueError(f"model.position_embedding={cfg.position_embedding}: Hugging Face's "
+                         "GPT-2 has learned absolute positions only (transformers no longer "
+                         "ships Transformer-XL), so no HF model holds this one")
     if cfg.kept_layers is not None:
         raise ValueError(f"model.layers_to_keep={cfg.layers_to_keep!r}: write the pruned "
                          "checkpoint first (python -m megatron_lite.prune), then convert it")

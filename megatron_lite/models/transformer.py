@@ -18,6 +18,12 @@ from torch import nn
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.models.layerdrop import LayerDrop, zero_touch
+from megatron_lite.models.relative import (
+    Memory,
+    RelativeBiases,
+    relative_encoding,
+    shift_index,
+)
 from megatron_lite.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -72,6 +78,11 @@ class SelfAttention(nn.Module):
         self.proj = RowParallelLinear(
             h, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
             init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+        # Transformer-XL: W_R projects the distance encodings, split by heads like Q
+        self.r_proj = ColumnParallelLinear(h, h, bias=False, init_method=normal_init(std),
+                                           tp_group=ctx.tp_group, device=device) \
+            if cfg.position_embedding == "relative" else None
+        self.hidden, self.clamp_len = h, cfg.clamp_len
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -81,23 +92,44 @@ class SelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                 dropout_p=self.dropout_p if self.training else 0.0)
 
+    def position_scores(self, q: torch.Tensor, v_bias: torch.Tensor, mlen: int) -> torch.Tensor:
+        """``(q_i + v) . W_R R_{i-j} / sqrt(d)`` for queries ``[b, heads/tp, qlen, d]`` against
+        ``mlen + qlen`` keys, ``-inf`` where key ``j`` is in the future of query ``i``."""
+        b, heads, qlen, d = q.shape
+        klen = mlen + qlen
+        r = relative_encoding(qlen, mlen, self.hidden, self.clamp_len, q.device)  # [klen, h]
+        r = self.r_proj(r.to(self.r_proj.weight.dtype)).view(klen, heads, d)  # [klen, H/tp, d]
+        raw = torch.matmul(q + v_bias[None, :, None, :], r.permute(1, 2, 0))  # by distance
+        scores = raw.gather(-1, shift_index(qlen, mlen, q.device).expand(b, heads, qlen, klen))
+        allowed = torch.ones(qlen, klen, dtype=torch.bool, device=q.device).tril(mlen)
+        return (scores / self.head_dim ** 0.5).masked_fill(~allowed, float("-inf"))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, index: int = 0, qlen: int | None = None,
+                u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``x`` ``[b, s, h]`` (normalized). With relative positions ``x`` may be
+        ``[memory, segment]``: the queries are its last ``qlen`` positions, and ``u``, ``v``
+        are the shared ``[heads/tp, d]`` biases."""
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
+        q, k, values = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
         causal = self.causal
-        if cache is not None:
+        if self.r_proj is not None:  # Transformer-XL: (q + u) k_j + (q + v) W_R R_{i-j}
+            qlen = qlen or s
+            q = q[:, :, s - qlen:]  # [b, heads/tp, qlen, d]
+            mask = self.position_scores(q, v, s - qlen)  # [b, heads/tp, qlen, s]
+            q, causal, s = q + u[None, :, None, :], False, qlen
+        elif cache is not None:
             past = cache.length
-            k, v = cache.extend(index, k, v)  # [b, heads/tp, past + s, d]
+            k, values = cache.extend(index, k, values)  # [b, heads/tp, past + s, d]
             if causal and past:  # the queries are the last s positions: i sees past + i
                 causal = False
                 if s > 1:
                     mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
         if self.selective and self.training and torch.is_grad_enabled():
-            heads = checkpoint(self.core, self.rng, q, k, v, mask, causal)
+            heads = checkpoint(self.core, self.rng, q, k, values, mask, causal)
         else:
-            heads = self.core(q, k, v, mask, causal)  # [b, heads/tp, s, d]
+            heads = self.core(q, k, values, mask, causal)  # [b, heads/tp, s, d]
         return self.proj(heads.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
 
 
@@ -140,7 +172,14 @@ class Sublayer(nn.Module):
         return self.attn(x, mask, cache, index) if self.kind == "s" else self.mlp(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, index: int = 0, u: torch.Tensor | None = None,
+                v: torch.Tensor | None = None, mem: torch.Tensor | None = None) -> torch.Tensor:
+        """``u``, ``v``: the relative-position biases; ``mem``: this sublayer's memory
+        ``[b, m, h]`` (its inputs of the previous segments), attended to with ``x``."""
+        if u is not None and self.kind == "s":  # relative positions (pre-LN, validated)
+            src = x if mem is None else torch.cat([mem.to(x.dtype), x], dim=1)
+            out = self.attn(self.ln(src), qlen=x.shape[1], u=u, v=v)  # [b, s, h]
+            return x + F.dropout(out, self.dropout_p, self.training)
         if self.post_ln:
             return self.ln(x + F.dropout(self.body(x, mask, cache, index), self.dropout_p,
                                          self.training))
@@ -165,22 +204,34 @@ class Transformer(nn.Module):
         self.final_ln = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
                          if cfg.layernorm_order == "pre" else None)
         self.layerdrop = LayerDrop(cfg, ctx.dp_rank)
+        self.rel = RelativeBiases(cfg.num_attention_heads,
+                                  cfg.hidden_size // cfg.num_attention_heads,
+                                  cfg.init_std, ctx, device) \
+            if cfg.position_embedding == "relative" else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """``cache`` (inference): attend to the cached positions too, and add this input's."""
+                cache: KVCache | None = None, memory: Memory | None = None) -> torch.Tensor:
+        """``cache`` (inference): attend to the cached positions too, and add this input's.
+        ``memory`` (relative positions): attend to it too, and stage this segment's inputs."""
         grad = self.training and torch.is_grad_enabled()
         recompute = self.full_checkpoint and grad
         run = self.layerdrop.plan(len(self.layers), self.training)
+        u, v = (self.rel.u, self.rel.v) if self.rel is not None else (None, None)
         skipped = None  # zero terms giving the skipped sublayers' parameters a gradient
         for i, layer in enumerate(self.layers):
+            mem = None
+            if memory is not None and layer.kind == "s":
+                mem = memory.get(i)
+                memory.stage(i, x)  # also when skipped: every memory covers the same past
             if run is not None and not run[i]:
                 if grad:
                     skipped = zero_touch(layer) + (0.0 if skipped is None else skipped)
             elif recompute:
-                x = checkpoint(layer, self.rng, x, mask)
+                x = checkpoint(layer, self.rng, x, mask, None, i, u, v, mem)
             else:
-                x = layer(x, mask, cache, i)
+                x = layer(x, mask, cache, i, u, v, mem)
+        if memory is not None:
+            memory.commit()
         if skipped is not None:
             x = x + skipped.to(x.dtype)
         if cache is not None:

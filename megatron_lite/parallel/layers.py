@@ -37,7 +37,7 @@ def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
-def _init_shard_(shard: torch.Tensor, full_shape, init_method: InitMethod, dim: int,
+def init_shard_(shard: torch.Tensor, full_shape, init_method: InitMethod, dim: int,
                  stride: int, group, drawn_rows: int | None = None) -> None:
     """Fill ``shard`` with this rank's slice of a full weight drawn by ``init_method``.
 
@@ -93,7 +93,7 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = divide(out_features, tp, "out_features")
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features,
                                                device=device, dtype=dtype))
-        _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
+        init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
                      0, stride, tp_group)
         mark_tp(self.weight, 0, stride)
         if bias:
@@ -134,7 +134,7 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = divide(in_features, tp, "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank,
                                                device=device, dtype=dtype))
-        _init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
+        init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
                      1, 1, tp_group)
         mark_tp(self.weight, 1)
         if bias:
@@ -179,7 +179,7 @@ class VocabParallelEmbedding(nn.Module):
             num_embeddings, group_rank(tp_group), group_size(tp_group))
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim,
                                                device=device, dtype=dtype))
-        _init_shard_(self.weight, (num_embeddings, embedding_dim), init_method or normal_init(),
+        init_shard_(self.weight, (num_embeddings, embedding_dim), init_method or normal_init(),
                      0, 1, tp_group, drawn_rows=vocab_size)
         mark_tp(self.weight, 0, vocab_dim=0)
 

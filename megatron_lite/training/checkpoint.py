@@ -61,7 +61,8 @@ def _one_of(optimizer, zero) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: Config,
-                    extra: dict, *, optimizer=None, zero=None, keep: int = 3) -> Path:
+                    extra: dict, *, optimizer=None, zero=None, keep: int = 3,
+                    rank_state: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
     Args:
@@ -72,6 +73,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
             masters and Adam moments are gathered from their DP partitions into the
             same full form, so the checkpoint loads under either engine.
         keep: how many of the newest checkpoints survive.
+        rank_state: more of this rank's own state (Transformer-XL memories), saved with
+            its RNG states and given back by :func:`load_checkpoint` on the same layout.
     """
     _one_of(optimizer, zero)
     root = Path(run_dir) / "checkpoints"
@@ -87,7 +90,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
         model_state = full_state_dict(_unwrap(model), ctx.tp_group)  # collectives over TP
         optim_state = (full_optimizer_state(_unwrap(model), optimizer, ctx)
                        if optimizer is not None else None)
-    torch.save(rng_state(ctx.rng), tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
+    torch.save({**rng_state(ctx.rng), **(rank_state or {})},
+               tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
     if ctx.is_main:
         torch.save(model_state, tmp / "model.pt")
         if optim_state is not None:
@@ -157,7 +161,8 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
         zero: ... or a :class:`~megatron_lite.training.zero.ZeroEngine` (DeepSpeed's
             partitioned masters and moments).
         restore_rng: with an unchanged layout, restore every rank's RNG states too (exact
-            resume); with a changed layout they cannot be matched, and a warning says so.
+            resume) and return the rest of its saved state as ``meta["rank_state"]``; with
+            a changed layout they cannot be matched, and a warning says so.
     """
     _one_of(optimizer, zero)
     ckpt = resolve_checkpoint(path)
@@ -183,11 +188,15 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
     if restore_rng:
         same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
         if same and (ckpt / "rng").is_dir():
-            set_rng_state(ctx.rng, load_file(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"))
+            state = load_file(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt")
+            set_rng_state(ctx.rng, state)
+            meta["rank_state"] = {k: v for k, v in state.items()
+                                  if k not in ("cpu", "cuda", "tracker")}
         elif ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
-                  f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded, so the "
-                  "continuation is not bitwise identical", flush=True)
+                  f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded (and any "
+                  "Transformer-XL memory starts empty), so the continuation is not bitwise "
+                  "identical", flush=True)
     return meta
 
 

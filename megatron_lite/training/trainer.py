@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.models import set_layerdrop_key
+from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
@@ -47,6 +48,13 @@ class Trainer:
         self.zero, self.engine = self._build_engine()
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
+        # Transformer-XL: one memory per micro-batch (its rows are the same lanes each step)
+        self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
+            if cfg.model.mem_len > 0 else None
+        if self.memories is not None and cfg.data.ordering != "consecutive":
+            raise ConfigError(f"model.mem_len={cfg.model.mem_len} needs data.ordering="
+                              "consecutive in training: with shuffled samples the memory holds "
+                              "unrelated text, and the model learns to ignore it")
         self._resume()
         self.phase2_step = (int(t.phase2_start * t.max_steps)
                             if t.phase2_seq_length and cfg.model.arch == "bert" else None)
@@ -85,6 +93,10 @@ class Trainer:
             return
         meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
                                **self._optimizer_or_zero())
+        saved = meta.get("rank_state", {}).get("memory")
+        if self.memories is not None and saved is not None and len(saved) == self.accum:
+            for memory, state in zip(self.memories, saved, strict=True):
+                memory.load_state_dict(state, self.ctx.device)
         self.step, self.consumed = meta["step"], meta["consumed_samples"]
         self.tokens_seen = meta.get("tokens_seen", 0)
         if self.scaler is not None and "loss_scaler" in meta:
@@ -143,6 +155,18 @@ class Trainer:
         self.tokens_seen += t.global_batch_size * self.train_data.seq_length
         return {"step": self.step, **out}
 
+    def _micro_batch(self, k: int) -> dict:
+        """Micro-batch ``k`` of this step on the device, with its memory (Transformer-XL);
+        seeds LayerDrop's decisions for it (a function of the step: the same on a resume)."""
+        set_layerdrop_key(self.model, (self.cfg.train.seed, self.step, k))
+        batch = self.run.to_device(next(self.train_iter))
+        if self.memories is not None:
+            if k == 0 and self.train_data.position(self.consumed)[1] == 0:
+                for m in self.memories:  # the lanes start over: nothing to remember
+                    m.reset()
+            batch["memory"] = self.memories[k]
+        return batch
+
     def _zero_step(self, lr: float) -> dict:
         """One optimizer step through DeepSpeed (it accumulates, reduces, clips, steps)."""
         for group in self.zero.param_groups:
@@ -150,8 +174,7 @@ class Trainer:
         total = torch.zeros((), device=self.ctx.device)
         scale = self.zero.loss_scale()
         for k in range(self.accum):
-            set_layerdrop_key(self.model, (self.cfg.train.seed, self.step, k))
-            loss = self.zero(**self.run.to_device(next(self.train_iter)))
+            loss = self.zero(**self._micro_batch(k))
             self.zero.backward(loss)
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
@@ -172,8 +195,7 @@ class Trainer:
         total = torch.zeros((), device=self.ctx.device)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for k in range(self.accum):
-            set_layerdrop_key(self.model, (t.seed, self.step, k))  # the same on a resume
-            batch = self.run.to_device(next(self.train_iter))
+            batch = self._micro_batch(k)
             last = k == self.accum - 1
             sync = contextlib.nullcontext() if last or self.engine is self.model else \
                 self.engine.no_sync()
@@ -200,7 +222,8 @@ class Trainer:
         """Mean validation loss over ``eval_iters`` global batches (the same every time)."""
         if self.run.valid_data is None:
             return None
-        return self.run.evaluate("valid", precision=self._autocast, accuracy=False)["loss"]
+        return self.run.evaluate("valid", self.cfg.train.eval_iters, precision=self._autocast,
+                                 accuracy=False)["loss"]
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
@@ -209,8 +232,11 @@ class Trainer:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.zero is not None and self.zero.loss_scaler_state() is not None:
             extra["deepspeed_loss_scaler"] = self.zero.loss_scaler_state()
+        rank_state = {"memory": [m.state_dict() for m in self.memories]} \
+            if self.memories is not None else None
         return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg, extra,
-                               keep=self.cfg.train.keep_checkpoints, **self._optimizer_or_zero())
+                               keep=self.cfg.train.keep_checkpoints, rank_state=rank_state,
+                               **self._optimizer_or_zero())
 
     def _maybe_fail(self) -> None:
         t = self.cfg.train

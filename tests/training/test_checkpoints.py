@@ -35,16 +35,21 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("world,tp,layerdrop", [(2, 2, 0.0), (2, 1, 0.0), (2, 1, 0.5)],
-                         ids=["tp2xdp1", "tp1xdp2", "tp1xdp2-layerdrop"])
+XL = {"model.position_embedding": "relative", "model.mem_len": 16,
+      "data.ordering": "consecutive"}
+
+
+@pytest.mark.parametrize("world,tp,variant", [
+    (2, 2, {}), (2, 1, {}), (2, 1, {"model.layerdrop": 0.5}), (2, 2, XL), (2, 1, XL)],
+    ids=["tp2xdp1", "tp1xdp2", "tp1xdp2-layerdrop", "tp2xdp1-xl-memory", "tp1xdp2-xl-memory"])
 def test_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path, world, tp,
-                                 layerdrop):
+                                 variant):
     """With LayerDrop the two DP ranks drop different layers (no hang under DDP), and the
-    decisions after a resume are those of the straight run."""
+    decisions after a resume are those of the straight run. With Transformer-XL's memory
+    the lanes and every rank's memories continue where they were."""
     common = {"parallel.tensor_parallel_size": tp, "train.max_steps": 12,
               "train.eval_interval": 6, "model.hidden_dropout": 0.1,
-              "model.attention_dropout": 0.1, "model.num_layers": 4,
-              "model.layerdrop": layerdrop}
+              "model.attention_dropout": 0.1, "model.num_layers": 4, **variant}
     straight = tiny_overrides(gpt_shard, bpe_files, tmp_path / "straight", **common)
     distributed(_train, world, straight, tp_size=tp)
     split = tiny_overrides(gpt_shard, bpe_files, tmp_path / "split", **common)
