@@ -165,3 +165,18 @@ def test_generation_with_the_memory_equals_recomputing():
         ours = generate(model, ParallelContext(), prompt, 16, **kwargs)  # 20 positions: all kept
         ref = generate(model, ParallelContext(), prompt, 16, use_cache=False, **kwargs)
         assert ours == ref, (kwargs, ours, ref)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_memory():
+    grads = []
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = build_model(xl_cfg(mem_len=6, activation_checkpointing=mode)).train()
+        mem = Memory(6)
+        ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
+        for seg in (slice(0, 8), slice(8, 16)):
+            model(ids[:, seg], ids[:, seg.start + 1:seg.stop + 1], memory=mem).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            assert max_dev(g, other[name]) <= 1e-6, name
