@@ -94,6 +94,12 @@ class ModelConfig:
     position_embedding: str = "learned"  # learned (GPT-2) | relative
     mem_len: int = 0  # memory of past positions per attention sublayer (relative only)
     clamp_len: int = 0  # cap relative distances (0: no cap)
+    # adaptive attention span (Sukhbaatar et al. 2019), on relative positions + memory
+    adaptive_span: bool = False
+    attn_span: int = 0  # S, the largest span; the memory keeps the last S positions
+    adaptive_span_ramp: int = 32  # R, the soft mask's ramp
+    adaptive_span_init: float = 0.0  # initial span, a fraction of S
+    adaptive_span_loss: float = 2e-6  # lambda of the L1 penalty lambda * sum(z)
     # LayerDrop (Fan et al. 2019): skip each layer with probability p in training
     layerdrop: float = 0.0
     layerdrop_granularity: str = "layer"  # layer (a pair of sublayers) | sublayer
@@ -258,6 +264,21 @@ def _xl_problems(cfg: Config) -> list[str]:
     if m.mem_len > 0 and m.position_embedding != "relative":
         problems.append(f"model.mem_len={m.mem_len} needs model.position_embedding=relative "
                         "(absolute positions cannot be continued across segments)")
+    if m.adaptive_span:
+        if m.position_embedding != "relative":
+            problems.append("model.adaptive_span needs model.position_embedding=relative "
+                            "(the span reaches back into Transformer-XL's memory)")
+        if m.attn_span <= 0:
+            problems.append("model.adaptive_span needs model.attn_span > 0 (the largest span)")
+        elif m.adaptive_span_ramp >= m.attn_span or m.adaptive_span_ramp <= 0:
+            problems.append(f"model.adaptive_span_ramp={m.adaptive_span_ramp} must be in (0, "
+                            f"model.attn_span={m.attn_span})")
+        if m.mem_len and m.mem_len != m.attn_span:
+            problems.append(f"model.mem_len={m.mem_len} with model.attn_span={m.attn_span}: the "
+                            "memory must hold the largest span (leave mem_len 0 to set it)")
+        if not 0.0 <= m.adaptive_span_init <= 1.0:
+            problems.append(f"model.adaptive_span_init={m.adaptive_span_init} is a fraction "
+                            "of model.attn_span, in [0, 1]")
     if cfg.data.ordering == "consecutive" and m.arch != "gpt":
         problems.append("data.ordering=consecutive is for GPT only")
     return problems

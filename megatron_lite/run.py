@@ -191,7 +191,9 @@ class Run:
         ``max_tokens`` targets) in consecutive segments of ``model.seq_length``, every
         target predicted exactly once, the memory (``model.mem_len``) carried from segment
         to segment. The stream is cut into ``micro_batch_size x DP`` lanes (each starts
-        without memory). Returns loss, perplexity, targets and tokens/s."""
+        without memory). Returns loss, perplexity, targets and tokens/s. A model with learned
+        positions can be read this way too (each segment alone): the baseline of the
+        Transformer-XL comparison."""
         precision = precision or (lambda: autocast(self.cfg.train.precision, self.ctx.device))
         return _stream_evaluate(self, split, max_tokens, precision)
 
@@ -277,7 +279,8 @@ def _stream_evaluate(run: Run, split: str, max_tokens: int | None, precision) ->
             tokens = stream.read(start, n + 1)
             inputs[row, :n], labels[row, :n] = tokens[:-1], tokens[1:]
     inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
-    memory = Memory(cfg.model.mem_len)
+    # a learned-position model reads each segment alone (positions 0..seg-1)
+    memory = Memory(cfg.model.mem_len) if cfg.model.position_embedding == "relative" else None
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
     tick = time.perf_counter()
@@ -321,6 +324,8 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
     m = cfg.model
     if (m.sandwich_coefficient or m.par_ratio) and not m.sublayer_pattern:
         m.sublayer_pattern = m.pattern  # written into config.yaml: later commands rebuild it
+    if m.adaptive_span and not m.mem_len:
+        m.mem_len = m.attn_span  # the memory holds the largest span
     if cfg.parallel.tensor_parallel_size != ctx.tp_size:
         raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
                           f" but the job was started with TP={ctx.tp_size}")

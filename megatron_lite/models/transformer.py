@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.adaptive_span import AdaptiveSpan
 from megatron_lite.models.layerdrop import LayerDrop, zero_touch
 from megatron_lite.models.relative import (
     Memory,
@@ -83,14 +84,29 @@ class SelfAttention(nn.Module):
                                            tp_group=ctx.tp_group, device=device) \
             if cfg.position_embedding == "relative" else None
         self.hidden, self.clamp_len = h, cfg.clamp_len
+        self.adaptive = AdaptiveSpan(cfg, ctx, device) if cfg.adaptive_span else None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v, with dropout drawn from this TP rank's RNG stream."""
+        if self.adaptive is not None:  # the span mask acts after the softmax
+            return self.adaptive_core(q, k, v, mask)
         with self.rng.fork():
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                 dropout_p=self.dropout_p if self.training else 0.0)
+
+    def adaptive_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + bias), times the heads' span masks, renormalised (as the
+        author code: ``a * m / (sum(a * m) + 1e-8)``), dropout, times v."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5 + bias
+        probs = torch.softmax(scores.float(), dim=-1)  # [b, heads/tp, qlen, klen]
+        probs = probs * self.adaptive.mask(q.shape[2], k.shape[2], q.device)
+        probs = (probs / (probs.sum(-1, keepdim=True) + 1e-8)).to(v.dtype)
+        with self.rng.fork():
+            probs = F.dropout(probs, self.dropout_p, self.training)
+        return torch.matmul(probs, v)  # [b, heads/tp, qlen, d]
 
     def position_scores(self, q: torch.Tensor, v_bias: torch.Tensor, mlen: int) -> torch.Tensor:
         """``(q_i + v) . W_R R_{i-j} / sqrt(d)`` for queries ``[b, heads/tp, qlen, d]`` against
@@ -177,6 +193,8 @@ class Sublayer(nn.Module):
         """``u``, ``v``: the relative-position biases; ``mem``: this sublayer's memory
         ``[b, m, h]`` (its inputs of the previous segments), attended to with ``x``."""
         if u is not None and self.kind == "s":  # relative positions (pre-LN, validated)
+            if mem is not None and self.attn.adaptive is not None:  # drop what no span reaches
+                mem = mem[:, mem.shape[1] - self.attn.adaptive.keep(mem.shape[1]):]
             src = x if mem is None else torch.cat([mem.to(x.dtype), x], dim=1)
             out = self.attn(self.ln(src), qlen=x.shape[1], u=u, v=v)  # [b, s, h]
             return x + F.dropout(out, self.dropout_p, self.training)

@@ -15,11 +15,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.models import set_layerdrop_key
+from megatron_lite.models.adaptive_span import span_modules
 from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
+from megatron_lite.training.metrics import (
+    MetricsLogger,
+    model_flops_per_step,
+    peak_flops,
+    plot_spans,
+)
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
 from megatron_lite.training.schedule import learning_rate
@@ -48,6 +55,7 @@ class Trainer:
         self.zero, self.engine = self._build_engine()
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
+        self.spans = span_modules(self.model)  # adaptive attention span, bottom to top
         # Transformer-XL: one memory per micro-batch (its rows are the same lanes each step)
         self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
             if cfg.model.mem_len > 0 else None
@@ -155,6 +163,28 @@ class Trainer:
         self.tokens_seen += t.global_batch_size * self.train_data.seq_length
         return {"step": self.step, **out}
 
+    def _span_penalty(self) -> torch.Tensor | float:
+        """Adaptive span's ``lambda * sum z`` over this rank's heads (0 without it)."""
+        if not self.spans:
+            return 0.0
+        return self.cfg.model.adaptive_span_loss * sum(s.penalty() for s in self.spans)
+
+    def _span_log(self) -> dict:
+        """``span_loss``: the penalty over every head (not part of ``loss``)."""
+        if not self.spans:
+            return {}
+        with torch.no_grad():
+            value = torch.as_tensor(self._span_penalty(), device=self.ctx.device).detach()
+            return {"span_loss": all_reduce(value.clone(), self.ctx.tp_group).item()}
+
+    def _span_stats(self) -> dict:
+        """Per layer, the mean and largest span of its heads (collective over TP)."""
+        if not self.spans:
+            return {}
+        spans = [s.all_spans() for s in self.spans]
+        return {"span_mean": [round(float(z.mean()), 2) for z in spans],
+                "span_max": [round(float(z.max()), 2) for z in spans]}
+
     def _micro_batch(self, k: int) -> dict:
         """Micro-batch ``k`` of this step on the device, with its memory (Transformer-XL);
         seeds LayerDrop's decisions for it (a function of the step: the same on a resume)."""
@@ -172,13 +202,15 @@ class Trainer:
         for group in self.zero.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.ctx.device)
+        span_log = self._span_log()  # the penalty this step trains with
         scale = self.zero.loss_scale()
         for k in range(self.accum):
             loss = self.zero(**self._micro_batch(k))
-            self.zero.backward(loss)
+            self.zero.backward(loss + self._span_penalty())
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
-        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
+        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm,
+               **span_log}
         if scale is not None:
             out.update(loss_scale=scale, skipped=not stepped)
         return self._advance(out)
@@ -193,6 +225,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.ctx.device)
+        span_log = self._span_log()  # the penalty this step trains with
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for k in range(self.accum):
             batch = self._micro_batch(k)
@@ -202,7 +235,7 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss = self.engine(**batch)
-                (loss * (scale / self.accum)).backward()
+                ((loss + self._span_penalty()) * (scale / self.accum)).backward()
             total += loss.detach().float()
         finite = True
         if self.scaler is not None:
@@ -210,10 +243,13 @@ class Trainer:
         grad_norm = clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite else math.nan
         if finite:
             self.optimizer.step()
+            for span in self.spans:  # z_h in [0, S] (ZeRO: the forward clamps it too)
+                span.clamp_()
         if self.scaler is not None:
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
+        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm,
+               **span_log}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
         return self._advance(out)
@@ -273,6 +309,7 @@ class Trainer:
                 out["tflops"] = flops / seconds / 1e12
                 if self.peak:
                     out["mfu"] = flops / seconds / (self.peak * self.ctx.world_size)
+                out.update(self._span_stats())
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0
@@ -284,4 +321,8 @@ class Trainer:
             self._maybe_fail()
         self.save()
         self.metrics.close()
+        if self.spans:
+            spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
+            if self.ctx.is_main:
+                plot_spans(spans, self.cfg.model.attn_span, self.run_dir / "spans.png")
         return records

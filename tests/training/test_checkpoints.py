@@ -39,9 +39,16 @@ XL = {"model.position_embedding": "relative", "model.mem_len": 16,
       "data.ordering": "consecutive"}
 
 
+SPAN = {"model.position_embedding": "relative", "model.adaptive_span": True,
+        "model.attn_span": 64, "model.adaptive_span_init": 0.2,
+        "model.adaptive_span_loss": 1e-3, "data.ordering": "consecutive"}
+
+
 @pytest.mark.parametrize("world,tp,variant", [
-    (2, 2, {}), (2, 1, {}), (2, 1, {"model.layerdrop": 0.5}), (2, 2, XL), (2, 1, XL)],
-    ids=["tp2xdp1", "tp1xdp2", "tp1xdp2-layerdrop", "tp2xdp1-xl-memory", "tp1xdp2-xl-memory"])
+    (2, 2, {}), (2, 1, {}), (2, 1, {"model.layerdrop": 0.5}), (2, 2, XL), (2, 1, XL),
+    (2, 2, SPAN)],
+    ids=["tp2xdp1", "tp1xdp2", "tp1xdp2-layerdrop", "tp2xdp1-xl-memory", "tp1xdp2-xl-memory",
+         "tp2xdp1-adaptive-span"])
 def test_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path, world, tp,
                                  variant):
     """With LayerDrop the two DP ranks drop different layers (no hang under DDP), and the

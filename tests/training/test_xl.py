@@ -68,3 +68,23 @@ def test_memory_with_shuffled_training_data_is_an_error(gpt_shard, bpe_files, tm
     assert train_main([str(gpt_yaml(tmp_path)), *over]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs data.ordering=consecutive" in err and "\n" not in err
+
+
+def test_adaptive_span_logs_spans_and_keeps_its_penalty_out_of_the_loss(gpt_shard, bpe_files,
+                                                                          tmp_path):
+    span = {**XL, "model.mem_len": 0, "model.adaptive_span": True, "model.attn_span": 64,
+            "model.adaptive_span_init": 0.5, "train.max_steps": 4}
+    rows = {}
+    for lam in (0.0, 0.05):
+        run = tmp_path / f"lam{lam}"
+        over = tiny_overrides(gpt_shard, bpe_files, run, **span,
+                              **{"model.adaptive_span_loss": lam})
+        assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+        rows[lam] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert (run / "spans.png").stat().st_size > 1000
+    free, penalised = rows[0.0], rows[0.05]
+    assert free[0]["loss"] == penalised[0]["loss"]  # the penalty is not in `loss`
+    # step 1: every z = 0.5 * 64 = 32, 2 layers x 4 heads
+    assert penalised[0]["span_loss"] == pytest.approx(0.05 * 32 * 8) and free[0]["span_loss"] == 0
+    assert len(free[-1]["span_mean"]) == 2 and free[-1]["span_max"][0] <= 64
+    assert sum(penalised[-1]["span_mean"]) < sum(free[-1]["span_mean"])  # lambda shrinks spans
