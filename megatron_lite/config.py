@@ -195,6 +195,22 @@ class TrainConfig:
 
 
 @dataclass
+class SearchConfig:
+    """``python -m megatron_lite.search``: PAR's supernet (see megatron_lite/search.py)."""
+
+    blocks: int = 0  # mixed blocks; 0: 2 x model.num_layers
+    branches: str = "sfi"  # of s (self-attention), f (feed-forward), i (identity)
+    arch_lr: float = 1e-2  # the paper's architecture optimizer: lr 1e-2, weight decay 5e-4
+    arch_weight_decay: float = 5e-4
+    freeze_steps: int = 100  # alpha frozen this long (the paper: 10k of its steps)
+    tau_start: float = 1.0  # Gumbel-softmax temperature, annealed exponentially ...
+    tau_end: float = 0.1  # ... to this at train.max_steps
+    hard: bool = False  # straight-through one-hot weights
+    window: int = 50  # converged: the argmax of `fraction` of the blocks unchanged
+    fraction: float = 0.9  # for `window` steps (after the freeze)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
 
@@ -207,6 +223,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

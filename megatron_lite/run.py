@@ -302,7 +302,7 @@ def _stream_evaluate(run: Run, split: str, max_tokens: int | None, precision) ->
 
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
-              data: bool = True) -> Run:
+              data: bool = True, make_model: Callable | None = None) -> Run:
     """Check ``cfg`` against ``ctx``'s grid, then build tokenizer, model and datasets.
 
     Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files,
@@ -316,6 +316,8 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
         training: for a training run the validation split is built only when the run
             evaluates (``train.eval_interval``); otherwise whenever ``eval_iters`` > 0.
         data: build the datasets (False: tokenizer and model only).
+        make_model: ``make_model(model_cfg, ctx, device)`` instead of ``build_model`` (the
+            PAR search's supernet), drawn after the same seeding.
     """
     tokenizer = tokenizer_from_config(cfg)
     if tokenizer is not None:
@@ -330,7 +332,7 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
         raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
                           f" but the job was started with TP={ctx.tp_size}")
     ctx.seed(cfg.train.seed)
-    model = build_model(cfg.model, ctx, device=ctx.device)
+    model = (make_model or build_model)(cfg.model, ctx, device=ctx.device)
     run = Run(cfg, ctx, tokenizer, model)
     if data:
         validation = not training or cfg.train.eval_interval > 0

@@ -12,19 +12,29 @@ from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; not biases or LayerNorm parameters (all 1-D)."""
+def param_groups(model: nn.Module, weight_decay: float, exclude=()) -> list[dict]:
+    """Decay matrices and embeddings; not biases or LayerNorm parameters (all 1-D).
+    Parameters in ``exclude`` are left out (they get a group of their own)."""
+    skip = {id(p) for p in exclude}
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (no_decay if p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
-    """NVIDIA apex's FusedAdam on CUDA when importable, else torch's fused / foreach AdamW."""
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    extra_groups: list[dict] = ()):
+    """NVIDIA apex's FusedAdam on CUDA when importable, else torch's fused / foreach AdamW.
+
+    Args:
+        extra_groups: more parameter groups with their own settings (e.g. the PAR search's
+            architecture parameters, ``{"params": [...], "lr": ..., "weight_decay": ...}``);
+            their parameters are left out of the model's groups.
+    """
+    exclude = [p for g in extra_groups for p in g["params"]]
+    groups = param_groups(model, cfg.weight_decay, exclude) + list(extra_groups)
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if device.type == "cuda":
         try:
