@@ -48,6 +48,9 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/zero.py
 	$(PY) bench/generate.py
 	$(PY) bench/layerdrop.py
+	$(PY) bench/xl_eval.py
+	$(PY) bench/adaptive_span.py
+	$(PY) bench/search.py
 
 results: setup  ## the paper experiments (bench/experiments/*.py) -> docs/results.md, docs/img/
 	for f in bench/experiments/[a-z]*.py; do \
