@@ -276,6 +276,9 @@ def _xl_problems(cfg: Config) -> list[str]:
         if m.layernorm_order != "pre":
             problems.append("model.position_embedding=relative is built pre-LN "
                             "(model.layernorm_order=pre)")
+    if m.clamp_len > 0 and m.position_embedding != "relative":
+        problems.append(f"model.clamp_len={m.clamp_len} caps relative distances: it needs "
+                        "model.position_embedding=relative")
     if m.mem_len < 0 or m.clamp_len < 0:
         problems.append("model.mem_len and model.clamp_len must be >= 0")
     if m.mem_len > 0 and m.position_embedding != "relative":

@@ -69,6 +69,12 @@ def check_search(cfg: Config) -> None:
         problems.append("search.fraction must be in (0, 1] and search.window >= 1")
     if cfg.parallel.engine != "ddp":
         problems.append("the search runs on the ddp engine (parallel.engine=ddp)")
+    if cfg.model.mem_len > 0 or cfg.model.adaptive_span:
+        problems.append("the search has no Transformer-XL memory (model.mem_len=0, no "
+                        "adaptive span): search with relative positions, then train the "
+                        "found pattern with a memory")
+    if cfg.model.activation_checkpointing == "full":
+        problems.append("the supernet has no full activation checkpointing (use selective)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -97,7 +103,8 @@ def found_config(cfg: Config, pattern: str) -> Config:
     model = dataclasses.replace(cfg.model, num_layers=max(1, math.ceil(len(pattern) / 2)),
                                 sublayer_pattern=pattern, sandwich_coefficient=0,
                                 par_ratio=0.0, layers_to_keep="")
-    train = dataclasses.replace(cfg.train, run_dir=cfg.train.run_dir + "-found", load=None)
+    train = dataclasses.replace(cfg.train, run_dir=cfg.train.run_dir + "-found", load=None,
+                                exit_after=0, fail_at_step=0, fail_rank=0)
     return dataclasses.replace(cfg, model=model, train=train,
                                search=type(cfg.search)())
 

@@ -57,12 +57,15 @@ class AdaptiveSpan(nn.Module):
         parameter the optimizer pushed out of range never acts out of range)."""
         return self.fraction.clamp(0.0, 1.0) * self.span
 
-    def mask(self, qlen: int, klen: int, device=None) -> torch.Tensor:
-        """``[heads/tp, qlen, klen]`` soft mask; query ``i`` sits at ``klen - qlen + i``."""
+    def mask(self, qlen: int, klen: int, z: torch.Tensor | None = None,
+             device=None) -> torch.Tensor:
+        """``[heads/tp, qlen, klen]`` soft mask for spans ``z`` (default :meth:`z`); query
+        ``i`` sits at ``klen - qlen + i``."""
+        z = self.z() if z is None else z
         i = torch.arange(qlen, device=device)[:, None] + (klen - qlen)
         j = torch.arange(klen, device=device)[None, :]
         distance = (i - j).float()  # negative (future) keys are masked causally elsewhere
-        return span_mask(distance[None], self.z()[:, None, None], self.ramp)
+        return span_mask(distance[None], z[:, None, None], self.ramp)
 
     @torch.no_grad()
     def keep(self, mlen: int) -> int:

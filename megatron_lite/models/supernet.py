@@ -70,7 +70,6 @@ class SuperTransformer(nn.Module):
                                   ctx, device) if cfg.position_embedding == "relative" else None
         self.tau, self.hard, self.seed = 1.0, False, 0
         self.key: tuple[int, ...] | None = None  # (step, micro-batch), set before a forward
-        self.last_weights: torch.Tensor | None = None
 
     def weights(self) -> torch.Tensor:
         """``[blocks, branches]``: Gumbel-softmax weights in training, softmax(alpha) in
@@ -86,7 +85,6 @@ class SuperTransformer(nn.Module):
         if cache is not None:
             raise ValueError("the search supernet has no KV cache (generate with found.yaml)")
         w = self.weights()
-        self.last_weights = w.detach()
         u, v = (self.rel.u, self.rel.v) if self.rel is not None else (None, None)
         for b, (attn, ffn) in enumerate(zip(self.attn, self.ffn, strict=True)):
             out = 0.0

@@ -87,22 +87,23 @@ class SelfAttention(nn.Module):
         self.adaptive = AdaptiveSpan(cfg, ctx, device) if cfg.adaptive_span else None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+             mask: torch.Tensor | None, causal: bool,
+             z: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v, with dropout drawn from this TP rank's RNG stream."""
-        if self.adaptive is not None:  # the span mask acts after the softmax
-            return self.adaptive_core(q, k, v, mask)
+        if z is not None:  # adaptive spans: the span mask acts after the softmax
+            return self.adaptive_core(q, k, v, mask, z)
         with self.rng.fork():
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                 dropout_p=self.dropout_p if self.training else 0.0)
 
     def adaptive_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      bias: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + bias), times the heads' span masks, renormalised (as the
-        author code: ``a * m / (sum(a * m) + 1e-8)``), dropout, times v."""
+                      bias: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + bias), times the heads' span masks (spans ``z``),
+        renormalised (as the author code: ``a * m / (sum(a * m) + 1e-8)``), dropout, times v."""
         scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5 + bias
         probs = torch.softmax(scores.float(), dim=-1)  # [b, heads/tp, qlen, klen]
-        probs = probs * self.adaptive.mask(q.shape[2], k.shape[2], q.device)
+        probs = probs * self.adaptive.mask(q.shape[2], k.shape[2], z, q.device)
         probs = (probs / (probs.sum(-1, keepdim=True) + 1e-8)).to(v.dtype)
         with self.rng.fork():
             probs = F.dropout(probs, self.dropout_p, self.training)
@@ -122,7 +123,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, index: int = 0, qlen: int | None = None,
-                u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+                u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``x`` ``[b, s, h]`` (normalized). With relative positions ``x`` may be
         ``[memory, segment]``: the queries are its last ``qlen`` positions, and ``u``, ``v``
         are the shared ``[heads/tp, d]`` biases."""
@@ -143,9 +145,9 @@ class SelfAttention(nn.Module):
                 if s > 1:
                     mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
         if self.selective and self.training and torch.is_grad_enabled():
-            heads = checkpoint(self.core, self.rng, q, k, values, mask, causal)
+            heads = checkpoint(self.core, self.rng, q, k, values, mask, causal, z)
         else:
-            heads = self.core(q, k, values, mask, causal)  # [b, heads/tp, s, d]
+            heads = self.core(q, k, values, mask, causal, z)  # [b, heads/tp, s, d]
         return self.proj(heads.transpose(1, 2).reshape(b, s, -1))  # [b, s, h]
 
 
@@ -189,14 +191,18 @@ class Sublayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, index: int = 0, u: torch.Tensor | None = None,
-                v: torch.Tensor | None = None, mem: torch.Tensor | None = None) -> torch.Tensor:
+                v: torch.Tensor | None = None, mem: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
         """``u``, ``v``: the relative-position biases; ``mem``: this sublayer's memory
-        ``[b, m, h]`` (its inputs of the previous segments), attended to with ``x``."""
+        ``[b, m, h]`` (its inputs of the previous segments), attended to with ``x``;
+        ``z``: adaptive spans, computed by the caller (see :meth:`Transformer.forward`)."""
         if u is not None and self.kind == "s":  # relative positions (pre-LN, validated)
             if mem is not None and self.attn.adaptive is not None:  # drop what no span reaches
                 mem = mem[:, mem.shape[1] - self.attn.adaptive.keep(mem.shape[1]):]
             src = x if mem is None else torch.cat([mem.to(x.dtype), x], dim=1)
-            out = self.attn(self.ln(src), qlen=x.shape[1], u=u, v=v)  # [b, s, h]
+            if z is None and self.attn.adaptive is not None:
+                z = self.attn.adaptive.z()
+            out = self.attn(self.ln(src), qlen=x.shape[1], u=u, v=v, z=z)  # [b, s, h]
             return x + F.dropout(out, self.dropout_p, self.training)
         if self.post_ln:
             return self.ln(x + F.dropout(self.body(x, mask, cache, index), self.dropout_p,
@@ -241,15 +247,22 @@ class Transformer(nn.Module):
             if memory is not None and layer.kind == "s":
                 mem = memory.get(i)
                 memory.stage(i, x)  # also when skipped: every memory covers the same past
+            # NOTE: the spans enter checkpointed regions as an input, not read inside: a
+            # parameter read inside a reentrant checkpoint and again outside (the Trainer's
+            # span penalty) would get two gradient writes, which DDP and ZeRO refuse
+            adaptive = getattr(getattr(layer, "attn", None), "adaptive", None)
+            z = adaptive.z() if adaptive is not None else None
             if run is not None and not run[i]:
                 if grad:
                     skipped = zero_touch(layer) + (0.0 if skipped is None else skipped)
             elif recompute:
-                x = checkpoint(layer, self.rng, x, mask, None, i, u, v, mem)
+                x = checkpoint(layer, self.rng, x, mask, None, i, u, v, mem, z)
             else:
-                x = layer(x, mask, cache, i, u, v, mem)
+                x = layer(x, mask, cache, i, u, v, mem, z)
         if memory is not None:
             memory.commit()
+        if skipped is not None and self.rel is not None:  # u, v may have no other use
+            skipped = skipped + zero_touch(self.rel)
         if skipped is not None:
             x = x + skipped.to(x.dtype)
         if cache is not None:

@@ -60,9 +60,11 @@ class Trainer:
         self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
             if cfg.model.mem_len > 0 else None
         if self.memories is not None and cfg.data.ordering != "consecutive":
-            raise ConfigError(f"model.mem_len={cfg.model.mem_len} needs data.ordering="
-                              "consecutive in training: with shuffled samples the memory holds "
-                              "unrelated text, and the model learns to ignore it")
+            what = "model.adaptive_span (its memory of model.attn_span positions)" \
+                if cfg.model.adaptive_span else f"model.mem_len={cfg.model.mem_len}"
+            raise ConfigError(f"{what} needs data.ordering=consecutive in training: with "
+                              "shuffled samples the memory holds unrelated text, and the model "
+                              "learns to ignore it")
         self._resume()
         self.phase2_step = (int(t.phase2_start * t.max_steps)
                             if t.phase2_seq_length and cfg.model.arch == "bert" else None)
@@ -209,6 +211,8 @@ class Trainer:
             self.zero.backward(loss + self._span_penalty())
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
+        if self.spans:  # z_h in [0, S], masters included
+            self.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
         out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm,
                **span_log}
         if scale is not None:
@@ -243,7 +247,7 @@ class Trainer:
         grad_norm = clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite else math.nan
         if finite:
             self.optimizer.step()
-            for span in self.spans:  # z_h in [0, S] (ZeRO: the forward clamps it too)
+            for span in self.spans:  # z_h in [0, S] (ZeroEngine.clamp_ under ZeRO)
                 span.clamp_()
         if self.scaler is not None:
             self.scaler.update(finite)

@@ -259,6 +259,19 @@ class ZeroEngine:
                 if k in self._SCALER_KEYS:
                     setattr(self.internals.loss_scaler, k, v)
 
+    @torch.no_grad()
+    def clamp_(self, params, low: float, high: float) -> None:
+        """Clamp parameters in place, and their fp32 masters in this rank's partitions
+        (else the next step would start again from the unclamped masters)."""
+        wanted = {id(p) for p in params}
+        for flat, group, _ in self.internals.partitions():
+            for p in group:
+                if id(p) in wanted:
+                    if (where := self.internals.fragment(p)) is not None:
+                        _, flat_start, n = where
+                        flat.narrow(0, flat_start, n).clamp_(low, high)
+                    p.clamp_(low, high)
+
     # ----------------------------------------------------------------------- state
 
     def _assemble(self, p, flat: torch.Tensor, dp_group) -> torch.Tensor:

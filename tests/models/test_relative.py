@@ -135,6 +135,7 @@ def test_errors_for_what_xl_does_not_cover():
         (["model.arch=bert", "model.position_embedding=relative"], "GPT only"),
         (["model.mem_len=8"], "model.position_embedding=relative"),
         (["model.position_embedding=relative", "model.layernorm_order=post"], "pre-LN"),
+        (["model.clamp_len=8"], "needs model.position_embedding=relative"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides).validate()

@@ -46,9 +46,10 @@ SPAN = {"model.position_embedding": "relative", "model.adaptive_span": True,
 
 @pytest.mark.parametrize("world,tp,variant", [
     (2, 2, {}), (2, 1, {}), (2, 1, {"model.layerdrop": 0.5}), (2, 2, XL), (2, 1, XL),
-    (2, 2, SPAN)],
+    (2, 2, SPAN), (2, 1, {**XL, "model.layerdrop": 0.5}),
+    (2, 1, {**SPAN, "model.activation_checkpointing": "full"})],
     ids=["tp2xdp1", "tp1xdp2", "tp1xdp2-layerdrop", "tp2xdp1-xl-memory", "tp1xdp2-xl-memory",
-         "tp2xdp1-adaptive-span"])
+         "tp2xdp1-adaptive-span", "tp1xdp2-xl-layerdrop", "tp1xdp2-adaptive-span-checkpointed"])
 def test_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path, world, tp,
                                  variant):
     """With LayerDrop the two DP ranks drop different layers (no hang under DDP), and the

@@ -195,6 +195,22 @@ def test_zero_fp16_skips_overflow_and_resumes_the_scale(gpt_shard, bpe_files, tm
     run_distributed(_fp16_overflow_and_resume, 1, over, tp_size=1)
 
 
+def test_zero_with_adaptive_span_clamps_the_masters(gpt_shard, bpe_files, tmp_path):
+    """A large penalty pushes every span below 0: ZeRO clamps the fp32 masters too, so the
+    spans stay at 0 instead of drifting out of range."""
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path, **ZERO, **{
+        "model.position_embedding": "relative", "model.adaptive_span": True,
+        "model.attn_span": 64, "model.adaptive_span_init": 0.0005,
+        "model.adaptive_span_loss": 10.0, "data.ordering": "consecutive",
+        "train.max_steps": 4, "train.eval_interval": 0})
+    run_distributed(_train, 2, over, tp_size=1)
+    rows = _rows(tmp_path)
+    assert rows[-1]["span_max"] == [0.0, 0.0]
+    state = torch.load(resolve_checkpoint(tmp_path) / "model.pt", weights_only=True)
+    spans = [v for k, v in state.items() if k.endswith("adaptive.fraction")]
+    assert len(spans) == 2 and all(((s >= 0) & (s <= 1)).all() for s in spans)
+
+
 def test_zero2_with_layerdrop_matches_ddp(gpt_shard, bpe_files, tmp_path):
     """LayerDrop p=0.5 at DP=2 (each DP rank drops its own layers): ZeRO-2 follows DDP."""
     drop = {"model.num_layers": 4, "model.layerdrop": 0.5, "train.max_steps": 6}

@@ -79,6 +79,7 @@ def test_resume_is_exact_and_found_yaml_trains(gpt_shard, bpe_files, tmp_path, c
     ("search.branches=sx", "give each of s, f, i"),
     ("search.blocks=-1", "search.blocks=-1 must be > 0"),
     ("search.tau_end=2.0", "search.tau_end=2.0 must be in (0, search.tau_start=1.0]"),
+    ("model.mem_len=8", "the search has no Transformer-XL memory"),
 ])
 def test_bad_search_config_is_one_line(gpt_shard, bpe_files, tmp_path, capsys, override,
                                        message):
