@@ -16,23 +16,11 @@ import argparse
 import json
 import time
 
-from common import IMG, demo_data, machine, train, write_section
+from common import IMG, demo_data, machine, stream_eval, train, write_section
 
-from megatron_lite.config import load_config
 from megatron_lite.files import atomic_write
-from megatron_lite.parallel import ParallelContext
-from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint
 
 S, SEG = 512, 64
-
-
-def stream_eval(run_dir) -> dict:
-    cfg = load_config(run_dir / "config.yaml")
-    ctx = ParallelContext()
-    run = build_run(cfg, ctx, data=False)
-    load_checkpoint(run_dir, run.model, ctx)
-    return run.evaluate_stream("valid")
 
 
 def main() -> None:

@@ -82,6 +82,29 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20)
     return run.evaluate("valid", iters)
 
 
+def stream_eval(run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """Transformer-XL's evaluation protocol on a run's last checkpoint (``Run.evaluate_stream``),
+    e.g. with ``["model.mem_len=256"]``."""
+    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    ctx = ParallelContext()
+    run = build_run(cfg, ctx, data=False)
+    load_checkpoint(run_dir, run.model, ctx)
+    return run.evaluate_stream("valid")
+
+
+def save_figure(fig, name: str) -> Path:
+    """Write a matplotlib figure to docs/img/NAME (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    from megatron_lite.files import atomic_path
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    with atomic_path(IMG / name) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return IMG / name
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -17,7 +17,7 @@ import argparse
 import math
 import time
 
-from common import IMG, demo_data, evaluate, machine, train, write_section
+from common import demo_data, evaluate, machine, save_figure, train, write_section
 
 EVERY_OTHER = "model.layers_to_keep=0,2,4,6"
 
@@ -105,8 +105,6 @@ def _plot(curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_lite.files import atomic_path
-
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, points in curves.items():
         ax.plot(*zip(*points, strict=True), label=name, lw=1.2)
@@ -116,10 +114,7 @@ def _plot(curves: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    with atomic_path(IMG / "layerdrop.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, "layerdrop.png")
 
 
 if __name__ == "__main__":

@@ -18,23 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import IMG, demo_data, machine, train, write_section
-
-from megatron_lite.config import load_config
-from megatron_lite.parallel import ParallelContext
-from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint
+from common import demo_data, machine, save_figure, stream_eval, train, write_section
 
 SEG = 64
 MEMORIES = (0, 64, 256)
-
-
-def stream_eval(run_dir, mem_len: int) -> dict:
-    cfg = load_config(run_dir / "config.yaml", [f"model.mem_len={mem_len}"])
-    ctx = ParallelContext()
-    run = build_run(cfg, ctx, data=False)
-    load_checkpoint(run_dir, run.model, ctx)
-    return run.evaluate_stream("valid")
 
 
 def main() -> None:
@@ -56,7 +43,8 @@ def main() -> None:
         run_dir, records, seconds = train(f"xl/{name[0]}", {**common, **over})
         curves[name] = [(r["step"], r["loss"]) for r in records]
         mems = MEMORIES if "relative" in name else (0,)
-        table[name] = ({m: stream_eval(run_dir, m) for m in mems}, seconds)
+        table[name] = ({m: stream_eval(run_dir, [f"model.mem_len={m}"]) for m in mems},
+                       seconds)
         print(name, {m: round(r["perplexity"], 1) for m, r in table[name][0].items()},
               f"({seconds:.0f} s)", flush=True)
     _plot(curves, table)
@@ -106,8 +94,6 @@ def _plot(curves: dict, table: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_lite.files import atomic_path
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for name, points in curves.items():
         left.plot(*zip(*points, strict=True), label=name, lw=1.2)
@@ -124,10 +110,7 @@ def _plot(curves: dict, table: dict) -> None:
     right.legend()
     fig.suptitle("Transformer-XL, tiny GPT on CPU")
     fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    with atomic_path(IMG / "xl.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, "xl.png")
 
 
 if __name__ == "__main__":
