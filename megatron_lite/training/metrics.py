@@ -32,6 +32,11 @@ def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
     """
     h, pattern, vocab = cfg.hidden_size, cfg.pattern, cfg.vocab_size
     attention, ffn = 8 * h * h + 4 * seq * h, 4 * h * cfg.ffn_size
+    if cfg.position_embedding == "relative":  # Transformer-XL, per token of the segment:
+        mem, klen = cfg.mem_len, seq + cfg.mem_len  # (adaptive span's trimming not counted)
+        attention = (8 * h * h + 6 * h * h * mem / seq  # projections, memory's Q/K/V too
+                     + 2 * h * h * klen / seq  # W_R over every distance
+                     + 6 * klen * h)  # content scores, position scores, context
     per_token = pattern.count("s") * attention + pattern.count("f") * ffn + 2 * h * vocab
     return 3 * global_batch * seq * per_token
 
