@@ -195,7 +195,46 @@ class Run:
         positions can be read this way too (each segment alone): the baseline of the
         Transformer-XL comparison."""
         precision = precision or (lambda: autocast(self.cfg.train.precision, self.ctx.device))
-        return _stream_evaluate(self, split, max_tokens, precision)
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        indexed = IndexedDataset(cfg.data.data_path)
+        index = {"train": 0, "valid": 1, "test": 2}[split]
+        stream = TokenStream(indexed, split_ranges(indexed.num_documents, cfg.data.split)[index],
+                             split)
+        total = stream.num_tokens - 1  # every token after the first is a target
+        if max_tokens:
+            total = min(total, max_tokens)
+        mb, seg = cfg.train.micro_batch_size, cfg.model.seq_length
+        lanes = mb * ctx.dp_size
+        lane = -(-total // lanes)  # targets per lane (the last lane may hold fewer)
+        inputs = np.zeros((mb, lane), dtype=np.int64)
+        labels = np.full((mb, lane), -100, dtype=np.int64)
+        for row in range(mb):  # this DP rank's lanes
+            start = (ctx.dp_rank * mb + row) * lane
+            n = max(0, min(lane, total - start))
+            if n:
+                tokens = stream.read(start, n + 1)
+                inputs[row, :n], labels[row, :n] = tokens[:-1], tokens[1:]
+        inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+        # a learned-position model reads each segment alone (positions 0..seg-1)
+        memory = Memory(cfg.model.mem_len) if cfg.model.position_embedding == "relative" else None
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
+        tick = time.perf_counter()
+        for start in range(0, lane, seg):
+            ids = inputs[:, start:start + seg].to(ctx.device)
+            target = labels[:, start:start + seg].to(ctx.device)
+            with precision():
+                logits = model(ids, memory=memory)  # [mb, seg, V/tp]
+            sums[0] += vocab_parallel_cross_entropy(logits.float(), target, ctx.tp_group,
+                                                    vocab_size=cfg.model.vocab_size,
+                                                    reduction="sum").double()
+            sums[1] += (target != -100).sum()
+        loss_sum, count = all_reduce(sums, ctx.dp_group).tolist()
+        seconds = time.perf_counter() - tick
+        loss = loss_sum / max(count, 1)
+        return {"tokens": int(count), "segment": seg, "mem_len": cfg.model.mem_len,
+                "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "tokens_per_sec": count / seconds}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid", iters: int | None = None,
@@ -255,50 +294,6 @@ class Run:
         else:
             out["perplexity"] = math.exp(min(out["loss"], 50.0))
         return out
-
-
-def _stream_evaluate(run: Run, split: str, max_tokens: int | None, precision) -> dict:
-    """Transformer-XL's protocol (see :meth:`Run.evaluate_stream`)."""
-    cfg, ctx, model = run.cfg, run.ctx, run.model
-    indexed = IndexedDataset(cfg.data.data_path)
-    index = {"train": 0, "valid": 1, "test": 2}[split]
-    stream = TokenStream(indexed, split_ranges(indexed.num_documents, cfg.data.split)[index],
-                         split)
-    total = stream.num_tokens - 1  # every token after the first is a target
-    if max_tokens:
-        total = min(total, max_tokens)
-    mb, seg = cfg.train.micro_batch_size, cfg.model.seq_length
-    lanes = mb * ctx.dp_size
-    lane = -(-total // lanes)  # targets per lane (the last lane may hold fewer)
-    inputs = np.zeros((mb, lane), dtype=np.int64)
-    labels = np.full((mb, lane), -100, dtype=np.int64)
-    for row in range(mb):  # this DP rank's lanes
-        start = (ctx.dp_rank * mb + row) * lane
-        n = max(0, min(lane, total - start))
-        if n:
-            tokens = stream.read(start, n + 1)
-            inputs[row, :n], labels[row, :n] = tokens[:-1], tokens[1:]
-    inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
-    # a learned-position model reads each segment alone (positions 0..seg-1)
-    memory = Memory(cfg.model.mem_len) if cfg.model.position_embedding == "relative" else None
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
-    tick = time.perf_counter()
-    for start in range(0, lane, seg):
-        ids = inputs[:, start:start + seg].to(ctx.device)
-        target = labels[:, start:start + seg].to(ctx.device)
-        with precision():
-            logits = model(ids, memory=memory)  # [mb, seg, V/tp]
-        sums[0] += vocab_parallel_cross_entropy(logits.float(), target, ctx.tp_group,
-                                                vocab_size=cfg.model.vocab_size,
-                                                reduction="sum").double()
-        sums[1] += (target != -100).sum()
-    loss_sum, count = all_reduce(sums, ctx.dp_group).tolist()
-    seconds = time.perf_counter() - tick
-    loss = loss_sum / max(count, 1)
-    return {"tokens": int(count), "segment": seg, "mem_len": cfg.model.mem_len,
-            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "tokens_per_sec": count / seconds}
 
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,

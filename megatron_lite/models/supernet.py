@@ -12,6 +12,8 @@ branches: every block runs both its attention and its feed-forward sublayer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,10 +57,9 @@ class SuperTransformer(nn.Module):
         self.branches, self.rng = branches, ctx.rng
         self.dp_rank = ctx.dp_rank
         # init scaled as a model of `blocks` sublayers (blocks / 2 layers)
-        sized = ModelConfig(**{**cfg.__dict__, "num_layers": blocks // 2 or 1,
-                               "sublayer_pattern": "", "layerdrop": 0.0,
-                               "layers_to_keep": "", "sandwich_coefficient": 0,
-                               "par_ratio": 0.0})
+        sized = dataclasses.replace(cfg, num_layers=blocks // 2 or 1, sublayer_pattern="",
+                                    layerdrop=0.0, layers_to_keep="", sandwich_coefficient=0,
+                                    par_ratio=0.0)
         self.attn = nn.ModuleList(Sublayer("s", sized, ctx, True, device) if "s" in branches
                                   else nn.Identity() for _ in range(blocks))
         self.ffn = nn.ModuleList(Sublayer("f", sized, ctx, True, device) if "f" in branches
