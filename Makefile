@@ -15,7 +15,7 @@ IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host
 CMD ?= python -m megatron_lite.train --help
 
-.PHONY: help setup demo test lint bench results docker-build docker-run slurm-test clean
+.PHONY: help setup demo demo-bert test lint bench results docker-build docker-run slurm-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ setup: $(VENV)/.ready  ## create .venv: torch first, then megatron-lite and its 
 
 demo: setup  ## the whole pipeline on 2 CPU processes (~4.5 min): see launch/demo.sh
 	bash launch/demo.sh runs/demo
+
+demo-bert: setup  ## BERT (MLM + NSP) on 2 CPU processes (~6 min): see launch/demo_bert.sh
+	bash launch/demo_bert.sh runs/demo-bert
 
 test: setup  ## the test suite (CPU, gloo)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

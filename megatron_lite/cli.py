@@ -22,6 +22,10 @@ def run_cli(body: Callable[[], int | None]) -> int:
     """
     try:
         return body() or 0
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits)
+        if _rank() == 0:
+            print("interrupted", file=sys.stderr)
+        return 130
     except ValueError as err:
         if _rank() == 0:
             print(f"error: {err}", file=sys.stderr)
@@ -37,3 +41,47 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     before, between or after the options (``parse_intermixed_args``; plain
     ``parse_args`` stops collecting positionals once an option has appeared)."""
     return parser.parse_intermixed_args(argv)
+
+
+def path_and_overrides(parser: argparse.ArgumentParser, args, required: bool = True) -> None:
+    """Sort ``args.checkpoint`` and ``args.overrides`` (both positional, intermixed): the
+    one word without ``=`` is the checkpoint, wherever it stands; the rest are
+    ``section.key=value`` overrides."""
+    words = [args.checkpoint, *args.overrides] if args.checkpoint else list(args.overrides)
+    paths = [w for w in words if "=" not in w]
+    args.overrides = [w for w in words if "=" in w]
+    if len(paths) > 1:
+        parser.error(f"one checkpoint, not {len(paths)}: {' '.join(paths)}")
+    args.checkpoint = paths[0] if paths else None
+    if required and args.checkpoint is None:
+        parser.error("the checkpoint (a run folder, its checkpoints/ or a step folder) is "
+                     "required")
+
+
+def config_keys_help() -> str:
+    """Every config section and key with its default and meaning, read from the
+    dataclasses of :mod:`megatron_lite.config` (the trailing ``# comment`` of a field, else
+    the comment just above it)."""
+    import dataclasses
+    import inspect
+    import re
+
+    from megatron_lite.config import Config
+
+    lines = ["config keys (section.key=value; YAML: section: {key: value}):"]
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else type(
+            getattr(Config(), section.name))
+        source = inspect.getsource(cls).splitlines()
+        meanings = {}
+        for line in source:
+            match = re.match(r"\s*(\w+):\s[^=]+=[^#]*?(?:#\s*(.*))?$", line)
+            if match:
+                meanings[match.group(1)] = match.group(2) or ""
+        lines.append(f"  {section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"    {section.name}.{f.name}={default!s}"
+            meaning = meanings.get(f.name, "")
+            lines.append(f"{text:<46} {meaning}".rstrip())
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ the wrong type is one error that names the file (or override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,23 +70,23 @@ def layer_units(pattern: str) -> list[tuple[int, int]]:
 @dataclass
 class ModelConfig:
     arch: str = "gpt"  # gpt | bert
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
+    num_layers: int = 12  # transformer layers (an attention + an FFN sublayer each)
+    hidden_size: int = 768  # model width h
+    num_attention_heads: int = 12  # heads per attention sublayer (split over TP)
     ffn_hidden_size: int | None = None  # default 4 * hidden_size
-    seq_length: int = 1024
-    max_position_embeddings: int = 1024
+    seq_length: int = 1024  # tokens per training sample
+    max_position_embeddings: int = 1024  # learned position table size
     vocab_size: int = 50257  # the tokenizer's size; padded at build time
     make_vocab_size_divisible_by: int = 128  # x TP size
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.1  # dropout on sublayer outputs and embeddings
+    attention_dropout: float = 0.1  # dropout on attention probabilities
+    init_std: float = 0.02  # N(0, std) init; residual output layers / sqrt(2N)
+    layernorm_epsilon: float = 1e-5  # LayerNorm eps
     layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
     activation: str = "gelu_tanh"  # gelu_tanh (GPT-2 "gelu_new") | gelu (exact, BERT)
     # residual sublayers bottom to top: s = self-attention, f = feed-forward;
     # empty = "sf" * num_layers (ordinary layers). At most one of these three orders:
-    sublayer_pattern: str = ""
+    sublayer_pattern: str = ""  # e.g. "sfsfsf"; empty: "sf" * num_layers
     sandwich_coefficient: int = 0  # k: s^k (sf)^(n-k) f^k (Press et al. 2019)
     par_ratio: float = 0.0  # p: PAR's rules, round(2n/p) attention blocks in the lower 2/3
     num_tokentypes: int = 2  # BERT segment embeddings
@@ -95,13 +96,13 @@ class ModelConfig:
     mem_len: int = 0  # memory of past positions per attention sublayer (relative only)
     clamp_len: int = 0  # cap relative distances (0: no cap)
     # adaptive attention span (Sukhbaatar et al. 2019), on relative positions + memory
-    adaptive_span: bool = False
+    adaptive_span: bool = False  # learn each head's span (needs relative positions)
     attn_span: int = 0  # S, the largest span; the memory keeps the last S positions
     adaptive_span_ramp: int = 32  # R, the soft mask's ramp
     adaptive_span_init: float = 0.0  # initial span, a fraction of S
     adaptive_span_loss: float = 2e-6  # lambda of the L1 penalty lambda * sum(z)
     # LayerDrop (Fan et al. 2019): skip each layer with probability p in training
-    layerdrop: float = 0.0
+    layerdrop: float = 0.0  # p: skip each layer with this probability in training
     layerdrop_granularity: str = "layer"  # layer (a pair of sublayers) | sublayer
     layerdrop_keep_ends: bool = False  # never drop the first and the last layer
     layers_to_keep: str = ""  # "0,2,4,6": run only these layers (prune without a checkpoint)
@@ -143,55 +144,59 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
+    lr: float = 1.5e-4  # peak learning rate (after warmup)
+    min_lr: float = 1e-5  # the learning rate at the end of the decay
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases, norms)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0: off)
+    warmup_steps: int = 0  # linear warmup steps
     decay_style: str = "cosine"  # cosine | linear | constant
+    # on a resume, follow this config's schedule (lr, min_lr, warmup, decay, max_steps)
+    # instead of the checkpoint's when they differ
+    override_schedule: bool = False  # resume: follow this config's schedule, not the saved
 
 
 @dataclass
 class DataConfig:
     data_path: str | None = None  # a shard prefix (without .bin/.idx)
-    split: str = "949,50,1"
-    tokenizer_type: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    tokenizer_model: str | None = None
+    split: str = "949,50,1"  # train,valid,test weights over documents
+    tokenizer_type: str | None = None  # GPT2BPETokenizer | BertWordPieceLowerCase | ...
+    vocab_file: str | None = None  # vocab.json (BPE) or vocab.txt (WordPiece)
+    merge_file: str | None = None  # merges.txt (GPT-2 BPE)
+    tokenizer_model: str | None = None  # a SentencePiece model file
     ordering: str = "shuffled"  # GPT samples: shuffled | consecutive (lanes, Transformer-XL)
     # BERT
-    masked_lm_prob: float = 0.15
+    masked_lm_prob: float = 0.15  # BERT: share of tokens masked
     max_predictions_per_seq: int = 0  # 0: round(masked_lm_prob * seq_length)
-    short_seq_prob: float = 0.1
-    whole_word_masking: bool = False
+    short_seq_prob: float = 0.1  # BERT: share of samples with a shorter target length
+    whole_word_masking: bool = False  # BERT: mask every piece of a chosen word
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    max_steps: int = 100
-    seed: int = 1234
+    micro_batch_size: int = 4  # samples per forward on each DP rank
+    global_batch_size: int = 8  # samples per optimizer step (accumulation fills it)
+    max_steps: int = 100  # optimizer steps of the run (and of the LR schedule)
+    seed: int = 1234  # model init, data order, dropout
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_iters: int = 10
+    log_interval: int = 10  # steps between metrics lines
+    eval_interval: int = 100  # steps between validations (0: none)
+    eval_iters: int = 10  # global batches per validation
     save_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in run_dir/checkpoints
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, loss.png, checkpoints/
     load: str | None = None  # a checkpoint to start from; a run_dir with one resumes itself
+    finetune: bool = False  # train.load: its weights only (fresh optimizer, step 0, schedule)
     exit_after: int = 0  # stop (with a checkpoint) after this many steps of this process
     # fault injection for restart tests: SIGKILL rank fail_rank after step fail_at_step of
     # the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0)
-    fail_at_step: int = 0
-    fail_rank: int = 0
+    fail_at_step: int = 0  # (tests) SIGKILL rank fail_rank after this step (0: never)
+    fail_rank: int = 0  # (see fail_at_step)
     # BERT two-phase schedule: from phase2_start * max_steps on, train at phase2_seq_length
-    phase2_seq_length: int = 0
-    phase2_start: float = 0.9
+    phase2_seq_length: int = 0  # BERT: from phase2_start on, train at this length (0: off)
+    phase2_start: float = 0.9  # BERT: phase 2 from this fraction of max_steps
 
 
 @dataclass
@@ -201,7 +206,7 @@ class SearchConfig:
     blocks: int = 0  # mixed blocks; 0: 2 x model.num_layers
     branches: str = "sfi"  # of s (self-attention), f (feed-forward), i (identity)
     arch_lr: float = 1e-2  # the paper's architecture optimizer: lr 1e-2, weight decay 5e-4
-    arch_weight_decay: float = 5e-4
+    arch_weight_decay: float = 5e-4  # the architecture optimizer's weight decay
     freeze_steps: int = 100  # alpha frozen this long (the paper: 10k of its steps)
     tau_start: float = 1.0  # Gumbel-softmax temperature, annealed exponentially ...
     tau_end: float = 0.1  # ... to this at train.max_steps
@@ -212,7 +217,7 @@ class SearchConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # also write TensorBoard events to run_dir/tensorboard
 
 
 @dataclass
@@ -224,6 +229,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self):
+        # which keys a file or an override set, and where ("section.key" -> "FILE" or
+        # "override 'k=v'"): not part of the tree, for messages and explicit-value checks
+        self.explicit: dict[str, str] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -395,6 +405,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     if key not in hints:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
     setattr(node, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    cfg.explicit[f"{section}.{key}"] = where
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -430,6 +441,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, key = dotted.split(".")
         value = yaml.safe_load(raw) if raw.strip() else None
         _apply(cfg, section, key, value, f"override {item!r}")
+    return cfg
+
+
+PATH_KEYS = ("data.data_path", "data.vocab_file", "data.merge_file", "data.tokenizer_model",
+             "train.run_dir", "train.load")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make every path key absolute (relative to the current directory), so the
+    ``config.yaml`` a run writes works from any directory later. In place; returns cfg."""
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, os.path.abspath(os.path.expanduser(value)))
     return cfg
 
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from megatron_lite.cli import parse_args, run_cli
+from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import destroy_parallel, init_parallel, read_launch_env
 from megatron_lite.run import build_run
@@ -35,13 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=None, help="TP size (default: the world size)")
     p.add_argument("overrides", nargs="*", help="section.key=value (anywhere on the line)")
     a = parse_args(p, argv)
-    # the checkpoint is the one positional that is not a key=value override, wherever it is
-    words = [a.checkpoint, *a.overrides] if a.checkpoint else a.overrides
-    paths = [w for w in words if "=" not in w]
-    a.overrides = [w for w in words if "=" in w]
-    if len(paths) > 1:
-        p.error(f"one checkpoint, not {len(paths)}: {' '.join(paths)}")
-    a.checkpoint = paths[0] if paths else None
+    path_and_overrides(p, a, required=False)
     if bool(a.checkpoint) == bool(a.config):
         p.error("give a checkpoint or --config (one of them)")
 

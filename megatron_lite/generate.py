@@ -1,6 +1,7 @@
 """Generate text from a GPT checkpoint, at any TP size.
 
     python -m megatron_lite.generate runs/gpt2-tiny-cpu --prompt "Return the" --max-new-tokens 40
+    python -m megatron_lite.generate RUN --prompt "..." data.vocab_file=... data.merge_file=...
     torchrun --nproc_per_node 2 -m megatron_lite.generate CKPT --prompt "..." --top-p 0.9
 
 Greedy with ``--greedy``; otherwise sampling with ``--temperature``, ``--top-k`` and
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from megatron_lite.cli import parse_args, run_cli
+from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.models.relative import Memory
@@ -99,7 +100,7 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_lite.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true")
@@ -107,15 +108,21 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*",
+                   help="section.key=value on top of the run's config.yaml, e.g. "
+                   "data.vocab_file=... data.merge_file=... (anywhere on the line)")
     a = parse_args(p, argv)
+    path_and_overrides(p, a)
 
     def body() -> None:
         ckpt = resolve_checkpoint(a.checkpoint)
-        cfg = load_config(ckpt / "config.yaml")
+        cfg = load_config(ckpt / "config.yaml", a.overrides)
         if cfg.model.arch != "gpt":
             raise ConfigError(f"{ckpt}: generation needs a GPT checkpoint (model.arch=gpt)")
         if not names_tokenizer(cfg):
-            raise ConfigError(f"{ckpt}/config.yaml names no tokenizer files (data.vocab_file)")
+            raise ConfigError(f"{ckpt}/config.yaml names no tokenizer: add the overrides "
+                              "data.tokenizer_type=... data.vocab_file=... (and "
+                              "data.merge_file=... for GPT-2 BPE)")
         if not a.prompt:
             raise ConfigError("--prompt must not be empty")
         world = read_launch_env().world_size

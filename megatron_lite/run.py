@@ -36,7 +36,6 @@ from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelConfigError,
     ParallelContext,
-    gather_from_tp_region,
     validate_parallel_config,
     vocab_parallel_cross_entropy,
 )
@@ -238,69 +237,65 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid", iters: int | None = None,
-                 precision: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 accuracy: bool = True) -> dict:
+                 precision: Callable[[], contextlib.AbstractContextManager] | None = None
+                 ) -> dict:
         """Metrics of the model on ``iters`` global batches (default ``eval_iters``) of a
-        split, the same samples at every TP/DP layout.
+        split, the same samples at every TP/DP layout; ``global_batches`` and ``samples``
+        say how much was read.
 
-        GPT: ``loss`` and ``perplexity``. BERT: ``loss`` (MLM + NSP), ``mlm_accuracy`` on
-        the masked positions and ``nsp_accuracy``. Leaves the model in eval mode.
+        GPT: ``loss`` and ``perplexity``. BERT: ``loss`` (MLM + NSP, what training
+        minimizes), ``mlm_loss``, ``nsp_loss``, ``mlm_accuracy`` on the masked positions
+        and ``nsp_accuracy`` (:meth:`BertModel.stats`). Leaves the model in eval mode.
 
         Args:
             split: ``valid`` or ``train``.
             iters: global batches to read.
             precision: the autocast context to run in (default: ``train.precision``'s).
-            accuracy: BERT's accuracies too (they gather the MLM logits over TP).
         """
         cfg, ctx, model = self.cfg, self.ctx, self.model
         precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
-        if cfg.model.position_embedding == "relative":
+        if cfg.model.position_embedding == "relative":  # None: the whole split
             t = cfg.train
             return self.evaluate_stream(
                 split, iters and iters * t.global_batch_size * cfg.model.seq_length, precision)
+        iters = iters or cfg.train.eval_iters
         data = self.valid_data if split == "valid" else self.train_data
         if data is None:
             raise IndexedDataError(f"the {split} split is empty")
         bert = cfg.model.arch == "bert"
-        accuracy = accuracy and bert
         model.eval()
-        # loss, batches, mlm correct, mlm total, nsp correct, nsp total
-        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
-        n = (iters or cfg.train.eval_iters) * self.accum
-        for batch in itertools.islice(self.batches(data), n):
+        # loss sum, micro-batches, samples, then BERT's stats summed over micro-batches
+        sums = torch.zeros(3 + 6 * bert, dtype=torch.float64, device=ctx.device)
+        for batch in itertools.islice(self.batches(data), iters * self.accum):
             batch = self.to_device(batch)
             with precision():
-                if bert:  # one forward for the loss and the accuracies
-                    mlm_logits, nsp_logits = model(
-                        **{k: v for k, v in batch.items() if "labels" not in k})
-                    loss, _ = model.loss(mlm_logits, nsp_logits, batch["mlm_labels"],
-                                         batch["nsp_labels"])
-                else:
-                    loss = model(**batch)
-            sums[0] += loss.detach().double()
-            sums[1] += 1
-            if accuracy:
-                vocab = cfg.model.vocab_size
-                pred = gather_from_tp_region(mlm_logits, ctx.tp_group)[..., :vocab].argmax(-1)
-                labels, picked = batch["mlm_labels"], batch["mlm_labels"] >= 0
-                sums[2] += (pred[picked] == labels[picked]).sum()
-                sums[3] += picked.sum()
-                sums[4] += (nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()
-                sums[5] += batch["nsp_labels"].numel()
-        loss_sum, batches, mlm_ok, mlm_n, nsp_ok, nsp_n = all_reduce(sums, ctx.dp_group).tolist()
-        out = {"batches": int(batches), "loss": loss_sum / batches}
-        if accuracy:
-            out.update(mlm_accuracy=mlm_ok / max(mlm_n, 1), nsp_accuracy=nsp_ok / max(nsp_n, 1))
-        else:
-            out["perplexity"] = math.exp(min(out["loss"], 50.0))
-        return out
+                loss = model(**batch)
+            sums[:3] += torch.stack([loss.detach().double(), sums.new_tensor(1.0),
+                                     sums.new_tensor(float(len(batch["input_ids"])))])
+            if bert:
+                sums[3:] += model.last_stats
+        sums = all_reduce(sums, ctx.dp_group).tolist()
+        loss, micro = sums[0] / sums[1], sums[1]
+        out = {"global_batches": iters, "samples": int(sums[2]), "loss": loss}
+        if bert:
+            return {**out, **bert_metrics(sums[3:], micro)}
+        return {**out, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def bert_metrics(stats, micro_batches: float) -> dict:
+    """``mlm_loss``, ``nsp_loss`` (means over micro-batches), ``mlm_accuracy`` and
+    ``nsp_accuracy`` from :meth:`BertModel.stats` summed over ``micro_batches``."""
+    mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n = stats
+    return {"mlm_loss": mlm_loss / micro_batches, "nsp_loss": nsp_loss / micro_batches,
+            "mlm_accuracy": mlm_ok / max(mlm_n, 1), "nsp_accuracy": nsp_ok / max(nsp_n, 1)}
 
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
               data: bool = True, make_model: Callable | None = None) -> Run:
     """Check ``cfg`` against ``ctx``'s grid, then build tokenizer, model and datasets.
 
-    Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files,
+    Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files (a
+    file or override that set another value is an error),
     ``model.sublayer_pattern`` to the order a sandwich or PAR key chose, and seeds ``ctx``
     with ``train.seed`` before the model is drawn (so a model is the same at every TP
     size). Raises one-line ``ValueError``s (config, layout, data, tokenizer).
@@ -316,6 +311,13 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
     """
     tokenizer = tokenizer_from_config(cfg)
     if tokenizer is not None:
+        where = cfg.explicit.get("model.vocab_size")
+        if where and cfg.model.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{where}: model.vocab_size={cfg.model.vocab_size} but the tokenizer "
+                f"({cfg.data.vocab_file or cfg.data.tokenizer_model}) has "
+                f"{tokenizer.vocab_size} tokens: leave model.vocab_size out (it is the "
+                "tokenizer's) or use the tokenizer it was meant for")
         cfg.model.vocab_size = tokenizer.vocab_size
     check_config(cfg, ctx.world_size)
     m = cfg.model

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.cli import parse_args, run_cli
-from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.files import atomic_path, atomic_write
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.supernet import SuperTransformer
@@ -115,7 +115,7 @@ class Search:
     def __init__(self, cfg: Config, ctx: ParallelContext):
         check_search(cfg)
         s = cfg.search
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx = resolve_paths(cfg), ctx  # config.yaml works from anywhere
         self.blocks = s.blocks or 2 * cfg.model.num_layers
         self.run = build_run(cfg, ctx, make_model=build_supernet(self.blocks, s.branches))
         self.model, self.net = self.run.model, self.run.model.transformer
@@ -142,7 +142,7 @@ class Search:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
 
     def converged(self) -> bool:
         s = self.cfg.search

@@ -2,21 +2,29 @@
 
 Also runs as plain ``python -m megatron_lite.train CONFIG ...`` with one process.
 ``key=value`` overrides (``section.key=value``, e.g. ``train.max_steps=50``) are applied
-on top of the YAML file; the resolved config is written to ``train.run_dir``.
+on top of the YAML file; the resolved config is written to ``train.run_dir`` (paths made
+absolute, so later commands work from any directory).
+
+Ctrl-C, SIGTERM (SLURM preemption, time limit) or SIGUSR1 finish the current step, save a
+checkpoint and exit; rerun the same command to resume (metrics continue without repeats).
+A second Ctrl-C exits at once. ``train.load=RUN train.finetune=true`` starts a new run
+from another run's weights (fresh optimizer, step 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-from megatron_lite.cli import parse_args, run_cli
+from megatron_lite.cli import config_keys_help, parse_args, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import destroy_parallel, init_parallel
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_lite.train", description=__doc__,
+                                epilog=config_keys_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a YAML config (configs/gpt2/*.yaml, configs/bert/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -30,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
             trainer = Trainer(cfg, ctx)
             trainer.fit()
-            if ctx.is_main:
-                print(f"done: {trainer.run_dir} (metrics.jsonl, loss.png, checkpoints/)")
+            saved = trainer.run_dir / "checkpoints" / f"step_{trainer.step:08d}"
+            if ctx.is_main and trainer.interrupted:
+                print(f"interrupted at step {trainer.step} ({trainer.interrupted}): saved "
+                      f"{saved}; rerun the same command to resume", file=sys.stderr, flush=True)
+            elif ctx.is_main:
+                written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
+                                            trainer.run_dir / "loss.png") if p.exists()]
+                print(f"done: {trainer.run_dir} at step {trainer.step} "
+                      f"({', '.join([*written, f'checkpoints/{saved.name}'])})")
+            return 128 + signal.Signals[trainer.interrupted] if trainer.interrupted else 0
         finally:
             destroy_parallel()
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
-from megatron_lite.files import atomic_write
+from megatron_lite.files import atomic_write, fsync_path
 from preprocessing import dedup
 from preprocessing.readers import InputError, Record, expand_inputs, read_documents, total_bytes
 from preprocessing.sentences import split_sentences
@@ -152,10 +152,17 @@ def _write_json_atomic(path: Path, obj) -> None:
 class _Run:
     """One pass over the input for one JSON key."""
 
-    def __init__(self, opts: Options, tok: Tokenizer, files: list[Path], key: str):
+    def __init__(self, opts: Options, tok: Tokenizer, files: list[Path], key: str,
+                 stage: Path):
         self.opts, self.tok, self.files, self.key = opts, tok, files, key
         level = "sentence" if opts.split_sentences else "document"
-        self.out_prefix = Path(f"{opts.output_prefix}_{key}_{level}")
+        self.final_prefix = Path(f"{opts.output_prefix}_{key}_{level}")
+        # written into the run's stage folder; run_pipeline moves every key's files into
+        # place once all keys have succeeded
+        self.out_prefix = stage / self.final_prefix.name
+        base = Path(opts.output_prefix).name
+        self.stats_path = stage / (f"{base}.stats.json" if len(opts.json_keys) == 1
+                                   else f"{base}_{key}.stats.json")
         self.dtype = best_dtype(tok.vocab_size)
         self.stats = {"input_files": len(self.files), "documents_read": 0,
                       "skipped": collections.Counter(), "first_errors": [],
@@ -231,11 +238,8 @@ class _Run:
                 self._write_kept(IndexedDataset(target))
             self.stats["seconds"] = round(time.monotonic() - t0, 3)
             self.stats["skipped"] = dict(self.stats["skipped"])
-            self.stats["output_prefix"] = str(self.out_prefix)
-            _write_json_atomic(Path(f"{self.opts.output_prefix}.stats.json")
-                               if len(self.opts.json_keys) == 1
-                               else Path(f"{self.opts.output_prefix}_{self.key}.stats.json"),
-                               self.stats)
+            self.stats["output_prefix"] = str(self.final_prefix)
+            _write_json_atomic(self.stats_path, self.stats)
             return self.stats
         except BaseException:
             self._bar.close()
@@ -246,9 +250,12 @@ class _Run:
 
     def _nothing_left(self) -> str:
         s = self.stats
-        return (f"nothing to write: {s['documents_read']} documents read, "
-                f"{sum(s['skipped'].values())} skipped, {s['too_short']} shorter than "
-                f"--min-tokens {self.opts.min_tokens}")
+        skipped = ", ".join(f"{n} {why}" for why, n in s["skipped"].most_common())
+        first = f"; first: {s['first_errors'][0]}" if s["first_errors"] else ""
+        return (f"--json-keys {self.key}: nothing to write: {s['documents_read']} documents "
+                f"read, {sum(s['skipped'].values())} skipped{f' ({skipped})' if skipped else ''}"
+                f", {s['too_short']} shorter than --min-tokens {self.opts.min_tokens}{first}; "
+                "no output written")
 
     def _write_kept(self, stage: IndexedDataset) -> None:
         clusters = self.index.clusters()
@@ -284,14 +291,20 @@ def run_pipeline(opts: Options) -> list[dict]:
                           opts.tokenizer_model)
     if opts.append_eod and tok.eod is None:
         raise InputError(f"--append-eod: {opts.tokenizer_type} has no end-of-document token")
-    Path(opts.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    parent = Path(opts.output_prefix).parent
+    parent.mkdir(parents=True, exist_ok=True)
     initargs = (tok.recipe, opts.split_sentences, opts.append_eod, opts.dedup)
     pool = _OrderedPool(opts.workers, initargs)
+    stage = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=parent))
     try:
         results = []
-        for key in opts.json_keys:
-            run = _Run(opts, tok, files, key)
+        for key in opts.json_keys:  # every key's output, or none: a failing key stops all
+            run = _Run(opts, tok, files, key, stage)
             results.append(run.run(pool))
+        for path in sorted(stage.iterdir()):
+            os.replace(path, parent / path.name)
+        fsync_path(parent)
         return results
     finally:
         pool.close()
+        shutil.rmtree(stage, ignore_errors=True)

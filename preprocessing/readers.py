@@ -113,6 +113,7 @@ def _read_json(path: Path, key: str) -> Iterator[Record]:
 
 
 def _read_parquet(path: Path, key: str) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -123,6 +124,10 @@ def _read_parquet(path: Path, key: str) -> Iterator[Record]:
     if key not in names:
         raise InputError(f"{path}: no column {key!r} (use --json-keys; columns: "
                          f"{', '.join(names[:8])})")
+    kind = pf.schema_arrow.field(key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"{path}: column {key!r} holds {kind}, not text (--json-keys names "
+                         "text columns); no output written")
     row = 0
     for group in range(pf.num_row_groups):
         for text in pf.read_row_group(group, columns=[key]).column(0).to_pylist():

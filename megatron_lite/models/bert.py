@@ -22,6 +22,7 @@ from megatron_lite.models.transformer import (
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
+    vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )
 from megatron_lite.parallel.layers import mark_tp
@@ -50,6 +51,7 @@ class BertModel(nn.Module):
         ctx = ctx or ParallelContext()
         h, std = cfg.hidden_size, cfg.init_std
         self.cfg, self.tp_group = cfg, ctx.tp_group
+        self.last_stats: torch.Tensor | None = None  # of the last forward with labels
         self.word = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.word.num_embeddings
         self.position = embedding(cfg.max_position_embeddings, h, std, device)
@@ -98,7 +100,30 @@ class BertModel(nn.Module):
         nsp_logits = self.nsp(torch.tanh(self.pooler(x[:, 0])))  # [b, 2]
         if mlm_labels is None and nsp_labels is None:
             return mlm_logits, nsp_logits
-        return self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)[0]
+        loss, parts = self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)
+        self.last_stats = self.stats(mlm_logits, nsp_logits, mlm_labels, nsp_labels, parts)
+        return loss
+
+    # what :meth:`stats` returns, in order
+    STATS = ("mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count")
+
+    @torch.no_grad()
+    def stats(self, mlm_logits, nsp_logits, mlm_labels, nsp_labels, parts) -> torch.Tensor:
+        """``[STATS]`` (float64) of one micro-batch: both losses, and the correct and total
+        counts of MLM (masked positions, argmax over the vocab-parallel logits without
+        gathering them) and NSP. The forward with labels leaves them in ``last_stats``, so
+        training logs the parts and accuracies of the loss it trains on."""
+        out = torch.zeros(len(self.STATS), dtype=torch.float64, device=mlm_logits.device)
+        if mlm_labels is not None:
+            picked = mlm_labels >= 0
+            pred = vocab_parallel_argmax(mlm_logits[picked], self.tp_group, self.cfg.vocab_size)
+            out[0], out[2], out[3] = parts["mlm"], (pred == mlm_labels[picked]).sum(), \
+                picked.sum()
+        if nsp_labels is not None:
+            out[1] = parts["nsp"]
+            out[4] = (nsp_logits.argmax(-1) == nsp_labels).sum()
+            out[5] = nsp_labels.numel()
+        return out
 
     def loss(self, mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
              mlm_labels: torch.Tensor | None, nsp_labels: torch.Tensor | None):

@@ -1,6 +1,6 @@
 """The tensor-parallel core: process groups, collectives, layers, loss and RNG."""
 
-from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -49,5 +49,6 @@ __all__ = [
     "scatter_to_tp_region",
     "shard_tensor",
     "validate_parallel_config",
+    "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.parallel.comm import MAX, all_reduce
+from megatron_lite.parallel.comm import MAX, all_gather_list, all_reduce
 from megatron_lite.parallel.state import group_rank
 
 
@@ -100,3 +100,23 @@ def vocab_parallel_cross_entropy(
         count = (target != ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
     raise ValueError(f"reduction must be mean, sum or none, not {reduction!r}")
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor, group, vocab_size: int | None = None
+                          ) -> torch.Tensor:
+    """The id of the largest logit over the full vocab, from ``[..., V/tp]`` slices, without
+    gathering them: each rank's best (value, id) pair is all-gathered (``[..., 2]`` per
+    rank). Padding ids (>= ``vocab_size``) never win; ties go to the lowest id, as in
+    ``torch.argmax`` of the gathered logits."""
+    n_local = logits.shape[-1]
+    start = group_rank(group) * n_local
+    valid = n_local if vocab_size is None else min(max(vocab_size - start, 0), n_local)
+    local = logits.detach().double()
+    if valid < n_local:
+        local[..., valid:] = float("-inf")
+    value, index = local.max(dim=-1)
+    pairs = torch.stack(all_gather_list(torch.stack([value, (index + start).double()], -1),
+                                        group))  # [tp, ..., 2]
+    best = pairs[..., 0].argmax(dim=0, keepdim=True)  # first maximum: the lowest rank
+    return pairs[..., 1].gather(0, best).squeeze(0).long()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.files import atomic_path
+from megatron_lite.files import atomic_path, atomic_write
 
 # dense bf16 peak per device, for the MFU estimate (where the device is known)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12,
@@ -42,20 +42,55 @@ def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
 
 
 class MetricsLogger:
-    """Writes on the main rank only; every method is a no-op elsewhere."""
+    """Writes on the main rank only; every method is a no-op elsewhere.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    ``step`` is where the run starts. A run resumed at step S keeps the records up to S
+    and drops later ones (logged after the checkpoint it resumes from), so the steps of
+    ``metrics.jsonl`` and TensorBoard never repeat. A run that starts at step 0 in a
+    folder that already holds metrics (an earlier attempt that never saved a checkpoint)
+    moves them beside it (``metrics.1.jsonl``, ``tensorboard.1/``) and starts afresh.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, step: int = 0):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.tb = None
+        if enabled:
+            self._continue_from(step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events after the resumed step
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                        purge_step=step + 1 if step else None)
             except ImportError:  # tensorboard missing: jsonl and the plot still work
                 self.tb = None
+
+    def _continue_from(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        if step == 0:
+            n = 1
+            while (self.run_dir / f"metrics.{n}.jsonl").exists() or \
+                    (self.run_dir / f"tensorboard.{n}").exists():
+                n += 1
+            self.path.rename(self.run_dir / f"metrics.{n}.jsonl")
+            if (self.run_dir / "tensorboard").is_dir():
+                (self.run_dir / "tensorboard").rename(self.run_dir / f"tensorboard.{n}")
+            print(f"{self.run_dir} held metrics of an earlier start without a checkpoint: "
+                  f"moved to metrics.{n}.jsonl", flush=True)
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        with atomic_write(self.path) as f:
+            f.writelines(kept)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -70,7 +105,9 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, record["step"])
         parts = [f"step {record['step']:>6}"]
-        for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("val_ppl", ".1f"), ("lr", ".2e"),
+        for key, fmt in (("loss", ".4f"), ("mlm_accuracy", ".3f"), ("nsp_accuracy", ".3f"),
+                         ("val_loss", ".4f"), ("val_ppl", ".1f"), ("val_mlm_accuracy", ".3f"),
+                         ("val_nsp_accuracy", ".3f"), ("lr", ".2e"),
                          ("grad_norm", ".3f"), ("tokens_per_sec", ".0f"), ("tflops", ".2f"),
                          ("mfu", ".1%"), ("loss_scale", ".0f")):
             if key in record:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from megatron_lite.config import OptimConfig
+from megatron_lite.config import Config, OptimConfig
 
 
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -27,3 +28,16 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
         raise ValueError(f"optim.decay_style={cfg.decay_style!r} is not one of cosine, linear, "
                          "constant")
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def schedule_of(cfg: Config) -> dict:
+    """The keys that define a run's LR schedule, by name (saved with every checkpoint)."""
+    o = cfg.optim
+    return {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps,
+            "optim.decay_style": o.decay_style, "train.max_steps": cfg.train.max_steps}
+
+
+def scheduled_lr(schedule: dict, optim: OptimConfig, step: int) -> float:
+    """:func:`learning_rate` of a :func:`schedule_of` dict at ``step``."""
+    keys = {k.split(".")[1]: v for k, v in schedule.items() if k.startswith("optim.")}
+    return learning_rate(step, dataclasses.replace(optim, **keys), schedule["train.max_steps"])

@@ -13,14 +13,20 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.models import set_layerdrop_key
 from megatron_lite.models.adaptive_span import span_modules
 from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_lite.run import bert_metrics, build_run
+from megatron_lite.training.checkpoint import (
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from megatron_lite.training.interrupt import Interrupt
 from megatron_lite.training.metrics import (
     MetricsLogger,
     model_flops_per_step,
@@ -29,7 +35,7 @@ from megatron_lite.training.metrics import (
 )
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
-from megatron_lite.training.schedule import learning_rate
+from megatron_lite.training.schedule import schedule_of, scheduled_lr
 
 
 class Trainer:
@@ -45,7 +51,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, ctx: ParallelContext):
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx = resolve_paths(cfg), ctx  # config.yaml works from anywhere
         t = cfg.train
         self.run = build_run(cfg, ctx, training=True)
         self.model, self.accum = self.run.model, self.run.accum
@@ -56,6 +62,7 @@ class Trainer:
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
         self.spans = span_modules(self.model)  # adaptive attention span, bottom to top
+        self.stats = None  # BERT: this step's summed BertModel.stats
         # Transformer-XL: one memory per micro-batch (its rows are the same lanes each step)
         self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
             if cfg.model.mem_len > 0 else None
@@ -77,7 +84,8 @@ class Trainer:
             if pattern != "sf" * cfg.model.num_layers:
                 print(f"sublayer pattern ({pattern.count('s')} attention, {pattern.count('f')} "
                       f"feed-forward, bottom to top): {pattern}", flush=True)
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
+        self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device)
 
     def _build_engine(self):
@@ -97,10 +105,27 @@ class Trainer:
         return None, self.model
 
     def _resume(self) -> None:
-        """Load the resume source's weights, optimizer, RNG, counters and loss scaler."""
-        source = self._resume_source()
+        """Load the resume source's weights, optimizer, RNG, counters and loss scaler; or,
+        with ``train.finetune``, only the weights of ``train.load``."""
+        t = self.cfg.train
+        self.schedule = schedule_of(self.cfg)  # the LR schedule this run follows
+        source, own = self._resume_source()
         if source is None:
             return
+        saved = read_meta(resolve_checkpoint(source))
+        if t.finetune and not own:  # Megatron's --finetune: a new run from these weights
+            load_checkpoint(source, self.model, self.ctx)
+            if self.ctx.is_main:
+                print(f"fine-tuning from {source} (its step {saved['step']}): weights only; "
+                      "fresh optimizer, step 0, this config's schedule", flush=True)
+            return
+        if saved["step"] >= t.max_steps:
+            where = f"{self.run_dir} is" if own else f"train.load={source} is a checkpoint"
+            hint = ("raise train.max_steps to train on" if own else
+                    "raise train.max_steps to continue it, or train.finetune=true to start a "
+                    "new run from its weights")
+            raise ConfigError(f"{where} at step {saved['step']}, not before train.max_steps="
+                              f"{t.max_steps}: nothing to train ({hint})")
         meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
                                **self._optimizer_or_zero())
         saved = meta.get("rank_state", {}).get("memory")
@@ -115,13 +140,36 @@ class Trainer:
             self.zero.load_loss_scaler_state(meta["deepspeed_loss_scaler"])
         if self.ctx.is_main:
             print(f"resumed from {source} at step {self.step}", flush=True)
+        self._check_schedule(meta.get("schedule"))
+
+    def _check_schedule(self, saved: dict | None) -> None:
+        """A resume whose config changes the LR schedule (say ``train.max_steps``) keeps the
+        checkpoint's, unless ``optim.override_schedule``; one warning line either way."""
+        if not saved or saved == self.schedule:
+            return
+        changes = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self.schedule.items()
+                            if saved.get(k) != v)
+        before = scheduled_lr(saved, self.cfg.optim, self.step)
+        if self.cfg.optim.override_schedule:
+            after = scheduled_lr(self.schedule, self.cfg.optim, self.step)
+            msg = (f"the LR schedule changed ({changes}); optim.override_schedule=true: "
+                   f"following the new one (lr at step {self.step}: {before:.3g} -> "
+                   f"{after:.3g})")
+        else:
+            self.schedule = saved
+            msg = (f"this config's LR schedule differs from the checkpoint's ({changes}): "
+                   f"keeping the checkpoint's (lr {before:.3g} at step {self.step}); "
+                   "optim.override_schedule=true follows the new one")
+        if self.ctx.is_main:
+            print(f"warning: {msg}", flush=True)
 
     def _optimizer_or_zero(self) -> dict:
         """What holds the optimizer state, as the checkpoint functions take it."""
         return {"zero": self.zero} if self.zero is not None else {"optimizer": self.optimizer}
 
-    def _resume_source(self):
-        """``run_dir``'s own latest checkpoint (a restart), else ``train.load``, else None."""
+    def _resume_source(self) -> tuple[str | Path | None, bool]:
+        """``(source, own)``: ``run_dir``'s own latest checkpoint (a restart, ``own``),
+        else ``train.load``, else None."""
         t = self.cfg.train
         if (self.run_dir / "checkpoints" / "latest").is_file():
             saved = load_config(self.run_dir / "config.yaml") \
@@ -134,8 +182,8 @@ class Trainer:
                         f"{self.run_dir} holds a checkpoint of a different model "
                         f"({', '.join(f'model.{k}' for k in changed)} changed): use a new "
                         "train.run_dir, or train.load to start from it")
-            return self.run_dir
-        return t.load
+            return self.run_dir, True
+        return t.load, False
 
     def _start_phase(self) -> None:
         """(Re)start the training iterator; BERT switches to phase 2 at ``phase2_step``."""
@@ -187,6 +235,19 @@ class Trainer:
         return {"span_mean": [round(float(z.mean()), 2) for z in spans],
                 "span_max": [round(float(z.max()), 2) for z in spans]}
 
+    def _add_stats(self) -> None:
+        """BERT: add the micro-batch's loss parts and accuracy counts to this step's."""
+        if self.cfg.model.arch == "bert":
+            self.stats = self.model.last_stats + (self.stats if self.stats is not None else 0)
+
+    def _bert_log(self) -> dict:
+        """BERT: this step's ``mlm_loss``, ``nsp_loss`` and accuracies over every DP rank."""
+        if self.stats is None:
+            return {}
+        stats = all_reduce(self.stats, self.ctx.dp_group).tolist()
+        self.stats = None
+        return bert_metrics(stats, self.accum * self.ctx.dp_size)
+
     def _micro_batch(self, k: int) -> dict:
         """Micro-batch ``k`` of this step on the device, with its memory (Transformer-XL);
         seeds LayerDrop's decisions for it (a function of the step: the same on a resume)."""
@@ -211,19 +272,20 @@ class Trainer:
             self.zero.backward(loss + self._span_penalty())
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
+            self._add_stats()
         if self.spans:  # z_h in [0, S], masters included
             self.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
-        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm,
-               **span_log}
+        out = {"loss": self.run.dp_mean(total / self.accum), **self._bert_log(), "lr": lr,
+               "grad_norm": grad_norm, **span_log}
         if scale is not None:
             out.update(loss_scale=scale, skipped=not stepped)
         return self._advance(out)
 
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns its metrics."""
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
         self.engine.train()
-        lr = learning_rate(self.step, cfg.optim, t.max_steps)
+        lr = scheduled_lr(self.schedule, cfg.optim, self.step)
         if self.zero is not None:
             return self._zero_step(lr)
         for group in self.optimizer.param_groups:
@@ -241,6 +303,7 @@ class Trainer:
                     loss = self.engine(**batch)
                 ((loss + self._span_penalty()) * (scale / self.accum)).backward()
             total += loss.detach().float()
+            self._add_stats()
         finite = True
         if self.scaler is not None:
             finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
@@ -252,22 +315,28 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm,
-               **span_log}
+        out = {"loss": self.run.dp_mean(total / self.accum), **self._bert_log(), "lr": lr,
+               "grad_norm": grad_norm, **span_log}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
         return self._advance(out)
 
-    def evaluate(self) -> float | None:
-        """Mean validation loss over ``eval_iters`` global batches (the same every time)."""
+    def evaluate(self) -> dict:
+        """Validation metrics over ``eval_iters`` global batches (the same every time), as
+        ``val_*`` record keys: GPT ``val_loss`` and ``val_ppl``; BERT ``val_loss`` (MLM +
+        NSP) and its parts and accuracies. Empty without a validation split."""
         if self.run.valid_data is None:
-            return None
-        return self.run.evaluate("valid", self.cfg.train.eval_iters, precision=self._autocast,
-                                 accuracy=False)["loss"]
+            return {}
+        result = self.run.evaluate("valid", self.cfg.train.eval_iters, precision=self._autocast)
+        keys = ("loss", "perplexity", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+        out = {f"val_{k}": result[k] for k in keys if k in result}
+        if "val_perplexity" in out:
+            out["val_ppl"] = out.pop("val_perplexity")
+        return out
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
-                 "tokens_seen": self.tokens_seen}
+                 "tokens_seen": self.tokens_seen, "schedule": self.schedule}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.zero is not None and self.zero.loss_scaler_state() is not None:
@@ -288,7 +357,22 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def fit(self) -> list[dict]:
-        """Train to ``train.max_steps``; returns the logged records (on every rank)."""
+        """Train to ``train.max_steps``; returns the logged records (on every rank).
+
+        SIGINT, SIGTERM or SIGUSR1 on any rank stops every rank after the same step, with a
+        checkpoint (``self.interrupted`` names the signal; see :mod:`.interrupt`).
+        """
+        with Interrupt(verbose=self.ctx.is_main) as interrupt:
+            records = self._loop(interrupt)
+        self.save()
+        self.metrics.close()
+        if self.spans:
+            spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
+            if self.ctx.is_main:
+                plot_spans(spans, self.cfg.model.attn_span, self.run_dir / "spans.png")
+        return records
+
+    def _loop(self, interrupt: Interrupt) -> list[dict]:
         t = self.cfg.train
         records = []
         busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
@@ -302,9 +386,7 @@ class Trainer:
             steps_since += 1
             at_end = self.step == t.max_steps
             if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or at_end):
-                val = self.evaluate()
-                if val is not None:
-                    out.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                out.update(self.evaluate())
             if self.step % max(t.log_interval, 1) == 0 or at_end or "val_loss" in out:
                 seconds = busy / steps_since
                 seq = self.train_data.seq_length  # phase 2 of BERT changes it
@@ -318,15 +400,14 @@ class Trainer:
                 records.append(out)
                 busy, steps_since = 0.0, 0
             steps_here += 1
-            if t.exit_after and steps_here >= t.exit_after and not at_end:
+            if at_end:
                 break
-            if t.save_interval > 0 and self.step % t.save_interval == 0 and not at_end:
+            if (signum := interrupt.agreed(self.ctx.device)) is not None:
+                self.interrupted = signal.Signals(signum).name
+                break
+            if t.exit_after and steps_here >= t.exit_after:
+                break
+            if t.save_interval > 0 and self.step % t.save_interval == 0:
                 self.save()
             self._maybe_fail()
-        self.save()
-        self.metrics.close()
-        if self.spans:
-            spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
-            if self.ctx.is_main:
-                plot_spans(spans, self.cfg.model.attn_span, self.run_dir / "spans.png")
         return records

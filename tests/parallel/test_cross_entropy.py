@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.parallel import shard_tensor, vocab_parallel_cross_entropy
+from megatron_lite.parallel import shard_tensor, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from tests.distributed import gather_full, max_dev
 
 TOL = 1e-6
@@ -97,3 +97,22 @@ def test_bf16_logits_give_fp32_loss_and_bf16_grad():
     assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
     ref = F.cross_entropy(logits.float(), target)
     assert abs(loss.item() - ref.item()) <= TOL
+
+
+def _check_argmax(ctx):
+    torch.manual_seed(1)
+    logits = torch.randn(5, 9, PADDED)
+    logits[0, 0, REAL + 3] = 100.0  # a padding id is the largest: it must not win
+    logits[1, 0, :] = 0.0  # all tied: the lowest id
+    logits[2, 0, [7, PADDED // 2 + 1]] = 50.0  # tied across TP ranks at TP=2: the lower id
+    logits[3, 0, REAL - 1] = 60.0  # the last real id
+    local = shard_tensor(logits, -1, ctx.tp_rank, ctx.tp_size)
+    got = vocab_parallel_argmax(local, ctx.tp_group, vocab_size=REAL)
+    assert torch.equal(got, logits[..., :REAL].argmax(-1))
+    assert got[0, 0] < REAL and got[1, 0] == 0 and got[2, 0] == 7 and got[3, 0] == REAL - 1
+    assert torch.equal(vocab_parallel_argmax(local, ctx.tp_group), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_argmax_matches_torch_argmax_of_the_gathered_logits(distributed, tp):
+    distributed(_check_argmax, tp)

@@ -183,3 +183,37 @@ def test_txt_one_document_per_blank_line_block(tmp_path, bpe_files, stdlib_docs)
     assert ds.num_documents == 3 and _stats(tmp_path)["documents_read"] == 3
     assert main(_args(tmp_path, [src], bpe_files, prefix="whole")) == 0  # default: the file
     assert IndexedDataset(tmp_path / "whole_text_document").num_documents == 1
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_several_json_keys_are_written_all_or_none(tmp_path, bpe_files, stdlib_docs, capsys,
+                                                   fmt):
+    """``--json-keys content id``: ``id`` is not text, so the error names it, and the
+    ``content`` shard (processed first, successfully) is not left behind either."""
+    docs = stdlib_docs[:4]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"content": docs, "id": list(range(4)),
+                                 "title": [d[:600] for d in docs]}), path)
+        message = "column 'id' holds int64, not text"
+    else:
+        path = tmp_path / "in.jsonl"
+        path.write_text("".join(json.dumps({"content": d, "id": i, "title": d[:600]}) + "\n"
+                                for i, d in enumerate(docs)))
+        message = "--json-keys id: nothing to write: 4 documents read, 4 skipped (4 not_a_string)"
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _args(out, [path], bpe_files, "--json-keys", "content", "id")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert list(out.iterdir()) == []  # no shard, no stats, no stage folder
+    assert main(_args(out, [path], bpe_files, "--json-keys", "content", "title")) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"out_{k}_document{ext}" for k in ("content", "title")
+                            for ext in (".bin", ".idx")]
+                           + ["out_content.stats.json", "out_title.stats.json"])
+    assert IndexedDataset(str(out / "out_content_document")).num_documents == 4

@@ -103,8 +103,9 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4(distributed, gpt_shard, bp
     ckpt = tmp_path / "tp2/checkpoints/step_00000003"
     outs = {}
     for tp in (1, 4):
-        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / f"load{tp}", **base,
-                              **{"parallel.tensor_parallel_size": tp, "train.load": str(ckpt)})
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / f"load{tp}", **{
+            **base, "train.max_steps": 4, "parallel.tensor_parallel_size": tp,
+            "train.load": str(ckpt)})
         distributed(_check_reshard, tp, over, str(ckpt), tmp_path / f"logits{tp}.pt", tp_size=tp)
         outs[tp] = torch.load(tmp_path / f"logits{tp}.pt")
     assert torch.allclose(outs[1], outs[4], atol=1e-5, rtol=0)
@@ -191,6 +192,7 @@ def test_hf_round_trip_and_back(gpt_shard, bpe_files, tmp_path, capsys):
     assert eod == 0 and hf.config.eos_token_id == hf.config.bos_token_id == eod  # not V - 1
 
     ours = Trainer(load_config(None, over + [f"train.load={tmp_path / 'run'}",
+                                             "train.max_steps=3",
                                              f"train.run_dir={tmp_path / 'x'}"]),
                    ParallelContext()).model.eval()
     ids = torch.arange(40).view(2, 20) * 7 % 2000
@@ -236,7 +238,7 @@ def test_damaged_checkpoint_gives_one_line_naming_the_file(gpt_shard, bpe_files,
         model_pt.unlink()
     capsys.readouterr()
     again = tiny_overrides(gpt_shard, bpe_files, tmp_path / "new", **{
-        "train.max_steps": 1, "train.eval_interval": 0, "train.load": str(tmp_path / "run")})
+        "train.max_steps": 3, "train.eval_interval": 0, "train.load": str(tmp_path / "run")})
     assert train_main([str(config), *again]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "model.pt" in err and "\n" not in err

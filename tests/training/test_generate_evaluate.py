@@ -68,7 +68,7 @@ def test_evaluate_cli_on_a_checkpoint_and_a_fresh_model(gpt_shard, bpe_files, tm
     capsys.readouterr()
     assert evaluate_main([str(tmp_path / "run"), "--iters", "2"]) == 0
     after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert after["step"] == 4 and after["batches"] == 2 * 4  # 2 global batches of 4 micro
+    assert after["step"] == 4 and after["global_batches"] == 2 and after["samples"] == 2 * 8
     assert evaluate_main(["--config", str(config), *overrides, "--iters", "2"]) == 0
     before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert before["step"] == 0 and after["loss"] < before["loss"]
@@ -92,7 +92,7 @@ def test_overrides_go_anywhere_on_the_command_line(gpt_shard, bpe_files, tmp_pat
             "mixed": [extra[0], "--iters", "1", run, extra[1], "--split", "train"]}[order]
     assert evaluate_main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["split"] == "train" and out["batches"] == 4  # --iters 1 wins over eval_iters
+    assert out["split"] == "train" and out["global_batches"] == 1  # --iters 1 wins
     fresh = {"options_first": ["--iters", "1", "--config", str(config), *overrides],
              "overrides_first": [*overrides, "--config", str(config), "--iters", "1"],
              "mixed": [*head, "--config", str(config), *tail, "--iters", "1"]}[order]

@@ -64,7 +64,7 @@ def test_loading_a_checkpoint_of_another_model_is_one_line(tmp_path, gpt_shard, 
                           **{"train.max_steps": 1, "train.eval_interval": 0})
     assert train_main([str(config), *base]) == 0
     other = tiny_overrides(gpt_shard, bpe_files, tmp_path / "b",
-                           **{"train.max_steps": 1, "train.eval_interval": 0,
+                           **{"train.max_steps": 2, "train.eval_interval": 0,
                               "model.num_layers": 3, "train.load": str(tmp_path / "a")})
     capsys.readouterr()
     assert train_main([str(config), *other]) == 2

@@ -1,0 +1,180 @@
+"""The life of a run around the loop: interrupts, reruns, fine-tuning, schedule changes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.train import main as train_main
+from megatron_lite.training.checkpoint import read_meta
+from megatron_lite.training.schedule import learning_rate
+from tests.training.conftest import gpt_yaml, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "megatron_lite.train", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, **kw)
+
+
+def test_ctrl_c_on_a_torchrun_job_saves_and_the_rerun_matches(gpt_shard, bpe_files, tmp_path):
+    """Ctrl-C as a terminal sends it (to torchrun and both workers at once) during TP=2
+    training: every rank finishes the step, one checkpoint, one line; rerunning the same
+    command resumes and reproduces the uninterrupted run's losses exactly."""
+    steps = 200
+    run = tmp_path / "run"
+    args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, run, **{"parallel.tensor_parallel_size": 2,
+                                      "train.max_steps": steps, "train.eval_interval": 0,
+                                      "train.global_batch_size": 2, "model.hidden_dropout": 0.1})]
+    proc = _torchrun(args, start_new_session=True)  # its own process group, like a terminal's
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
+    assert len(lines) == 1, out
+    stopped = int(lines[0].split()[3])
+    assert 3 <= stopped < steps
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert "rerun the same command to resume" in lines[0]
+    # the workers print no traceback (torchrun reports the signal it got itself, once)
+    assert out.count("Traceback") <= 1 and "KeyboardInterrupt" not in out, out
+    assert [r["step"] for r in _rows(run)] == list(range(1, stopped + 1))
+
+    resumed = _torchrun(args)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed from {run} at step {stopped}" in out
+    reference = tmp_path / "reference"
+    straight = _torchrun([a.replace(str(run), str(reference)) for a in args])
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out
+    got, want = _rows(run), _rows(reference)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_second_signal_after_the_grace_period_exits_at_once():
+    code = ("import os, signal, time\n"
+            "from megatron_lite.training.interrupt import Interrupt\n"
+            "with Interrupt(grace_s=0.2) as i:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)  # a repeat inside the grace period\n"
+            "    time.sleep(0.05)\n"
+            "    assert i.received == signal.SIGTERM and i.agreed('cpu') == signal.SIGTERM\n"
+            "    print('still here', flush=True)\n"
+            "    time.sleep(0.3)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "print('not reached')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 128 + signal.SIGINT, out.stderr
+    assert out.stdout == "still here\n"
+    assert "exiting without a checkpoint" in out.stderr
+
+
+def _train(tmp_path, gpt_shard, bpe_files, run_dir, **kw):
+    kw = {"train.eval_interval": 0, **kw}
+    return train_main([str(gpt_yaml(tmp_path)),
+                       *tiny_overrides(gpt_shard, bpe_files, run_dir, **kw)])
+
+
+def test_metrics_of_reruns_never_repeat_a_step(gpt_shard, bpe_files, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **{"train.max_steps": 6,
+                                                          "train.save_interval": 2}) == 0
+    # killed after logging steps 5 and 6 but before their checkpoint: resume at step 4
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000006")
+    (ckpts / "latest").write_text("step_00000004\n")
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **{"train.max_steps": 8,
+                                                          "optim.override_schedule": True}) == 0
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
+    # an earlier start that never saved: its metrics move aside, the new run starts afresh
+    shutil.rmtree(ckpts)
+    capsys.readouterr()
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **{"train.max_steps": 3}) == 0
+    assert "moved to metrics.1.jsonl" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+    old = [json.loads(x)["step"] for x in (run / "metrics.1.jsonl").read_text().splitlines()]
+    assert old == list(range(1, 9))
+
+
+def test_load_past_max_steps_is_an_error_and_finetune_starts_over(gpt_shard, bpe_files,
+                                                                  tmp_path, capsys):
+    base = tmp_path / "base"
+    assert _train(tmp_path, gpt_shard, bpe_files, base, **{"train.max_steps": 6}) == 0
+    capsys.readouterr()
+    new = tmp_path / "new"
+    assert _train(tmp_path, gpt_shard, bpe_files, new, **{"train.max_steps": 4,
+                                                          "train.load": str(base)}) == 2
+    err = capsys.readouterr().err
+    assert "at step 6, not before train.max_steps=4: nothing to train" in err
+    assert "train.finetune=true" in err and not (new / "metrics.jsonl").exists()
+    # a finished run rerun: nothing to do, said so
+    assert _train(tmp_path, gpt_shard, bpe_files, base, **{"train.max_steps": 6}) == 2
+    assert "nothing to train" in capsys.readouterr().err
+
+    assert _train(tmp_path, gpt_shard, bpe_files, new, **{
+        "train.max_steps": 4, "train.load": str(base), "train.finetune": True,
+        "optim.warmup_steps": 3, "optim.lr": 2e-3}) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning from" in out and "weights only" in out
+    assert f"done: {new} at step 4 (metrics.jsonl, loss.png, checkpoints/step_00000004)" in out
+    rows = _rows(new)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["lr"] == pytest.approx(2e-3 / 3)  # its own warmup, from step 0
+    meta = read_meta(new / "checkpoints" / "step_00000004")
+    assert meta["step"] == 4 and meta["schedule"]["train.max_steps"] == 4
+    # it starts from base's weights: at lr 0 they come out unchanged
+    zero = tmp_path / "zero"
+    assert _train(tmp_path, gpt_shard, bpe_files, zero, **{
+        "train.max_steps": 1, "train.load": str(base), "train.finetune": True,
+        "optim.lr": 0.0, "optim.min_lr": 0.0}) == 0
+    want = torch.load(base / "checkpoints" / "step_00000006" / "model.pt")
+    got = torch.load(zero / "checkpoints" / "step_00000001" / "model.pt")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_a_resume_with_another_max_steps_keeps_or_overrides_the_schedule(
+        gpt_shard, bpe_files, tmp_path, capsys, override):
+    from megatron_lite.config import OptimConfig
+
+    run = tmp_path / "run"
+    kw = {"optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": 2,
+          "optim.decay_style": "cosine"}
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **kw, **{"train.max_steps": 10,
+                                                                "train.exit_after": 4}) == 0
+    capsys.readouterr()
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **kw, **{
+        "train.max_steps": 20, "optim.override_schedule": override}) == 0
+    out = capsys.readouterr().out
+    assert "train.max_steps 10 -> 20" in out
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_style="cosine")
+    followed = 20 if override else 10
+    lrs = {r["step"]: r["lr"] for r in _rows(run)}
+    assert lrs[5] == pytest.approx(learning_rate(4, optim, followed))
+    assert lrs[20] == pytest.approx(learning_rate(19, optim, followed))
+    assert read_meta(run / "checkpoints" / "step_00000020")["schedule"]["train.max_steps"] \
+        == followed
