@@ -33,7 +33,7 @@ COPY --chown=trainer:trainer configs ./configs
 COPY --chown=trainer:trainer launch ./launch
 USER 1000:1000
 # the very steps `make setup` runs on a developer machine and in CI
-RUN make setup PYTHON=python3 EXTRAS=hf TORCH_SPEC="${TORCH_SPEC}" VENV_FLAGS="${VENV_FLAGS}" \
+RUN make setup PYTHON=python3 EXTRAS=hf,deepspeed TORCH_SPEC="${TORCH_SPEC}" VENV_FLAGS="${VENV_FLAGS}" \
     && ln -s /opt/megatron-lite/configs /workspace/configs \
     && ln -s /opt/megatron-lite/launch /workspace/launch
 ENV PATH=/opt/megatron-lite/.venv/bin:${PATH}

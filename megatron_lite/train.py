@@ -17,6 +17,8 @@ import argparse
 import signal
 import sys
 
+import torch.distributed as dist
+
 from megatron_lite.cli import config_keys_help, parse_args, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import destroy_parallel, init_parallel
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main and trainer.interrupted:
                 print(f"interrupted at step {trainer.step} ({trainer.interrupted}): saved "
                       f"{saved}; rerun the same command to resume", file=sys.stderr, flush=True)
+            if trainer.interrupted and dist.is_initialized():
+                dist.barrier()  # exit together: a launcher may kill the others at the first
             elif ctx.is_main:
                 written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
                                             trainer.run_dir / "loss.png") if p.exists()]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.data.tokenizer import build_tokenizer
 from tests.training.conftest import gpt_shard, tiny_overrides  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +114,29 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 20  # gone before the next test starts its own
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _wait(job: str, env: dict, log: Path, timeout: float = 300) -> str:
+    """Wait until ``job`` has left the queue; returns its output file's text."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
+                                text=True).stdout.strip()
+        if not queued:
+            return log.read_text() if log.exists() else "(no output file)"
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} did not finish in {timeout} s:\n"
+                f"{log.read_text() if log.exists() else ''}")
+
+
+def _steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
+        if metrics.exists() else []
 
 
 def test_sbatch_script_trains_tiny_gpt(slurm_cluster, gpt_shard, bpe_files, tmp_path):  # noqa: F811
@@ -133,21 +157,89 @@ def test_sbatch_script_trains_tiny_gpt(slurm_cluster, gpt_shard, bpe_files, tmp_
          "--cpus-per-task=1", f"--output={log}", f"--export={export}",
          str(ROOT / "launch/slurm/train.sbatch")],
         check=True, env=env, capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
-                                text=True).stdout.strip()
-        if not queued:
-            break
-        time.sleep(1)
-    else:
-        subprocess.run(["scancel", job], env=env)
-        pytest.fail(f"job {job} did not finish in 300 s:\n{log.read_text()}")
-    output = log.read_text() if log.exists() else "(no output file)"
-    metrics = run_dir / "metrics.jsonl"
-    assert metrics.exists(), output
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], output
+    output = _wait(job, env, log)
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6], output
     assert "2 tasks" in output and "done:" in output
     assert (run_dir / "checkpoints" / "latest").exists()
     print(f"SLURM job {job}: 2 tasks, 6 steps, {time.monotonic() - start:.1f}s from sbatch")
+
+
+TINY = {"model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
+        "model.max_position_embeddings": 64, "model.make_vocab_size_divisible_by": 8,
+        "model.activation_checkpointing": "none", "train.micro_batch_size": 2,
+        "train.global_batch_size": 4, "train.log_interval": 1, "train.eval_interval": 0,
+        "train.save_interval": 0, "train.precision": "fp32", "optim.warmup_steps": 1,
+        "log.tensorboard": False, "parallel.tensor_parallel_size": 2}
+
+
+@pytest.mark.parametrize("script", ["bert-large", "gpt2-1.5b"])
+def test_example_scripts_run_as_written_from_another_directory(
+        slurm_cluster, gpt_shard, bpe_files, sentence_shard, wordpiece_file,  # noqa: F811
+        tmp_path, script):
+    """The example scripts as a user runs them: from their own directory (not the
+    project's), with relative data paths, on CPU tasks instead of GPUs; the shipped config
+    is shrunk by OVERRIDES only."""
+    elsewhere = tmp_path / "work"
+    (elsewhere / "data").mkdir(parents=True)
+    if script == "bert-large":
+        shard, files = sentence_shard, {"VOCAB": wordpiece_file}
+        tiny = {**TINY, "model.seq_length": 32, "train.phase2_seq_length": 64,
+                "train.max_steps": 4, "train.phase2_start": 0.5}
+    else:
+        shard, files = gpt_shard, {"VOCAB": bpe_files[0], "MERGES": bpe_files[1]}
+        tiny = {**TINY, "model.seq_length": 32, "train.max_steps": 4}
+    tokenizer = build_tokenizer("BertWordPieceLowerCase" if script == "bert-large"
+                                else "GPT2BPETokenizer", *map(str, files.values()))
+    tiny["model.vocab_size"] = tokenizer.vocab_size  # the shipped configs name the real one
+    for suffix in (".bin", ".idx"):
+        (elsewhere / "data" / f"c{suffix}").symlink_to(f"{shard}{suffix}")
+    env = dict(slurm_cluster, DATA="data/c", NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2",
+               PYTHON=str(ROOT / ".venv/bin/python"), RUN_DIR="runs/example",
+               OVERRIDES=" ".join(f"{k}={v}" for k, v in tiny.items()),
+               **{k: str(v) for k, v in files.items()})
+    env.pop("MEGATRON_LITE_ROOT", None)
+    out = subprocess.run(["bash", str(ROOT / "launch/slurm" / f"{script}.sh"),
+                          "--parsable", "--cpus-per-task=1", "--output=slurm.out"],
+                         env=env, capture_output=True, text=True, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    output = _wait(out.stdout.strip(), slurm_cluster, elsewhere / "slurm.out")
+    run_dir = elsewhere / "runs" / "example"
+    assert _steps(run_dir) == [1, 2, 3, 4], output
+    saved = (run_dir / "config.yaml").read_text()
+    assert f"data_path: {elsewhere}/data/c" in saved  # absolute: later commands work anywhere
+    if script == "bert-large":
+        assert "BERT phase 2 from step 2" in output
+
+
+def test_sigusr1_before_the_time_limit_saves_requeues_and_resumes(
+        slurm_cluster, gpt_shard, bpe_files, tmp_path):  # noqa: F811
+    """SLURM's --signal=B:USR1@120 warning, sent by hand: every rank saves and exits, the
+    script requeues the job, and the requeued job resumes to the end; no step repeats."""
+    run_dir = tmp_path / "run"
+    steps = 400
+    overrides = [o for o in tiny_overrides(gpt_shard, bpe_files, run_dir, **{
+        "parallel.tensor_parallel_size": 2, "train.max_steps": steps, "train.eval_interval": 0,
+        "train.log_interval": 1, "train.global_batch_size": 2}) if "run_dir" not in o]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    log = tmp_path / "slurm.out"
+    env = dict(slurm_cluster, OVERRIDES=" ".join(overrides))
+    export = ",".join(["ALL", f"CONFIG={config}", f"RUN_DIR={run_dir}"])
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+         f"--output={log}",
+         f"--export={export}", str(ROOT / "launch/slurm/train.sbatch")],
+        env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert job.returncode == 0, job.stderr
+    job = job.stdout.strip()
+    deadline = time.monotonic() + 120
+    while len(_steps(run_dir)) < 3:
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else ""
+        time.sleep(0.05)
+    # what --signal=B:USR1@120 does: the batch script gets it, and forwards it
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    output = _wait(job, env, log, timeout=600)
+    assert "requeueing job" in output and "interrupted at step" in output, output
+    stopped = int(output.split("interrupted at step ")[1].split()[0])
+    assert f"resumed from {run_dir} at step {stopped}" in output, output
+    assert _steps(run_dir) == list(range(1, steps + 1)), output
