@@ -10,9 +10,11 @@
 #   RDZV_ID         a job id shared by all nodes (default megatron-lite)
 #   OMP_NUM_THREADS threads per process (default: this node's cores / NPROC_PER_NODE)
 #   PYTHON          interpreter (default .venv/bin/python when present, else python3)
+#   SAVE_TIMEOUT    seconds torchrun gives the workers to save after Ctrl-C / SIGTERM /
+#                   SIGUSR1 before it kills them (default 300; torchrun's own default is 30)
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n '2,13p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
 fi
 CONFIG=$1
@@ -23,12 +25,18 @@ gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 2)}
 NNODES=${NNODES:-1}
 threads=$(( $(nproc) / NPROC_PER_NODE ))
+# on a signal torchrun forwards it to the workers (which save a checkpoint and exit) and
+# waits --shutdown-timeout seconds before SIGKILL
+SIGNALS=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+         --shutdown-timeout "${SAVE_TIMEOUT:-300}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 if [ "$NNODES" -gt 1 ]; then
     : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port for a multi-node run}"
-    exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
+    exec "$PYTHON" -m torch.distributed.run "${SIGNALS[@]}" --nnodes "$NNODES" \
+        --nproc_per_node "$NPROC_PER_NODE" \
         --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-megatron-lite}" \
         -m megatron_lite.train "$CONFIG" "$@"
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" \
+exec "$PYTHON" -m torch.distributed.run "${SIGNALS[@]}" --standalone \
+    --nproc_per_node "$NPROC_PER_NODE" \
     -m megatron_lite.train "$CONFIG" "$@"
