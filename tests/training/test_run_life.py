@@ -178,3 +178,67 @@ def test_a_resume_with_another_max_steps_keeps_or_overrides_the_schedule(
     assert lrs[20] == pytest.approx(learning_rate(19, optim, followed))
     assert read_meta(run / "checkpoints" / "step_00000020")["schedule"]["train.max_steps"] \
         == followed
+
+
+def test_an_explicit_vocab_size_must_match_the_tokenizer(gpt_shard, bpe_files, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tmp_path, gpt_shard, bpe_files, run, **{"model.vocab_size": 8192}) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: override 'model.vocab_size=8192': model.vocab_size=8192 but "
+                          "the tokenizer") and "has 2000 tokens" in err and "\n" not in err
+    assert not run.exists()
+
+
+def test_a_run_dir_works_from_any_directory(gpt_shard, bpe_files, tmp_path, monkeypatch,
+                                            capsys):
+    """Trained with relative paths; evaluated and sampled from another directory."""
+    from megatron_lite.config import load_config
+    from megatron_lite.evaluate import main as evaluate_main
+    from megatron_lite.generate import main as generate_main
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        (work / "data" / f"c{suffix}").symlink_to(f"{gpt_shard}{suffix}")
+    for f in bpe_files:
+        (work / "data" / f.name).symlink_to(f)
+    monkeypatch.chdir(work)
+    over = tiny_overrides("data/c", ("data/vocab.json", "data/merges.txt"), "runs/r",
+                          **{"train.max_steps": 2, "train.eval_interval": 0})
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+    saved = load_config(work / "runs/r/config.yaml")
+    assert saved.data.data_path == str(work / "data/c")
+    assert saved.data.vocab_file == str(work / "data/vocab.json")
+    assert saved.train.run_dir == str(work / "runs/r")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert evaluate_main(["work/runs/r", "--iters", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
+    assert generate_main(["work/runs/r", "--prompt", "Return the", "--greedy",
+                          "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Return the")
+    # generate takes overrides; its errors name what it has
+    assert generate_main(["work/runs/r", "--prompt", "x", "data.tokenizer_type=null"]) == 2
+    err = capsys.readouterr().err
+    assert "names no tokenizer: add the overrides data.tokenizer_type=" in err
+    assert generate_main(["--prompt", "x", "model.hidden_dropout=0", "work/runs/r",
+                          "--greedy", "--max-new-tokens", "2"]) == 0
+
+
+def test_train_help_lists_every_config_key_with_default_and_meaning():
+    import dataclasses
+
+    from megatron_lite.config import Config
+
+    out = subprocess.run([sys.executable, "-m", "megatron_lite.train", "--help"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            key = f"{section.name}.{f.name}="
+            row = next((x for x in lines if x.strip().startswith(key)), None)
+            assert row is not None, key
+            assert len(row.split(None, 1)) == 2, f"{key} has no meaning"  # default + text
+    assert "    train.max_steps=100 " in out.stdout
+    assert "optimizer steps of the run" in out.stdout
