@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
-from megatron_lite.data.tokenizer import TokenizerError
+from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, tokenizer_from_config
@@ -61,18 +62,62 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     meta = {"format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
             "tokens_seen": 0, "tp_size": tp, "dp_size": 1, "world_size": tp,
             "converted_from": str(hf_dir)}
+    out = Path(os.path.abspath(out))
+    files = _hf_tokenizer_files(hf_dir, cfg, Path(os.path.abspath(hf_dir)))
+    if files:  # checked before anything is written
+        tok = tokenizer_from_config(cfg)
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise TokenizerError(f"{hf_dir}: the tokenizer has {tok.vocab_size} tokens, more "
+                                 f"than the model's vocab_size {cfg.model.vocab_size}")
+        cfg.model.vocab_size = tok.vocab_size  # rows past it are the model's padding
+        _hf_tokenizer_files(hf_dir, cfg, out / "tokenizer")  # the copies travel with it
     with written_dir(out) as tmp:
         torch.save(state, tmp / "model.pt")
+        if files:
+            (tmp / "tokenizer").mkdir()
+            for f in files:
+                shutil.copyfile(f, tmp / "tokenizer" / f.name)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def to_hf_dir(ckpt: Path, out: Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for a megatron-lite checkpoint.
+def _hf_tokenizer_files(hf_dir: Path, cfg: Config, dest: Path) -> list[Path]:
+    """The tokenizer files of an HF folder, and ``cfg.data`` naming them in ``dest`` (the
+    folder itself, or where they are copied): GPT-2 BPE, WordPiece, or any
+    ``tokenizer.json`` (``HFTokenizer``); [] when it has none."""
+    d = cfg.data
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "vocab.json", "merges.txt", "vocab.txt")
+    files = [hf_dir / n for n in names if (hf_dir / n).is_file()]
+    have = {f.name for f in files}
+    if cfg.model.arch == "gpt" and {"vocab.json", "merges.txt"} <= have and \
+            GPT2_EOD in json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8")):
+        d.tokenizer_type = "GPT2BPETokenizer"
+        d.vocab_file, d.merge_file = str(dest / "vocab.json"), str(dest / "merges.txt")
+    elif cfg.model.arch == "bert" and "vocab.txt" in have:
+        lower = True
+        if "tokenizer_config.json" in have:
+            conf = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+            lower = conf.get("do_lower_case", True)
+        d.tokenizer_type = "BertWordPieceLowerCase" if lower else "BertWordPieceCase"
+        d.vocab_file = str(dest / "vocab.txt")
+    elif "tokenizer.json" in have:
+        d.tokenizer_type, d.tokenizer_model = "HFTokenizer", str(dest)
+    else:
+        return []
+    return files
 
-    The end-of-text id (GPT-2's ``bos``/``eos``) comes from the run's tokenizer; when
-    its files cannot be read, a warning says so and the export names none.
+
+def to_hf_dir(ckpt: Path, out: Path) -> Path:
+    """Write a folder ``transformers`` loads on its own: ``config.json``,
+    ``model.safetensors``, the run's tokenizer (:func:`write_hf_tokenizer`) and, for GPT,
+    ``generation_config.json``.
+
+    The special ids (GPT-2's ``bos``/``eos``, BERT's ``[PAD]``) come from the run's
+    tokenizer; when its files cannot be read, a warning says so and the export holds no
+    tokenizer. A tokenizer that does not fit the checkpoint's vocabulary is an error
+    before anything is written.
     """
     from megatron_lite.models.hf import to_hf
 
@@ -83,15 +128,64 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     try:
         tokenizer_from_config(cfg)
     except TokenizerError as err:
-        print(f"warning: {err}: the export names no end-of-text token", file=sys.stderr)
+        print(f"warning: {err}: the export holds no tokenizer and names no special tokens",
+              file=sys.stderr)
         cfg.data.tokenizer_type = None
     ctx = ParallelContext()
-    run = build_run(cfg, ctx, data=False)
+    run = build_run(cfg, ctx, data=False)  # a tokenizer of another size: ConfigError
     load_checkpoint(ckpt, run.model, ctx)
-    hf = to_hf(run.model, eos_token_id=run.tokenizer.eod if run.tokenizer else None)
+    tok = run.tokenizer
+    hf = to_hf(run.model, eos_token_id=tok.eod if tok and cfg.model.arch == "gpt" else None,
+               pad_token_id=tok.specials.get("[PAD]") if tok else None)
     with written_dir(out) as tmp:
         hf.save_pretrained(str(tmp), safe_serialization=True)
+        if tok is not None:
+            write_hf_tokenizer(tok, cfg, tmp)
     return out
+
+
+def write_hf_tokenizer(tok, cfg: Config, out: Path) -> None:
+    """The run's tokenizer as ``transformers`` reads it: GPT-2 BPE as ``vocab.json`` +
+    ``merges.txt`` + ``tokenizer.json``; WordPiece as ``vocab.txt`` + ``tokenizer.json``;
+    SentencePiece as ``tokenizer.model``; with ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` naming its real special tokens (GPT: also
+    ``generation_config.json``)."""
+    d = cfg.data
+    max_len = cfg.model.max_position_embeddings
+    if tok.kind == "GPT2BPETokenizer":
+        shutil.copyfile(d.vocab_file, out / "vocab.json")
+        shutil.copyfile(d.merge_file, out / "merges.txt")
+        tok.backend.save(str(out / "tokenizer.json"))
+        eod = GPT2_EOD
+        specials = {"bos_token": eod, "eos_token": eod, "unk_token": eod, "pad_token": eod}
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+    elif tok.kind.startswith("BertWordPiece"):
+        shutil.copyfile(d.vocab_file, out / "vocab.txt")
+        tok.backend.save(str(out / "tokenizer.json"))
+        specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                    "cls_token": "[CLS]", "mask_token": "[MASK]"}
+        config = {"tokenizer_class": "BertTokenizer",
+                  "do_lower_case": tok.kind == "BertWordPieceLowerCase"}
+    elif tok.kind == "SentencePieceTokenizer":
+        shutil.copyfile(d.tokenizer_model, out / "tokenizer.model")
+        sp = tok.backend
+        specials = {name: sp.id_to_piece(i) for name, i in (
+            ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
+            ("pad_token", sp.pad_id())) if i >= 0}
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                  "add_eos_token": False}
+    else:  # HFTokenizer: its own tokenizer.json and config travel as they are
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(d.tokenizer_model) / name).is_file():
+                shutil.copyfile(Path(d.tokenizer_model) / name, out / name)
+        specials, config = {}, None
+    if config is not None:
+        config = {**config, **specials, "model_max_length": max_len}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    if cfg.model.arch == "gpt" and tok.eod is not None:
+        gen = {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": tok.eod}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

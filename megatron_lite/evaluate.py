@@ -10,6 +10,16 @@ consecutive segments with the memory carried, e.g. ``evaluate RUN model.mem_len=
 model.seq_length=64``; it prints targets scored and tokens/s too.
 BERT: MLM loss and accuracy on the masked positions, NSP
 accuracy. Prints one JSON line (rank 0); loads at any TP size.
+
+Zero-shot tasks as in the Megatron-LM paper (GPT; see megatron_lite/tasks.py):
+
+    python -m megatron_lite.evaluate RUN --task wikitext --input wiki.test.txt [--overlap 512]
+    python -m megatron_lite.evaluate RUN --task lambada --input lambada_test.jsonl
+
+wikitext: token and word-level perplexity of a raw text file with overlapping windows
+(``--overlap`` tokens of context re-read per window, default half the window; each
+token scored once). lambada: accuracy of greedily predicting every token of each
+passage's last word. No download: you give the file.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import argparse
 import json
 import sys
 
+from megatron_lite import tasks
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import destroy_parallel, init_parallel, read_launch_env
@@ -33,11 +44,18 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("valid", "train"), default="valid")
     p.add_argument("--iters", type=int, default=None, help="global batches (default eval_iters)")
     p.add_argument("--tp", type=int, default=None, help="TP size (default: the world size)")
+    p.add_argument("--task", choices=("wikitext", "lambada"),
+                   help="a zero-shot task on --input instead of the run's validation split")
+    p.add_argument("--input", help="--task's file: raw text (wikitext) or jsonl (lambada)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="wikitext: tokens of context re-read per window (default seq/2)")
     p.add_argument("overrides", nargs="*", help="section.key=value (anywhere on the line)")
     a = parse_args(p, argv)
     path_and_overrides(p, a, required=False)
     if bool(a.checkpoint) == bool(a.config):
         p.error("give a checkpoint or --config (one of them)")
+    if bool(a.task) != bool(a.input):
+        p.error("--task and --input go together")
 
     def body() -> None:
         ckpt = resolve_checkpoint(a.checkpoint) if a.checkpoint else None
@@ -53,9 +71,15 @@ def main(argv=None) -> int:
         t.eval_iters = a.iters or t.eval_iters or 1
         ctx = init_parallel(tp, seed=cfg.train.seed)
         try:
-            run = build_run(cfg, ctx, training=False)
+            run = build_run(cfg, ctx, training=False, data=not a.task)
             step = load_checkpoint(ckpt, run.model, ctx)["step"] if ckpt else 0
-            result = {"split": a.split, "step": step, **run.evaluate(a.split, a.iters)}
+            if a.task == "wikitext":
+                result = {"step": step, **tasks.wikitext(run, a.input, a.overlap)}
+            elif a.task == "lambada":
+                result = {"step": step, **tasks.lambada(run, a.input)}
+                result.pop("predictions")
+            else:
+                result = {"split": a.split, "step": step, **run.evaluate(a.split, a.iters)}
             if ctx.is_main:
                 print(json.dumps(result))
         finally:

@@ -81,7 +81,7 @@ def wikitext(run, path: str | Path, overlap: int | None = None, progress: bool =
     mine = plan[ctx.dp_rank::ctx.dp_size]  # DP ranks take every dp_size-th window
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
     model.eval()
-    bar = _progress(len(plan), "wikitext", ctx.is_main)
+    bar = _progress(len(plan), "wikitext", ctx.is_main and progress)
     for i in range(0, len(mine), mb):
         batch = mine[i:i + mb]
         inputs = torch.zeros(len(batch), seq, dtype=torch.long)
@@ -149,7 +149,8 @@ def lambada_items(path: Path, tokenizer, max_len: int) -> tuple[list, dict]:
             continue
         items.append((context[-(max_len - len(target) + 1):], target))  # keep the end
     if not items:
-        raise TaskInputError(f"{path}: no usable passage ({', '.join(f'{v} {k}' for k, v in skipped.items() if v) or 'empty file'})")
+        why = ", ".join(f"{v} {k}" for k, v in skipped.items() if v) or "empty file"
+        raise TaskInputError(f"{path}: no usable passage ({why})")
     return items, skipped
 
 
@@ -166,7 +167,7 @@ def lambada(run, path: str | Path, progress: bool = True) -> dict:
     indices = list(range(ctx.dp_rank, len(items), ctx.dp_size))
     correct = torch.zeros(len(items), dtype=torch.float64, device=ctx.device)
     model.eval()
-    bar = _progress(-(-len(items) // mb), "lambada", ctx.is_main)
+    bar = _progress(-(-len(items) // mb), "lambada", ctx.is_main and progress)
     for i in range(0, len(indices), mb):
         batch = indices[i:i + mb]
         length = max(len(items[j][0]) + len(items[j][1]) - 1 for j in batch)

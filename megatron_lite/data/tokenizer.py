@@ -5,6 +5,9 @@
 - ``BertWordPieceLowerCase`` / ``BertWordPieceCase``: WordPiece from ``vocab.txt``
   (id = line number) with [PAD] [UNK] [CLS] [SEP] [MASK]; EOD = [SEP].
 - ``SentencePieceTokenizer``: a ``.model`` file; EOD = its ``</s>`` (eos) id.
+- ``HFTokenizer``: any Hugging Face ``tokenizer.json`` (GPT-2, GPT-NeoX, Llama-style),
+  ``--tokenizer-model`` naming the file or its folder; EOD = the ``eos_token`` of the
+  folder's ``tokenizer_config.json``, else a known end-of-text token of the vocabulary.
 
 Used by preprocessing (encode) and by training (vocab size, special ids, decode).
 Nothing is downloaded: every tokenizer is built from files you give.
@@ -16,7 +19,9 @@ import json
 from pathlib import Path
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
-                   "SentencePieceTokenizer")
+                   "SentencePieceTokenizer", "HFTokenizer")
+# end-of-text tokens of common vocabularies, for an HFTokenizer without tokenizer_config.json
+EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 GPT2_EOD = "<|endoftext|>"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -43,7 +48,7 @@ class Tokenizer:
 
     def __init__(self, kind: str, backend, vocab_size: int, eod: int | None,
                  specials: dict[str, int] | None = None, recipe: dict | None = None):
-        self.kind, self._backend = kind, backend
+        self.kind, self.backend = kind, backend
         self.vocab_size, self.eod = vocab_size, eod
         self.specials = specials or {}
         self.recipe = recipe or {}
@@ -51,8 +56,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added)."""
         if self.kind == "SentencePieceTokenizer":
-            return self._backend.encode(texts)
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+            return self.backend.encode(texts)
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -60,14 +65,14 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.kind == "SentencePieceTokenizer":
-            return self._backend.decode(ids)
-        return self._backend.decode(ids, skip_special_tokens=False)
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=False)
 
     def vocab(self) -> dict[str, int]:
         """Every piece and its id (WordPiece continuations start with ``##``)."""
         if self.kind == "SentencePieceTokenizer":
-            return {self._backend.id_to_piece(i): i for i in range(self.vocab_size)}
-        return self._backend.get_vocab()
+            return {self.backend.id_to_piece(i): i for i in range(self.vocab_size)}
+        return self.backend.get_vocab()
 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
@@ -119,7 +124,37 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
         eos = backend.eos_id()
         tok = Tokenizer(tokenizer_type, backend, backend.get_piece_size(),
                         eos if eos >= 0 else None, recipe=recipe)
+    elif tokenizer_type == "HFTokenizer":
+        tok = _hf_tokenizer(tokenizer_model, recipe)
     else:
         raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r} "
                              f"(one of {', '.join(TOKENIZER_TYPES)})")
     return tok
+
+
+def _hf_tokenizer(tokenizer_model: str | None, recipe: dict) -> Tokenizer:
+    """A ``tokenizer.json`` through the ``tokenizers`` library (see the module docstring)."""
+    from tokenizers import Tokenizer as Backend
+
+    path = Path(tokenizer_model or "")
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    path = _need(str(path) if tokenizer_model else None, "--tokenizer-model", "HFTokenizer")
+    try:
+        backend = Backend.from_file(str(path))
+    except Exception as err:
+        raise TokenizerError(f"--tokenizer-model {path}: not a tokenizer.json ({err})") from None
+    vocab = backend.get_vocab(with_added_tokens=True)
+    eos = None
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        except json.JSONDecodeError as err:
+            raise TokenizerError(f"{config}: invalid JSON ({err.msg})") from None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos not in vocab:
+        eos = next((name for name in EOD_NAMES if name in vocab), None)
+    eod = vocab[eos] if eos is not None else None
+    return Tokenizer("HFTokenizer", backend, backend.get_vocab_size(with_added_tokens=True), eod,
+                     {eos: eod} if eos is not None else {}, recipe)

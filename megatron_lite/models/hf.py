@@ -180,7 +180,8 @@ def config_from_hf(hf_config) -> ModelConfig:
     raise ValueError(f"HF model type {kind!r} is not supported (gpt2, bert, megatron-bert)")
 
 
-def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None):
+def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None):
     """The HF config object matching a :class:`ModelConfig`.
 
     Args:
@@ -201,7 +202,7 @@ def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None):
             resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
             attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std,
             activation_function=act, tie_word_embeddings=True,
-            bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     config_cls = (transformers.BertConfig if cfg.layernorm_order == "post"
                   else transformers.MegatronBertConfig)
     return config_cls(
@@ -211,7 +212,8 @@ def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None):
         type_vocab_size=cfg.num_tokentypes, layer_norm_eps=cfg.layernorm_epsilon,
         hidden_dropout_prob=cfg.hidden_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout,
-        initializer_range=cfg.init_std, hidden_act=act, tie_word_embeddings=True)
+        initializer_range=cfg.init_std, hidden_act=act, tie_word_embeddings=True,
+        pad_token_id=0 if pad_token_id is None else pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,17 +237,18 @@ def from_hf(hf_model, ctx: ParallelContext | None = None, **overrides) -> GPTMod
 
 
 def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
-          eos_token_id: int | None = None):
+          eos_token_id: int | None = None, pad_token_id: int | None = None):
     """The equivalent HF model (built on every rank; collective over the TP group).
 
     Args:
         eos_token_id: the tokenizer's end-of-text id, for GPT-2's config.
+        pad_token_id: the tokenizer's padding id ([PAD] for BERT).
     """
     import transformers
 
     ctx = ctx or ParallelContext()
     cfg = model.cfg
-    hf_config = hf_config_from(cfg, eos_token_id)
+    hf_config = hf_config_from(cfg, eos_token_id, pad_token_id)
     if cfg.arch == "gpt":
         hf_cls = transformers.GPT2LMHeadModel
     elif cfg.layernorm_order == "post":
