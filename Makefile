@@ -35,7 +35,7 @@ setup: $(VENV)/.ready  ## create .venv: torch first, then megatron-lite and its 
 demo: setup  ## the whole pipeline on 2 CPU processes (~4.5 min): see launch/demo.sh
 	bash launch/demo.sh runs/demo
 
-demo-bert: setup  ## BERT (MLM + NSP) on 2 CPU processes (~6 min): see launch/demo_bert.sh
+demo-bert: setup  ## BERT (MLM + NSP) on 2 CPU processes (~5 min): see launch/demo_bert.sh
 	bash launch/demo_bert.sh runs/demo-bert
 
 test: setup  ## the test suite (CPU, gloo)

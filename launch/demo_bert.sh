@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # BERT you can watch learn, on 2 CPU processes: corpus -> WordPiece -> sentence shards ->
-# TP=2 BERT (MLM + NSP) -> MLM and NSP accuracy before and after. About 6 minutes on 2 cores.
+# TP=2 BERT (MLM + NSP) -> MLM and NSP accuracy before and after. About 5 minutes on 2 cores.
 # Usage: launch/demo_bert.sh [OUT_DIR] [extra train overrides...]   (make demo-bert runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
