@@ -1,0 +1,375 @@
+"""Will it fit, and how fast? A plan of a run before it starts, without allocating it.
+
+    python -m megatron_lite.plan configs/gpt2/8.3b.yaml --tp 8 --dp 64 --device a100-80g
+    python -m megatron_lite.plan CONFIG [key=value ...] [--tp N] [--dp M] [--device h100|
+        a100-80g|h200|cpu|MEMORY] [--json]
+
+Parameters come from the model built on the meta device (exact, padding included);
+per TP rank each sharded tensor counts ``1/tp`` (the vocab padded for that TP size).
+
+Memory per rank, in bytes:
+
+- weights, gradients, optimizer: fp32 weights and gradients (``train.precision`` bf16
+  and fp16 are autocast over fp32 weights) and Adam's two fp32 moments; DDP adds its
+  gradient buckets (a second fp32 copy) when DP > 1. Under ``parallel.engine=deepspeed``
+  (ZeRO, Rajbhandari et al. 2020): 16-bit weights and gradients with fp32 masters and
+  moments (12 bytes/param) partitioned over DP (stage 1), gradients too (stage 2).
+- activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation", adapted to our layout; no sequence parallelism): per layer and token,
+  ``R + P / tp`` h-sized tensors plus ``S a s / (h tp)`` for the attention scores, where
+  P covers what lives inside TP regions (Q, K, V, the attention context, the FFN's
+  4h-wide input and GeLU output), R what every TP rank keeps (LayerNorm inputs, residual
+  stream, dropout masks) and S the softmax, its dropout mask and output. The paper's
+  16-bit numbers are ``R = 10, P = 24, S = 5`` (1-byte dropout masks); ours, counted by
+  saved-tensor accounting of this implementation at TP 1 and 2 (``bench/plan_check.py``
+  re-measures them), are in :data:`ACTIVATION_TERMS`: fp32 ``R = 16 (+8 with dropout),
+  P = 48, S = 12``, bf16 autocast ``R = 12 (+8), P = 30, S = 13.5`` (the residual stream
+  and LayerNorms stay fp32 under autocast, and the attention kernel's inputs are kept
+  in bf16 as well). Attention without dropout runs a fused kernel that keeps no
+  scores (S = 0), as does ``selective`` recomputation. ``full`` keeps each sublayer's
+  input (``FULL_TERM``) and, in backward, one layer's activations at a time. Outside the
+  layers: the embedding output, the final LayerNorm and the vocab-parallel cross-entropy's
+  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``).
+- temporary: the gradient of the logits in backward (fp32 ``[tokens, V/tp]``).
+
+Compute: FLOPs per step as in :func:`megatron_lite.training.metrics.model_flops_per_step`
+(forward + backward), plus a forward of each layer again under ``full`` recomputation
+(and of attention's core under ``selective``); the step time assumes ``MFU`` of the
+device's peak and adds the TP and DP all-reduces at link bandwidth with no overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+from megatron_lite.cli import parse_args, run_cli
+from megatron_lite.config import Config, ConfigError, load_config
+from megatron_lite.training.metrics import model_flops_per_step
+
+GiB = 2**30
+MFU = 0.4  # assumed model FLOPs utilization of the step-time estimate
+MARGIN = 0.1  # of device memory kept free (allocator fragmentation, CUDA context)
+GPUS_PER_NODE = 8
+
+# name: (memory bytes, peak bf16 FLOP/s, peak fp32 FLOP/s, TP link B/s, DP link B/s)
+DEVICES = {
+    # H100 SXM5 80GB: 989 TFLOP/s dense bf16, 67 fp32 (NVIDIA H100 datasheet); NVLink 4
+    # 900 GB/s total, 450 per direction; one 400 Gb/s NDR InfiniBand NIC per GPU (50 GB/s)
+    "h100": (80 * GiB, 989e12, 67e12, 450e9, 50e9),
+    # A100 SXM4 80GB: 312 TFLOP/s dense bf16, 19.5 fp32 (NVIDIA A100 datasheet); NVLink 3
+    # 600 GB/s total, 300 per direction; 200 Gb/s HDR InfiniBand per GPU (25 GB/s)
+    "a100-80g": (80 * GiB, 312e12, 19.5e12, 300e9, 25e9),
+    # H200 SXM 141GB: the H100's compute and links with 141 GB HBM3e (NVIDIA H200 datasheet)
+    "h200": (141 * 10**9, 989e12, 67e12, 450e9, 50e9),
+    # this 2-core CPU: matmul peaks measured by bench/train_step.py (fp32 ~177 GFLOP/s,
+    # bf16 ~405); memory is the host's; gloo over loopback, ~5 GB/s assumed
+    "cpu": (None, 405e9, 177e9, 5e9, 5e9),
+}
+
+# bytes per token per layer, in units of h (see the module docstring); key: precision
+# kind (4 = fp32, 2 = bf16/fp16 autocast), value: R without dropout, R's dropout masks,
+# P, S with attention dropout. Counted on this implementation by bench/plan_check.py.
+ACTIVATION_TERMS = {4: {"R": 16.0, "R_dropout": 8.0, "P": 48.0, "S": 12.0},
+                    2: {"R": 12.0, "R_dropout": 8.0, "P": 30.0, "S": 13.5}}
+FULL_TERM = 8.0  # full recomputation: each of the 2 sublayers' fp32 input, per layer
+LOGITS_TERM = 4.0  # fp32 bytes per vocab entry and token (the cross-entropy's exponentials)
+
+
+class PlanError(ValueError):
+    """A device, memory size or layout the planner cannot use (one line)."""
+
+
+def parse_memory(text: str) -> int:
+    """``80GiB``, ``80G`` (binary, as nvidia-smi and docker mean it), ``80GB`` (decimal),
+    ``81920M``, ``1T`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
+    if not match or not match.group(2) and match.group(3):
+        raise PlanError(f"--device {text!r}: not a device ({', '.join(DEVICES)}) or a memory "
+                        "size like 80GiB, 80G, 80GB, 81920M")
+    value, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    base = 1000 if suffix.upper() == "B" else 1024  # GB decimal; G, GiB binary
+    return int(value * base**power)
+
+
+def device_spec(name: str) -> dict:
+    """``{"name", "memory", "peak_flops" (bf16, fp32), "tp_link", "dp_link"}``."""
+    key = name.lower()
+    if key in DEVICES:
+        memory, bf16, fp32, tp_link, dp_link = DEVICES[key]
+        if memory is None:  # the host's memory
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"name": key, "memory": memory, "peak_flops": {"bf16": bf16, "fp32": fp32},
+                "tp_link": tp_link, "dp_link": dp_link}
+    return {"name": "custom", "memory": parse_memory(name), "peak_flops": None,
+            "tp_link": None, "dp_link": None}
+
+
+def _padded(vocab: int, multiple: int) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+def count_parameters(cfg: Config, tp: int) -> dict:
+    """Total parameters at TP ``tp`` (vocab padded for it), per TP rank, and the word
+    embedding's share, from the model built on the meta device."""
+    from megatron_lite.models import build_model
+    from megatron_lite.parallel import ParallelContext
+
+    m = cfg.model
+    model = build_model(m, ParallelContext(), device="meta")
+    vocab_tp = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp)
+    total = per_rank = embedding = 0
+    for p in model.parameters():
+        shape = list(p.shape)
+        if getattr(p, "vocab_dim", None) is not None:
+            shape[p.vocab_dim] = vocab_tp
+        full = math.prod(shape)
+        total += full
+        per_rank += full // tp if getattr(p, "tp_dim", None) is not None else full
+        if getattr(p, "vocab_dim", None) is not None and p.dim() == 2:
+            embedding += full
+    return {"total": total, "per_rank": per_rank, "embedding": embedding,
+            "padded_vocab": vocab_tp}
+
+
+def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
+    """Activations of one micro-batch on one TP rank (see the module docstring): ``saved``
+    after the forward, ``total`` at the backward's peak (``full`` recomputes one layer)."""
+    m, t = cfg.model, cfg.train
+    e = 4 if t.precision == "fp32" else 2
+    terms = ACTIVATION_TERMS[e]
+    s, h, a = m.seq_length + m.mem_len, m.hidden_size, m.num_attention_heads
+    tokens = micro_batch * m.seq_length
+    dropout = m.hidden_dropout > 0 or m.attention_dropout > 0
+    scores = terms["S"] if m.attention_dropout > 0 and m.activation_checkpointing == "none" \
+        else 0.0
+    per_layer = tokens * h * (terms["R"] + terms["R_dropout"] * dropout + terms["P"] / tp
+                              + scores * a * s / (h * tp))
+    layers = len(m.pattern) / 2  # sublayer pairs
+    vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
+    outside = tokens * (LOGITS_TERM * vocab + 12 * h)  # + embeddings, final LayerNorm
+    if m.activation_checkpointing == "full":
+        stored, recompute = tokens * h * FULL_TERM * layers, per_layer  # one layer at a time
+    else:
+        stored, recompute = per_layer * layers, 0.0
+    return {"layers": int(stored), "outside_layers": int(outside),
+            "saved": int(stored + outside), "total": int(stored + outside + recompute)}
+
+
+def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = None) -> dict:
+    """The plan as one dict (the ``--json`` output; see :func:`main`)."""
+    m, t, par = cfg.model, cfg.train, cfg.parallel
+    if m.num_attention_heads % tp or m.hidden_size % tp or m.ffn_size % tp:
+        raise PlanError(f"TP={tp} does not divide the heads ({m.num_attention_heads}), hidden "
+                        f"({m.hidden_size}) and FFN ({m.ffn_size}) sizes")
+    dev = device_spec(device)
+    params = count_parameters(cfg, tp)
+    p = params["per_rank"]
+    zero = par.engine == "deepspeed"
+    if zero:
+        w = 2 if t.precision != "fp32" else 4
+        states = {"weights": w * p, "gradients": w * p if par.zero_stage == 1 else w * p / dp,
+                  "optimizer": (12 if w == 2 else 8) * p / dp}
+    else:
+        states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p}
+        if dp > 1:
+            states["ddp_buckets"] = 4 * p
+    mb = micro_batch or t.micro_batch_size
+    vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
+    fixed = sum(states.values())
+
+    def need(b: int) -> tuple[float, dict]:
+        act = activation_bytes(cfg, tp, b)
+        temporary = 4 * b * m.seq_length * vocab
+        return fixed + act["total"] + temporary, {"activations": act["total"],
+                                                   "temporary": int(temporary)}
+
+    total, parts = need(mb)
+    budget = dev["memory"] * (1 - MARGIN)
+    per_dp = t.global_batch_size // dp if t.global_batch_size % dp == 0 else None
+    sizes = [b for b in range(1, (per_dp or t.global_batch_size) + 1)
+             if per_dp is None or per_dp % b == 0]
+    fitting = [b for b in sizes if need(b)[0] <= budget]
+    fits = total <= budget
+    # compute and communication
+    accum = max(t.global_batch_size // (mb * dp), 1)
+    tokens = t.global_batch_size * m.seq_length
+    flops = model_flops_per_step(m, t.global_batch_size, m.seq_length)  # forward + backward
+    layers = len(m.pattern) / 2
+    if m.activation_checkpointing == "full":  # every layer's forward again (not the logits)
+        flops += flops / 3 - 2 * tokens * m.hidden_size * m.vocab_size
+    elif m.activation_checkpointing == "selective":  # scores and context again
+        flops += 4 * tokens * m.seq_length * m.hidden_size * layers
+    e = 4 if t.precision == "fp32" else 2
+    tp_bytes = (4 * layers * mb * m.seq_length * m.hidden_size * e * accum) if tp > 1 else 0
+    dp_bytes = 4 * p if dp > 1 else 0
+    step_time = None
+    if dev["peak_flops"] is not None:
+        peak = dev["peak_flops"]["fp32" if t.precision == "fp32" else "bf16"]
+        compute = flops / (tp * dp * peak * MFU)
+        ring = lambda n: 2 * (n - 1) / n  # noqa: E731 (bytes each rank sends, per byte)
+        dp_link = dev["dp_link"] if tp * dp > GPUS_PER_NODE else dev["tp_link"]
+        comm = (tp_bytes * ring(tp) / dev["tp_link"] if tp > 1 else 0.0) + \
+            (dp_bytes * ring(dp) / dp_link if dp > 1 else 0.0)
+        step_time = compute + comm
+    out = {
+        "config": {"tp": tp, "dp": dp, "micro_batch_size": mb, "accumulation": accum,
+                   "global_batch_size": t.global_batch_size, "seq_length": m.seq_length,
+                   "precision": t.precision, "activation_checkpointing": m.activation_checkpointing,
+                   "engine": par.engine, "zero_stage": par.zero_stage if zero else None},
+        "device": dev["name"], "device_memory": dev["memory"],
+        "params_total": params["total"], "params_per_rank": p,
+        "params_embedding": params["embedding"], "padded_vocab": params["padded_vocab"],
+        "memory_per_rank": {"total": int(total), **{k: int(v) for k, v in states.items()},
+                            **parts},
+        "fits": fits, "max_micro_batch": max(fitting) if fitting else 0,
+        "flops_per_token": flops / (t.global_batch_size * m.seq_length),
+        "flops_per_step": flops, "step_time_s": step_time, "assumed_mfu": MFU,
+        "tp_allreduce_bytes_per_step": int(tp_bytes),
+        "dp_allreduce_bytes_per_step": int(dp_bytes), "suggestion": None,
+    }
+    return out
+
+
+def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
+    """The cheapest change that makes a plan that does not fit fit: ``{"overrides": [...],
+    "tp": N, "why": ...}``, tried in order of cost (recomputation, a smaller micro-batch
+    with more accumulation, ZeRO, then more TP), or None."""
+    m, t = cfg.model, cfg.train
+    tries = []
+    if m.activation_checkpointing != "selective" and m.activation_checkpointing != "full":
+        tries.append((["model.activation_checkpointing=selective"], tp,
+                      "recompute attention's core (a few % more compute)"))
+    if m.activation_checkpointing != "full":
+        tries.append((["model.activation_checkpointing=full"], tp,
+                      "recompute every layer in backward (~33% more compute)"))
+    for b in range(t.micro_batch_size - 1, 0, -1):
+        tries.append(([f"train.micro_batch_size={b}"], tp,
+                      f"micro-batch {b} with more accumulation (same global batch)"))
+    if cfg.parallel.engine != "deepspeed" and dp > 1:
+        tries.append((["parallel.engine=deepspeed", "parallel.zero_stage=2"], tp,
+                      "ZeRO-2: optimizer state and gradients partitioned over DP"))
+    more = tp
+    while more * 2 <= GPUS_PER_NODE:
+        more *= 2
+        tries.append(([f"parallel.tensor_parallel_size={more}"], more,
+                       f"TP x{more // tp} (DP {dp} x TP {more} = {dp * more} devices)"))
+    for overrides, new_tp, why in tries:
+        trial = apply_overrides(cfg, overrides)
+        try:
+            if plan(trial, new_tp, dp, device)["fits"]:
+                return {"overrides": overrides, "tp": new_tp, "why": why}
+        except PlanError:
+            continue
+    return None
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with ``section.key=value`` overrides."""
+    new = load_config(None, overrides)
+    out = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in dataclasses.fields(cfg)})
+    for item in overrides:
+        dotted = item.split("=", 1)[0]
+        section, key = dotted.split(".")
+        setattr(getattr(out, section), key, getattr(getattr(new, section), key))
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def report(out: dict) -> str:
+    c, mem = out["config"], out["memory_per_rank"]
+    lines = [f"parameters: {out['params_total'] / 1e9:.3f} B total "
+             f"({out['params_embedding'] / 1e6:.1f} M in the word embedding, vocab padded to "
+             f"{out['padded_vocab']}), "
+             f"{out['params_per_rank'] / 1e9:.3f} B per TP rank (TP={c['tp']}, DP={c['dp']})",
+             f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
+             f"checkpointing {c['activation_checkpointing']}, {c['engine']}"
+             f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
+    for key in ("weights", "gradients", "optimizer", "ddp_buckets", "activations", "temporary"):
+        if key in mem:
+            lines.append(f"  {key:<12} {_gib(mem[key]):>12}")
+    lines.append(f"  {'total':<12} {_gib(mem['total']):>12}  of {_gib(out['device_memory'])} "
+                 f"({out['device']}, {MARGIN:.0%} kept free)")
+    lines.append(f"compute: {out['flops_per_token'] / 1e9:.2f} GFLOP per token, "
+                 f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step; TP all-reduce "
+                 f"{out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB, DP gradient all-reduce "
+                 f"{out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB per step per rank")
+    if out["step_time_s"] is not None:
+        lines.append(f"step time ~{out['step_time_s']:.2f} s (MFU {out['assumed_mfu']:.0%} "
+                     "assumed, communication not overlapped)")
+    if out["fits"]:
+        lines.append(f"fits at micro-batch {c['micro_batch_size']}: {_gib(mem['total'])} / "
+                     f"{_gib(out['device_memory'])} (largest that fits: {out['max_micro_batch']})")
+    else:
+        s = out["suggestion"]
+        lines.append(f"does NOT fit: {_gib(mem['total'])} / {_gib(out['device_memory'])}"
+                     + (f"; cheapest fix: {' '.join(s['overrides'])} ({s['why']})" if s
+                        else "; no single change found: more TP and DP, or a smaller model"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_lite.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--tp", type=int, default=None, help="default: parallel.tensor_parallel_size")
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--device", default="h100",
+                   help=f"{', '.join(DEVICES)} or a memory size (80GiB, 80G, 81920M)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    a = parse_args(p, argv)
+
+    def body() -> None:
+        cfg = load_config(a.config, a.overrides)
+        if problems := cfg.problems():
+            raise ConfigError("; ".join(problems))
+        tp = a.tp or cfg.parallel.tensor_parallel_size
+        if tp < 1 or a.dp < 1:
+            raise PlanError("--tp and --dp must be >= 1")
+        cfg.parallel.tensor_parallel_size = tp
+        with torch.device("meta"):
+            out = plan(cfg, tp, a.dp, a.device)
+            if not out["fits"]:
+                out["suggestion"] = suggest(cfg, tp, a.dp, a.device)
+        print(json.dumps(out) if a.json else report(out))
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def measured_activation_bytes(model, batch: dict, precision: str, device) -> int:
+    """The bytes autograd keeps for backward after one forward of ``batch`` (every
+    distinct storage saved, parameters excluded): what :func:`activation_bytes` predicts
+    without the recomputation peak. Collective when the model is tensor parallel."""
+    from megatron_lite.training.precision import autocast
+
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(precision, device):
+            loss = model(**batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    del loss
+    return sum(n for ptr, n in saved.items() if ptr not in params)

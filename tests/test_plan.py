@@ -1,0 +1,136 @@
+"""The planner: parameter counts against built models, activation memory against what
+autograd keeps, the fit verdict and its suggestion, and its command line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.config import load_config
+from megatron_lite.models import build_model
+from megatron_lite.plan import (
+    activation_bytes,
+    apply_overrides,
+    count_parameters,
+    main,
+    measured_activation_bytes,
+    parse_memory,
+    plan,
+    suggest,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/*/*.yaml"))
+TINY = ["model.num_layers=3", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.seq_length=64", "model.max_position_embeddings=64", "model.vocab_size=500",
+        "model.make_vocab_size_divisible_by=8", "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_parameter_count_of_every_shipped_config_equals_the_built_model(path):
+    cfg = load_config(path)
+    built = sum(p.numel() for p in build_model(cfg.model, device="meta").parameters())
+    assert count_parameters(cfg, 1)["total"] == built
+
+
+@pytest.mark.parametrize("name,rounded", [
+    ("gpt2/1.2b", "1.2"), ("gpt2/2.5b", "2.5"), ("gpt2/4.2b", "4.2"), ("gpt2/8.3b", "8.3"),
+    ("bert/large", "0.34"), ("bert/1.3b", "1.3"), ("bert/3.9b", "3.9")])
+def test_the_megatron_papers_models_round_to_its_figures(name, rounded):
+    """Table 1's GPT-2 series (vocab padded to 51,200 at every TP) and the BERT models."""
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    out = count_parameters(cfg, cfg.parallel.tensor_parallel_size)
+    digits = len(rounded.split(".")[1])
+    assert f"{out['total'] / 1e9:.{digits}f}" == rounded
+    if name.startswith("gpt2"):
+        assert out["padded_vocab"] == 51200
+
+
+def _per_rank(ctx, overrides, out):
+    cfg = load_config(None, overrides + [f"parallel.tensor_parallel_size={ctx.tp_size}"])
+    model = build_model(cfg.model, ctx)
+    local = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 500, (2, 64), generator=g),
+             "labels": torch.randint(0, 500, (2, 64), generator=g)}
+    saved = measured_activation_bytes(model, batch, cfg.train.precision, ctx.device)
+    if ctx.rank == 0:
+        Path(out).write_text(json.dumps([local, saved]))
+
+
+@pytest.mark.parametrize("tp,extra", [
+    (1, ["model.activation_checkpointing=none"]),
+    (2, ["model.activation_checkpointing=selective", "train.precision=bf16"]),
+    (2, ["model.activation_checkpointing=full"]),
+    (1, ["model.activation_checkpointing=none", "train.precision=bf16",
+         "model.hidden_dropout=0", "model.attention_dropout=0"])])
+def test_per_rank_parameters_and_activations_against_a_real_tp_model(distributed, tmp_path,
+                                                                     tp, extra):
+    """A model built at TP (gloo): its local parameters are the plan's per-rank count, and
+    what autograd saves in a forward is within 15 % of the predicted activations."""
+    overrides = TINY + extra
+    distributed(_per_rank, tp, overrides, str(tmp_path / "out.json"), tp_size=tp)
+    local, saved = json.loads((tmp_path / "out.json").read_text())
+    cfg = load_config(None, overrides)
+    assert count_parameters(cfg, tp)["per_rank"] == local
+    predicted = activation_bytes(cfg, tp, 2)["saved"]
+    assert abs(predicted / saved - 1) < 0.15, (predicted, saved)
+
+
+def test_a_plan_that_does_not_fit_proposes_a_change_the_planner_accepts():
+    cfg = load_config(ROOT / "configs/gpt2/8.3b.yaml")
+    with torch.device("meta"):
+        out = plan(cfg, 1, 8, "a100-80g")
+        assert not out["fits"] and out["max_micro_batch"] == 0
+        fix = suggest(cfg, 1, 8, "a100-80g")
+        assert fix is not None
+        fixed = plan(apply_overrides(cfg, fix["overrides"]), fix["tp"], 8, "a100-80g")
+    assert fixed["fits"]
+    # what fits is said so, with the largest micro-batch that still does
+    small = load_config(ROOT / "configs/gpt2/124m.yaml")
+    with torch.device("meta"):
+        ok = plan(small, 1, 1, "h100")
+        assert ok["fits"] and ok["max_micro_batch"] >= small.train.micro_batch_size
+        bigger = apply_overrides(small, [f"train.micro_batch_size={ok['max_micro_batch']}"])
+        assert plan(bigger, 1, 1, "h100")["fits"]
+
+
+def test_zero_partitions_optimizer_state_over_dp():
+    cfg = load_config(ROOT / "configs/gpt2/1.5b.yaml")
+    with torch.device("meta"):
+        ddp = plan(cfg, 4, 8, "h100")["memory_per_rank"]
+        z1 = plan(apply_overrides(cfg, ["parallel.engine=deepspeed"]), 4, 8, "h100")
+        z2 = plan(apply_overrides(cfg, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
+                  4, 8, "h100")
+    p = z1["params_per_rank"]
+    assert ddp["optimizer"] == 8 * p and ddp["ddp_buckets"] == 4 * p
+    assert z1["memory_per_rank"]["optimizer"] == int(12 * p / 8)  # bf16: fp32 masters + Adam
+    assert z2["memory_per_rank"]["gradients"] == int(2 * p / 8)
+    assert z2["memory_per_rank"]["total"] < z1["memory_per_rank"]["total"] < ddp["total"]
+
+
+@pytest.mark.parametrize("text,value", [("80GiB", 80 * 2**30), ("80G", 80 * 2**30),
+                                        ("81920M", 80 * 2**30), ("80GB", 80 * 10**9),
+                                        ("1.5T", int(1.5 * 2**40))])
+def test_memory_sizes_parse(text, value):
+    assert parse_memory(text) == value
+
+
+def test_command_line_json_and_errors(capsys):
+    assert main([str(ROOT / "configs/gpt2/8.3b.yaml"), "--tp", "8", "--dp", "4", "--device",
+                 "h100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("params_total", "params_per_rank", "memory_per_rank", "device_memory", "fits",
+                "max_micro_batch", "flops_per_step", "tp_allreduce_bytes_per_step",
+                "dp_allreduce_bytes_per_step", "suggestion"):
+        assert key in out
+    assert out["fits"] and out["suggestion"] is None and out["tp_allreduce_bytes_per_step"] > 0
+    assert main([str(ROOT / "configs/gpt2/8.3b.yaml"), "--tp", "1", "--device", "80G"]) == 0
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "cheapest fix:" in text
+    for bad in (["--device", "tpu9"], ["--tp", "5"]):
+        assert main([str(ROOT / "configs/gpt2/124m.yaml"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
