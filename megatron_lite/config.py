@@ -176,8 +176,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 4  # samples per forward on each DP rank
+    micro_batch_size: int = 4  # samples per forward on each DP rank; auto (0): probe the largest
     global_batch_size: int = 8  # samples per optimizer step (accumulation fills it)
+    global_batch_tokens: int = 0  # tokens per step instead (resolved to samples at start)
+    memory_budget: str = ""  # micro_batch_size=auto: bytes to fit ("4GiB"; GPU: its memory)
     max_steps: int = 100  # optimizer steps of the run (and of the LR schedule)
     seed: int = 1234  # model init, data order, dropout
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -190,6 +192,13 @@ class TrainConfig:
     load: str | None = None  # a checkpoint to start from; a run_dir with one resumes itself
     finetune: bool = False  # train.load: its weights only (fresh optimizer, step 0, schedule)
     exit_after: int = 0  # stop (with a checkpoint) after this many steps of this process
+    divergence_guard: bool = False  # on a NaN/inf or spiking loss reload the last checkpoint
+    divergence_factor: float = 5.0  # a spike: loss > factor x the mean of the last window
+    divergence_window: int = 20  # steps in that mean
+    divergence_lr_scale: float = 0.5  # each recovery multiplies the learning rate by this
+    divergence_retries: int = 3  # recoveries before the run gives up
+    inject_nan_at_step: int = 0  # (tests) this step's loss becomes NaN (0: never) ...
+    inject_nan_times: int = 1  # ... the first this many times the step is reached
     # fault injection for restart tests: SIGKILL rank fail_rank after step fail_at_step of
     # the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0)
     fail_at_step: int = 0  # (tests) SIGKILL rank fail_rank after this step (0: never)
@@ -404,6 +413,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     hints = typing.get_type_hints(type(node))
     if key not in hints:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
+    if f"{section}.{key}" == "train.micro_batch_size" and value == "auto":
+        value = 0  # probed at start (megatron_lite/training/probe.py)
     setattr(node, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
     cfg.explicit[f"{section}.{key}"] = where
 

@@ -15,11 +15,11 @@ import torch.distributed as dist
 
 from megatron_lite.parallel.state import group_size
 
-SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+SUM, MAX, MIN = dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN
 
 
 def all_reduce(x: torch.Tensor, group, op=SUM) -> torch.Tensor:
-    """Reduce ``x`` over ``group`` in place (``op``: SUM or MAX) and return it.
+    """Reduce ``x`` over ``group`` in place (``op``: SUM, MAX or MIN) and return it.
 
     NOTE: in place. Reduce a copy when ``x`` may be a tensor autograd saved for backward.
     """

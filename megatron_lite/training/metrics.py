@@ -82,6 +82,12 @@ class MetricsLogger:
             print(f"{self.run_dir} held metrics of an earlier start without a checkpoint: "
                   f"moved to metrics.{n}.jsonl", flush=True)
             return
+        self.rewind(step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a resume, or the divergence guard going back)."""
+        if not self.enabled or not self.path.exists():
+            return
         kept = []
         for line in self.path.read_text().splitlines():
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -35,7 +36,12 @@ from megatron_lite.training.metrics import (
 )
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
+from megatron_lite.training.probe import probe_micro_batch, resolve_global_batch
 from megatron_lite.training.schedule import schedule_of, scheduled_lr
+
+
+class TrainingDiverged(ValueError):
+    """The divergence guard gave up (one line: the step, why, how many recoveries)."""
 
 
 class Trainer:
@@ -53,6 +59,13 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: ParallelContext):
         self.cfg, self.ctx = resolve_paths(cfg), ctx  # config.yaml works from anywhere
         t = cfg.train
+        said = [resolve_global_batch(cfg, ctx.dp_size)]  # train.global_batch_tokens
+        auto = t.micro_batch_size == 0
+        if auto and cfg.parallel.engine == "deepspeed":
+            raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
+                              "(DeepSpeed fixes its batch sizes when it starts)")
+        if auto:
+            t.micro_batch_size = 1  # until probed, below
         self.run = build_run(cfg, ctx, training=True)
         self.model, self.accum = self.run.model, self.run.accum
         self.run_dir = Path(t.run_dir)
@@ -60,9 +73,18 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
         self.zero, self.engine = self._build_engine()
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
+        if auto:
+            said.append(probe_micro_batch(self))
+            self.accum = self.run.accum
+        if ctx.is_main:
+            for line in filter(None, said):
+                print(line, flush=True)
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
         self.spans = span_modules(self.model)  # adaptive attention span, bottom to top
         self.stats = None  # BERT: this step's summed BertModel.stats
+        # divergence guard: recent losses, recoveries so far, the learning rate's factor
+        self.recent: collections.deque = collections.deque(maxlen=max(t.divergence_window, 1))
+        self.recoveries, self.lr_scale, self.injected = 0, 1.0, 0
         # Transformer-XL: one memory per micro-batch (its rows are the same lanes each step)
         self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
             if cfg.model.mem_len > 0 else None
@@ -134,6 +156,7 @@ class Trainer:
                 memory.load_state_dict(state, self.ctx.device)
         self.step, self.consumed = meta["step"], meta["consumed_samples"]
         self.tokens_seen = meta.get("tokens_seen", 0)
+        self.lr_scale = meta.get("lr_scale", 1.0)
         if self.scaler is not None and "loss_scaler" in meta:
             self.scaler.load_state_dict(meta["loss_scaler"])
         if self.zero is not None and "deepspeed_loss_scaler" in meta:
@@ -285,7 +308,7 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches; returns its metrics."""
         cfg = self.cfg
         self.engine.train()
-        lr = scheduled_lr(self.schedule, cfg.optim, self.step)
+        lr = scheduled_lr(self.schedule, cfg.optim, self.step) * self.lr_scale
         if self.zero is not None:
             return self._zero_step(lr)
         for group in self.optimizer.param_groups:
@@ -336,7 +359,8 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
-                 "tokens_seen": self.tokens_seen, "schedule": self.schedule}
+                 "tokens_seen": self.tokens_seen, "schedule": self.schedule,
+                 "lr_scale": self.lr_scale}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.zero is not None and self.zero.loss_scaler_state() is not None:
@@ -346,6 +370,47 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg, extra,
                                keep=self.cfg.train.keep_checkpoints, rank_state=rank_state,
                                **self._optimizer_or_zero())
+
+    def _diverged(self, loss: float) -> str | None:
+        """Why this step's loss is a divergence (NaN/inf, or above ``divergence_factor`` x
+        the mean of the last ``divergence_window`` steps), or None (then it joins them)."""
+        t = self.cfg.train
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if len(self.recent) == self.recent.maxlen:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > t.divergence_factor * mean:
+                return (f"loss {loss:.4g} > {t.divergence_factor:g} x the mean of the last "
+                        f"{len(self.recent)} steps ({mean:.4g})")
+        self.recent.append(loss)
+        return None
+
+    def _recover(self, reason: str) -> None:
+        """Back to the last checkpoint with a lower learning rate, past the offending
+        batches (the data stream goes on where it is); logged in metrics.jsonl."""
+        t = self.cfg.train
+        bad = self.step
+        self.recoveries += 1
+        if self.recoveries > t.divergence_retries:
+            raise TrainingDiverged(f"step {bad}: {reason}; gave up after {t.divergence_retries} "
+                                   "recoveries (train.divergence_retries)")
+        if not (self.run_dir / "checkpoints" / "latest").is_file():
+            raise TrainingDiverged(f"step {bad}: {reason}; no checkpoint to go back to (set "
+                                   "train.save_interval)")
+        meta = load_checkpoint(self.run_dir, self.model, self.ctx, **self._optimizer_or_zero())
+        skipped = self.consumed - meta["consumed_samples"]
+        self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
+        self.lr_scale *= t.divergence_lr_scale
+        self.recent.clear()
+        for memory in self.memories or []:
+            memory.reset()
+        self.metrics.rewind(self.step)
+        self.metrics.log({"step": self.step, "event": "divergence", "reason": reason,
+                          "at_step": bad, "skipped_samples": skipped, "lr_scale": self.lr_scale})
+        if self.ctx.is_main:
+            print(f"divergence at step {bad} ({reason}): back to step {self.step}, "
+                  f"{skipped} samples skipped, learning rate x{self.lr_scale:g} "
+                  f"(recovery {self.recoveries} of {t.divergence_retries})", flush=True)
 
     def _maybe_fail(self) -> None:
         t = self.cfg.train
@@ -383,6 +448,13 @@ class Trainer:
                 self._start_phase()
             out = self.train_step()
             busy += time.perf_counter() - tick
+            if t.inject_nan_at_step == self.step and self.injected < t.inject_nan_times:
+                self.injected += 1  # fault injection for the divergence guard's tests
+                out["loss"] = math.nan
+            if t.divergence_guard and (reason := self._diverged(out["loss"])):
+                self._recover(reason)
+                busy, steps_since = 0.0, 0
+                continue
             steps_since += 1
             at_end = self.step == t.max_steps
             if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or at_end):
