@@ -54,6 +54,7 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/xl_eval.py
 	$(PY) bench/adaptive_span.py
 	$(PY) bench/search.py
+	$(PY) bench/plan_check.py
 
 results: setup  ## the paper experiments (bench/experiments/*.py) -> docs/results.md, docs/img/
 	for f in bench/experiments/[a-z]*.py; do \

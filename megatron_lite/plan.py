@@ -209,6 +209,7 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     elif m.activation_checkpointing == "selective":  # scores and context again
         flops += 4 * tokens * m.seq_length * m.hidden_size * layers
     e = 4 if t.precision == "fp32" else 2
+    # Megatron's f and g: two all-reduces of [b, s, h] per layer forward, two backward
     tp_bytes = (4 * layers * mb * m.seq_length * m.hidden_size * e * accum) if tp > 1 else 0
     dp_bytes = 4 * p if dp > 1 else 0
     step_time = None
@@ -234,6 +235,7 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         "flops_per_token": flops / (t.global_batch_size * m.seq_length),
         "flops_per_step": flops, "step_time_s": step_time, "assumed_mfu": MFU,
         "tp_allreduce_bytes_per_step": int(tp_bytes),
+        "tp_allreduce_bytes_per_layer_per_step": int(tp_bytes / layers) if layers else 0,
         "dp_allreduce_bytes_per_step": int(dp_bytes), "suggestion": None,
     }
     return out
