@@ -312,7 +312,8 @@ def report(out: dict) -> str:
         lines.append(f"step time ~{out['step_time_s']:.2f} s (MFU {out['assumed_mfu']:.0%} "
                      "assumed, communication not overlapped)")
     if out["fits"]:
-        lines.append(f"fits at micro-batch {c['micro_batch_size']}: {_gib(mem['total'])} / "
+        lines.append(f"fits at micro-batch {c['micro_batch_size']} with "
+                     f"{c['activation_checkpointing']} checkpointing: {_gib(mem['total'])} / "
                      f"{_gib(out['device_memory'])} (largest that fits: {out['max_micro_batch']})")
     else:
         s = out["suggestion"]
