@@ -55,6 +55,7 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/adaptive_span.py
 	$(PY) bench/search.py
 	$(PY) bench/plan_check.py
+	$(PY) bench/distill.py
 
 results: setup  ## the paper experiments (bench/experiments/*.py) -> docs/results.md, docs/img/
 	for f in bench/experiments/[a-z]*.py; do \

@@ -225,6 +225,18 @@ class SearchConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``python -m megatron_lite.distill``: MiniLM / MiniLMv2 (see megatron_lite/distill.py)."""
+
+    teacher: str = ""  # a megatron-lite run or checkpoint (any TP), or a Hugging Face folder
+    method: str = "minilmv2"  # minilm (attention + value relations) | minilmv2 (Q-Q, K-K, V-V)
+    relation_heads: int = 0  # minilmv2: relation heads; 0: the student's attention heads
+    teacher_layer: int = -1  # the teacher's attention layer distilled (-1: its last)
+    assistant: str = ""  # a config: distil teacher -> assistant -> student (MiniLM 3.3)
+    lm_weight: float = 0.0  # weight of the student's own LM/MLM loss added (0: relations only)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tensorboard
 
@@ -238,6 +250,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         # which keys a file or an override set, and where ("section.key" -> "FILE" or
@@ -375,6 +388,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.engine": ("ddp", "deepspeed"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "distill.method": ("minilm", "minilmv2"),
 }
 
 

@@ -85,6 +85,9 @@ class SelfAttention(nn.Module):
             if cfg.position_embedding == "relative" else None
         self.hidden, self.clamp_len = h, cfg.clamp_len
         self.adaptive = AdaptiveSpan(cfg, ctx, device) if cfg.adaptive_span else None
+        # distillation (megatron_lite/distill.py): a list that each forward appends its
+        # (q, k, v, mask, causal) to; None: nothing kept
+        self.capture: list | None = None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None, causal: bool,
@@ -144,6 +147,8 @@ class SelfAttention(nn.Module):
                 causal = False
                 if s > 1:
                     mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+        if self.capture is not None:
+            self.capture.append((q, k, values, mask, causal))
         if self.selective and self.training and torch.is_grad_enabled():
             heads = checkpoint(self.core, self.rng, q, k, values, mask, causal, z)
         else:

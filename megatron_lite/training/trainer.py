@@ -258,6 +258,11 @@ class Trainer:
         return {"span_mean": [round(float(z.mean()), 2) for z in spans],
                 "span_max": [round(float(z.max()), 2) for z in spans]}
 
+    def _forward(self, batch: dict) -> torch.Tensor:
+        """The training loss of one micro-batch through the engine (the Distiller's is
+        the relations' KL)."""
+        return self.engine(**batch)
+
     def _add_stats(self) -> None:
         """BERT: add the micro-batch's loss parts and accuracy counts to this step's."""
         if self.cfg.model.arch == "bert":
@@ -291,7 +296,7 @@ class Trainer:
         span_log = self._span_log()  # the penalty this step trains with
         scale = self.zero.loss_scale()
         for k in range(self.accum):
-            loss = self.zero(**self._micro_batch(k))
+            loss = self._forward(self._micro_batch(k))
             self.zero.backward(loss + self._span_penalty())
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
@@ -323,7 +328,7 @@ class Trainer:
                 self.engine.no_sync()
             with sync:
                 with self._autocast():
-                    loss = self.engine(**batch)
+                    loss = self._forward(batch)
                 ((loss + self._span_penalty()) * (scale / self.accum)).backward()
             total += loss.detach().float()
             self._add_stats()
