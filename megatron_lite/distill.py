@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -55,12 +56,14 @@ def load_teacher(path: str, ctx: ParallelContext):
         from megatron_lite.convert import _hf_model
         from megatron_lite.models.hf import from_hf
 
-        teacher = from_hf(_hf_model(p), ctx, hidden_dropout=0.0, attention_dropout=0.0)
+        teacher = from_hf(_hf_model(p), ctx, hidden_dropout=0.0,
+                          attention_dropout=0.0).to(ctx.device)
     else:
         ckpt = resolve_checkpoint(p)
         cfg = load_config(ckpt / "config.yaml")
         m = dataclasses.replace(cfg.model, hidden_dropout=0.0, attention_dropout=0.0,
-                                activation_checkpointing="none", layerdrop=0.0)
+                                activation_checkpointing="none", layerdrop=0.0,
+                                layers_to_keep="")  # every layer runs: teacher_layer counts them
         teacher = build_model(m, ctx, device=ctx.device)
         load_checkpoint(ckpt, teacher, ctx)
     teacher.eval().requires_grad_(False)
@@ -78,6 +81,9 @@ def check_pair(cfg: Config, teacher, tp: int) -> None:
                         f"data {s.vocab_size}: distil on data tokenized with the teacher's")
     if s.position_embedding != "learned" or t.position_embedding != "learned":
         problems.append("relative positions (Transformer-XL) are not distilled")
+    if s.layerdrop > 0 or s.layers_to_keep:
+        problems.append("the student's model.layerdrop / model.layers_to_keep would skip the "
+                        "layer whose relations are distilled")
     if s.activation_checkpointing == "full":
         problems.append("the student's model.activation_checkpointing=full recomputes the "
                         "layer whose q, k, v the loss needs: use none or selective")
@@ -109,6 +115,9 @@ class Distiller(Trainer):
         if not cfg.distill.teacher:
             raise ConfigError("distill.teacher is not set (a run, a checkpoint or a Hugging "
                               "Face folder)")
+        if cfg.train.micro_batch_size == 0:
+            raise ConfigError("train.micro_batch_size=auto is not offered for distillation "
+                              "(the probe does not run the teacher): give a size")
         self.teacher = load_teacher(cfg.distill.teacher, ctx)
         super().__init__(cfg, ctx)
         check_pair(cfg, self.teacher, ctx.tp_size)
@@ -168,6 +177,16 @@ def assistant_config(cfg: Config) -> Config:
     return helper
 
 
+def finished(cfg: Config) -> bool:
+    """Whether ``train.run_dir`` already holds a checkpoint at ``train.max_steps``."""
+    latest = Path(cfg.train.run_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return False
+    from megatron_lite.training.checkpoint import read_meta
+
+    return read_meta(resolve_checkpoint(cfg.train.run_dir))["step"] >= cfg.train.max_steps
+
+
 def distil(cfg: Config, ctx: ParallelContext) -> Distiller:
     distiller = Distiller(cfg, ctx)
     distiller.fit()
@@ -195,11 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                                                   teacher_layer=-1)
                 stages = [helper, cfg]
             for stage in stages:
+                if stage is not cfg and finished(stage):  # a rerun: the assistant is done
+                    continue
                 d = distil(stage, ctx)
-                if d.interrupted:
-                    return 128 + signal.Signals[d.interrupted]
+                interrupted, run_dir, step = d.interrupted, d.run_dir, d.step
+                del d  # the teacher, the model, its optimizer: free before the next stage
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if interrupted:
+                    return 128 + signal.Signals[interrupted]
                 if ctx.is_main:
-                    print(f"done: {d.run_dir} at step {d.step} (student of "
+                    print(f"done: {run_dir} at step {step} (student of "
                           f"{stage.distill.teacher})", flush=True)
             return 0
         finally:

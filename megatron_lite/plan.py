@@ -63,12 +63,14 @@ GPUS_PER_NODE = 8
 DEVICES = {
     # H100 SXM5 80GB: 989 TFLOP/s dense bf16, 67 fp32 (NVIDIA H100 datasheet); NVLink 4
     # 900 GB/s total, 450 per direction; one 400 Gb/s NDR InfiniBand NIC per GPU (50 GB/s)
-    "h100": (80 * GiB, 989e12, 67e12, 450e9, 50e9),
+    # memory: the totals nvidia-smi reports (H100 SXM 81559 MiB, A100 80GB 81920 MiB,
+    # H200 143771 MiB), not measured here
+    "h100": (81559 * 2**20, 989e12, 67e12, 450e9, 50e9),
     # A100 SXM4 80GB: 312 TFLOP/s dense bf16, 19.5 fp32 (NVIDIA A100 datasheet); NVLink 3
     # 600 GB/s total, 300 per direction; 200 Gb/s HDR InfiniBand per GPU (25 GB/s)
-    "a100-80g": (80 * GiB, 312e12, 19.5e12, 300e9, 25e9),
+    "a100-80g": (81920 * 2**20, 312e12, 19.5e12, 300e9, 25e9),
     # H200 SXM 141GB: the H100's compute and links with 141 GB HBM3e (NVIDIA H200 datasheet)
-    "h200": (141 * 10**9, 989e12, 67e12, 450e9, 50e9),
+    "h200": (143771 * 2**20, 989e12, 67e12, 450e9, 50e9),
     # this 2-core CPU: matmul peaks measured by bench/train_step.py (fp32 ~177 GFLOP/s,
     # bf16 ~405); memory is the host's; gloo over loopback, ~5 GB/s assumed
     "cpu": (None, 405e9, 177e9, 5e9, 5e9),
@@ -156,8 +158,11 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
     layers = len(m.pattern) / 2  # sublayer pairs
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
     outside = tokens * (LOGITS_TERM * vocab + 12 * h)  # + embeddings, final LayerNorm
-    if m.activation_checkpointing == "full":
-        stored, recompute = tokens * h * FULL_TERM * layers, per_layer  # one layer at a time
+    with_scores = terms["S"] * a * s / (h * tp) * tokens * h if m.attention_dropout > 0 else 0.0
+    if m.activation_checkpointing == "full":  # backward recomputes one layer at a time
+        stored, recompute = tokens * h * FULL_TERM * layers, per_layer + with_scores
+    elif m.activation_checkpointing == "selective":  # ... or one attention core
+        stored, recompute = per_layer * layers, with_scores
     else:
         stored, recompute = per_layer * layers, 0.0
     return {"layers": int(stored), "outside_layers": int(outside),
@@ -174,10 +179,10 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     params = count_parameters(cfg, tp)
     p = params["per_rank"]
     zero = par.engine == "deepspeed"
-    if zero:
+    if zero:  # DeepSpeed keeps fp32 master partitions in every precision
         w = 2 if t.precision != "fp32" else 4
         states = {"weights": w * p, "gradients": w * p if par.zero_stage == 1 else w * p / dp,
-                  "optimizer": (12 if w == 2 else 8) * p / dp}
+                  "optimizer": 12 * p / dp}
     else:
         states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p}
         if dp > 1:
@@ -207,11 +212,15 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     if m.activation_checkpointing == "full":  # every layer's forward again (not the logits)
         flops += flops / 3 - 2 * tokens * m.hidden_size * m.vocab_size
     elif m.activation_checkpointing == "selective":  # scores and context again
-        flops += 4 * tokens * m.seq_length * m.hidden_size * layers
+        flops += 4 * tokens * m.seq_length * m.hidden_size * m.pattern.count("s")
     e = 4 if t.precision == "fp32" else 2
-    # Megatron's f and g: two all-reduces of [b, s, h] per layer forward, two backward
-    tp_bytes = (4 * layers * mb * m.seq_length * m.hidden_size * e * accum) if tp > 1 else 0
-    dp_bytes = 4 * p if dp > 1 else 0
+    # Megatron's f and g: two all-reduces of [b, s, h] per layer forward (16-bit outputs
+    # under autocast; again when full recomputation reruns the layer) and two backward
+    # (gradients of the fp32 LayerNorm outputs: 4 bytes)
+    forwards = 2 if m.activation_checkpointing == "full" else 1
+    tp_bytes = (layers * mb * m.seq_length * m.hidden_size * (2 * e * forwards + 2 * 4)
+                * accum) if tp > 1 else 0
+    dp_bytes = (2 if zero and t.precision != "fp32" else 4) * p if dp > 1 else 0
     step_time = None
     if dev["peak_flops"] is not None:
         peak = dev["peak_flops"]["fp32" if t.precision == "fp32" else "bf16"]
@@ -243,19 +252,22 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
 
 def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     """The cheapest change that makes a plan that does not fit fit: ``{"overrides": [...],
-    "tp": N, "why": ...}``, tried in order of cost (recomputation, a smaller micro-batch
-    with more accumulation, ZeRO, then more TP), or None."""
+    "tp": N, "why": ...}``, tried in order of cost (selective recomputation, a smaller
+    micro-batch dividing the per-rank batch, full recomputation, ZeRO-2, more TP), or
+    None."""
     m, t = cfg.model, cfg.train
     tries = []
-    if m.activation_checkpointing != "selective" and m.activation_checkpointing != "full":
+    if m.activation_checkpointing == "none":
         tries.append((["model.activation_checkpointing=selective"], tp,
                       "recompute attention's core (a few % more compute)"))
+    per_rank = t.global_batch_size // dp
+    for b in sorted((b for b in range(1, t.micro_batch_size) if per_rank % b == 0),
+                    reverse=True):  # divisors: the global batch stays what it is
+        tries.append(([f"train.micro_batch_size={b}"], tp,
+                      f"micro-batch {b} with more accumulation (same global batch)"))
     if m.activation_checkpointing != "full":
         tries.append((["model.activation_checkpointing=full"], tp,
                       "recompute every layer in backward (~33% more compute)"))
-    for b in range(t.micro_batch_size - 1, 0, -1):
-        tries.append(([f"train.micro_batch_size={b}"], tp,
-                      f"micro-batch {b} with more accumulation (same global batch)"))
     if cfg.parallel.engine != "deepspeed" and dp > 1:
         tries.append((["parallel.engine=deepspeed", "parallel.zero_stage=2"], tp,
                       "ZeRO-2: optimizer state and gradients partitioned over DP"))
@@ -343,6 +355,11 @@ def main(argv=None) -> int:
         if tp < 1 or a.dp < 1:
             raise PlanError("--tp and --dp must be >= 1")
         cfg.parallel.tensor_parallel_size = tp
+        from megatron_lite.training.probe import resolve_global_batch
+
+        resolve_global_batch(cfg, a.dp)  # train.global_batch_tokens -> samples
+        if cfg.train.micro_batch_size == 0:  # auto: plan micro-batch 1, report the largest
+            cfg.train.micro_batch_size = 1
         with torch.device("meta"):
             out = plan(cfg, tp, a.dp, a.device)
             if not out["fits"]:

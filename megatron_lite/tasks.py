@@ -6,10 +6,12 @@ one token stream (the run's tokenizer). Window ``i`` reads ``seq_length`` tokens
 ``i * stride`` (``stride = seq_length - overlap``) and scores only the targets no earlier
 window scored: the first window all of them, every later one its last ``stride``, so each
 target is scored exactly once and, after the first window, with ``overlap`` tokens of
-context re-read. ``1 + ceil(max(T - seq_length, 0) / stride)`` forwards for ``T``
+context re-read. ``1 + ceil(max(N - seq_length, 0) / stride)`` forwards for ``N``
 targets. Reported: the token perplexity ``exp(loss)`` and the word-level perplexity
-``exp(loss * (T - 1) / (W - 1))`` for ``W`` whitespace-separated words of the original
-text (Megatron's adjustment to the original tokenization, e.g. WikiText-103's).
+``exp(loss * (T - 1) / (W - 1))`` for ``T`` tokens and ``W`` space-separated words
+(Megatron's count, ``len(text.strip().split(" "))``, and its adjustment to the original
+tokenization, e.g. WikiText-103's). Megatron detokenizes WikiText first: give this the
+detokenized text (the file is read as it is).
 
 LAMBADA (``--task lambada --input FILE.jsonl``, ``{"text": ...}`` per line): the passage
 without its last word is the context; the prediction is right when greedy decoding
@@ -68,7 +70,7 @@ def wikitext(run, path: str | Path, overlap: int | None = None, progress: bool =
     cfg, ctx, model = run.cfg, run.ctx, run.model
     path = Path(path)
     text = _read_text(path)
-    words = len(text.split())
+    words = len(text.strip().split(" "))  # Megatron's count: a line end joins two words
     tokens = run.tokenizer.encode(text)
     if len(tokens) < 2 or words < 2:
         raise TaskInputError(f"{path}: {len(tokens)} tokens, {words} words: nothing to score")
@@ -100,7 +102,7 @@ def wikitext(run, path: str | Path, overlap: int | None = None, progress: bool =
     loss_sum, scored = all_reduce(sums, ctx.dp_group).tolist()
     assert int(scored) == targets, (scored, targets)  # each target exactly once
     loss = loss_sum / scored
-    ratio = (targets - 1) / (words - 1)  # Megatron: (T - 1) / (W - 1)
+    ratio = (len(tokens) - 1) / (words - 1)  # Megatron: (T - 1) / (W - 1), T tokens
     return {"task": "wikitext", "input": str(path), "tokens": len(tokens), "targets": targets,
             "words": words, "token_word_ratio": ratio, "seq_length": seq, "overlap": overlap,
             "forwards": len(plan), "loss": loss, "token_perplexity": math.exp(min(loss, 50.0)),

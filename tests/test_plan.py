@@ -134,3 +134,25 @@ def test_command_line_json_and_errors(capsys):
         assert main([str(ROOT / "configs/gpt2/124m.yaml"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
+
+
+def test_auto_micro_batch_and_token_batches_are_planned(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  num_attention_heads: 4\n"
+                      "  seq_length: 128\n  max_position_embeddings: 128\n")
+    assert main([str(config), "train.micro_batch_size=auto",
+                 "train.global_batch_tokens=65536", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["global_batch_size"] == 512  # 65536 / 128 tokens
+    assert out["config"]["micro_batch_size"] == 1 and out["max_micro_batch"] >= 1
+
+
+def test_a_smaller_micro_batch_dividing_the_batch_comes_before_full_recomputation():
+    cfg = load_config(ROOT / "configs/gpt2/124m.yaml", ["train.micro_batch_size=8",
+                                                        "train.global_batch_size=24"])
+    with torch.device("meta"):
+        full = plan(cfg, 1, 1, "h100")["memory_per_rank"]["total"]
+        fix = suggest(cfg, 1, 1, f"{int(full * 0.8 / 2**20)}M")
+    assert fix["overrides"] in (["model.activation_checkpointing=selective"],
+                                ["train.micro_batch_size=6"], ["train.micro_batch_size=4"],
+                                ["train.micro_batch_size=3"])  # divisors of 24 below 8

@@ -11,10 +11,14 @@ counter and no out-of-memory error short of the OS killing the process, so there
 budget is required, and the peak is measured as what the step holds: parameters,
 gradients, optimizer state and every tensor autograd saved for backward. The model,
 optimizer and RNG states are put back afterwards: the run starts as if never probed.
+
+What it probes is the step's first shape: BERT's phase 2 (a longer sequence later) and
+Transformer-XL's memory (more keys) are not in it; give those a margin or a size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -33,13 +37,14 @@ def resolve_global_batch(cfg: Config, dp: int) -> str | None:
     t, m = cfg.train, cfg.model
     if not t.global_batch_tokens:
         return None
+    tokens = t.global_batch_tokens
     if "train.global_batch_size" in cfg.explicit:
         raise ConfigError(f"{cfg.explicit['train.global_batch_size']}: train.global_batch_size "
                           "and train.global_batch_tokens both set: give one")
     unit = (t.micro_batch_size or 1) * dp
-    samples = max(round(t.global_batch_tokens / m.seq_length / unit), 1) * unit
-    t.global_batch_size = samples
-    return (f"train.global_batch_tokens={t.global_batch_tokens}: global_batch_size={samples} "
+    samples = max(round(tokens / m.seq_length / unit), 1) * unit
+    t.global_batch_size, t.global_batch_tokens = samples, 0  # config.yaml: samples only
+    return (f"train.global_batch_tokens={tokens}: global_batch_size={samples} "
             f"samples = {samples * m.seq_length} tokens of {m.seq_length}")
 
 
@@ -85,12 +90,17 @@ def try_micro_batch(trainer, size: int, budget: int | None) -> tuple[bool, int]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(ctx.device)
         trainer.engine.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with trainer._autocast():
-                loss = trainer.engine(**batch)
-        for ptr in param_ptrs:
-            saved.pop(ptr, None)
-        loss.backward()
+        # no_sync: a rank that runs out of memory must not leave the others waiting in
+        # DDP's gradient all-reduce (the answers are agreed afterwards)
+        local = trainer.engine.no_sync() if hasattr(trainer.engine, "no_sync") else \
+            contextlib.nullcontext()
+        with local:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with trainer._autocast():
+                    loss = trainer.engine(**batch)
+            for ptr in param_ptrs:
+                saved.pop(ptr, None)
+            loss.backward()
         trainer.optimizer.step()
         peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else \
             _held_bytes(params, trainer.optimizer, saved)
@@ -116,8 +126,9 @@ def probe_micro_batch(trainer) -> str:
                           "(e.g. 4GiB): a CPU has no out-of-memory error to probe for")
     per_rank = t.global_batch_size // ctx.dp_size
     sizes = [b for b in range(1, per_rank + 1) if per_rank % b == 0]
-    model_state = copy.deepcopy(trainer.model.state_dict())
-    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
+    # kept on the CPU: a copy on the device would count in every candidate's peak
+    model_state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    optim_state = copy.deepcopy(trainer.optimizer.state_dict())  # empty before training
     rng = rng_state(ctx.rng)
     best, peaks, lo, hi = None, {}, 0, len(sizes) - 1
     while lo <= hi:  # the largest size that fits, every rank agreeing on each answer

@@ -376,12 +376,15 @@ class Trainer:
                                keep=self.cfg.train.keep_checkpoints, rank_state=rank_state,
                                **self._optimizer_or_zero())
 
-    def _diverged(self, loss: float) -> str | None:
-        """Why this step's loss is a divergence (NaN/inf, or above ``divergence_factor`` x
-        the mean of the last ``divergence_window`` steps), or None (then it joins them)."""
+    def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
+        """Why this step is a divergence (a NaN/inf loss, a NaN/inf gradient norm of a step
+        that was applied, or a loss above ``divergence_factor`` x the mean of the last
+        ``divergence_window`` steps), or None (then its loss joins them)."""
         t = self.cfg.train
         if not math.isfinite(loss):
             return f"loss is {loss}"
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return f"gradient norm is {grad_norm}"  # the update wrote non-finite weights
         if len(self.recent) == self.recent.maxlen:
             mean = sum(self.recent) / len(self.recent)
             if loss > t.divergence_factor * mean:
@@ -456,7 +459,8 @@ class Trainer:
             if t.inject_nan_at_step == self.step and self.injected < t.inject_nan_times:
                 self.injected += 1  # fault injection for the divergence guard's tests
                 out["loss"] = math.nan
-            if t.divergence_guard and (reason := self._diverged(out["loss"])):
+            norm = None if out.get("skipped") else out.get("grad_norm")  # fp16 skips: fine
+            if t.divergence_guard and (reason := self._diverged(out["loss"], norm)):
                 self._recover(reason)
                 busy, steps_since = 0.0, 0
                 continue

@@ -156,6 +156,7 @@ def test_mismatches_are_one_clear_error(teacher_run, gpt_shard, bpe_files, tmp_p
              ({"distill.relation_heads": 3}, "distill.relation_heads=3 does not divide"),
              ({"distill.teacher_layer": 7}, "the teacher has 3 attention layers"),
              ({"model.activation_checkpointing": "full"}, "use none or selective"),
+             ({"model.layerdrop": 0.5}, "would skip the layer whose relations are distilled"),
              ({"distill.teacher": None}, "distill.teacher is not set")]
     for extra, message in cases:
         kw = {**STUDENT, "distill.teacher": str(teacher_run), **extra}
@@ -197,6 +198,15 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     saved = load_config(tmp_path / "student/config.yaml")
     assert saved.model.hidden_size == 32
     assert saved.distill.teacher == str(tmp_path / "student" / "assistant")
+    # a rerun with more steps: the finished assistant is not trained again
+    assert distill_main([str(config), *common, "model.num_layers=1", "model.hidden_size=32",
+                         "model.num_attention_heads=4", "train.max_steps=3",
+                         f"train.run_dir={tmp_path / 'student'}",
+                         f"distill.teacher={tmp_path / 'teacher'}",
+                         f"distill.assistant={assistant}"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'student'} at step 2" in out
+    assert "assistant at step" not in out and f"done: {tmp_path / 'student'} at step 3" in out
     assert convert_main(["--from", str(tmp_path / "student"), "--to-hf",
                          str(tmp_path / "hf")]) == 0
     transformers = pytest.importorskip("transformers")

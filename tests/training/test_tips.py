@@ -26,6 +26,8 @@ def test_global_batch_tokens_resolve_to_samples(gpt_shard, bpe_files, tmp_path, 
     # 300 tokens / 32 per sample = 9.4 -> a multiple of micro-batch 2: 10 samples
     assert cfg.train.global_batch_size == 10 and trainer.accum == 5
     assert "global_batch_size=10 samples = 320 tokens" in capsys.readouterr().out
+    saved = load_config(tmp_path / "run" / "config.yaml")  # reusable as it is
+    assert saved.train.global_batch_size == 10 and saved.train.global_batch_tokens == 0
     both = load_config(None, over + ["train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="both set: give one"):
         Trainer(both, ParallelContext())
@@ -92,6 +94,8 @@ def test_a_spike_is_a_loss_above_k_times_the_recent_mean(gpt_shard, bpe_files, t
     assert reason is None
     assert "> 3 x the mean of the last 3 steps" in trainer._diverged(20.0)
     assert trainer._diverged(float("inf")) == "loss is inf"
+    # an applied update with a non-finite gradient norm wrote non-finite weights
+    assert trainer._diverged(2.0, float("nan")) == "gradient norm is nan"
 
 
 def test_the_divergence_guard_gives_up_after_n_tries(gpt_shard, bpe_files, tmp_path, capsys):
