@@ -2,6 +2,7 @@
 zero KL for a copy, TP=2 equal to TP=1, errors, and the command end to end."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,15 +199,16 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     saved = load_config(tmp_path / "student/config.yaml")
     assert saved.model.hidden_size == 32
     assert saved.distill.teacher == str(tmp_path / "student" / "assistant")
-    # a rerun with more steps: the finished assistant is not trained again
+    # the same command again after the student's stage lost its checkpoints (killed before
+    # its first save, say): the finished assistant is not trained again
+    shutil.rmtree(tmp_path / "student" / "checkpoints")
     assert distill_main([str(config), *common, "model.num_layers=1", "model.hidden_size=32",
-                         "model.num_attention_heads=4", "train.max_steps=3",
+                         "model.num_attention_heads=4", "train.max_steps=2",
                          f"train.run_dir={tmp_path / 'student'}",
                          f"distill.teacher={tmp_path / 'teacher'}",
                          f"distill.assistant={assistant}"]) == 0
     out = capsys.readouterr().out
-    assert f"resumed from {tmp_path / 'student'} at step 2" in out
-    assert "assistant at step" not in out and f"done: {tmp_path / 'student'} at step 3" in out
+    assert "assistant at step" not in out and f"done: {tmp_path / 'student'} at step 2" in out
     assert convert_main(["--from", str(tmp_path / "student"), "--to-hf",
                          str(tmp_path / "hf")]) == 0
     transformers = pytest.importorskip("transformers")
