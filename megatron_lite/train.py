@@ -41,17 +41,20 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg, ctx)
             trainer.fit()
             saved = trainer.run_dir / "checkpoints" / f"step_{trainer.step:08d}"
-            if ctx.is_main and trainer.interrupted:
-                print(f"interrupted at step {trainer.step} ({trainer.interrupted}): saved "
-                      f"{saved}; rerun the same command to resume", file=sys.stderr, flush=True)
-            if trainer.interrupted and dist.is_initialized():
-                dist.barrier()  # exit together: a launcher may kill the others at the first
-            elif ctx.is_main:
+            if trainer.interrupted:
+                if ctx.is_main:
+                    print(f"interrupted at step {trainer.step} ({trainer.interrupted}): saved "
+                          f"{saved}; rerun the same command to resume", file=sys.stderr,
+                          flush=True)
+                if dist.is_initialized():
+                    dist.barrier()  # exit together: a launcher may kill the rest at the first
+                return 128 + signal.Signals[trainer.interrupted]
+            if ctx.is_main:
                 written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
                                             trainer.run_dir / "loss.png") if p.exists()]
                 print(f"done: {trainer.run_dir} at step {trainer.step} "
                       f"({', '.join([*written, f'checkpoints/{saved.name}'])})")
-            return 128 + signal.Signals[trainer.interrupted] if trainer.interrupted else 0
+            return 0
         finally:
             destroy_parallel()
 

@@ -242,3 +242,25 @@ def test_train_help_lists_every_config_key_with_default_and_meaning():
             assert len(row.split(None, 1)) == 2, f"{key} has no meaning"  # default + text
     assert "    train.max_steps=100 " in out.stdout
     assert "optimizer steps of the run" in out.stdout
+
+
+def test_sigterm_to_a_single_process_run_saves_and_says_only_that(gpt_shard, bpe_files,
+                                                                  tmp_path):
+    run = tmp_path / "run"
+    args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, run, **{"train.max_steps": 2000, "train.eval_interval": 0,
+                                      "train.global_batch_size": 2})]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", *args], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    lines = [x for x in out.splitlines() if not x.startswith("step")]
+    assert len(lines) == 2 and lines[0].startswith("SIGTERM received"), lines
+    assert lines[1].startswith("interrupted at step") and "done:" not in out
