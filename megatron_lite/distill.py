@@ -152,10 +152,10 @@ class Distiller(Trainer):
         self.kl_sums["own"] = self.kl_sums.get("own", 0.0) + own.detach()
         return loss + d.lm_weight * own  # weight 0 keeps every parameter in the graph
 
-    def _bert_log(self) -> dict:
+    def _step_log(self) -> dict:
         """Each relation's KL (``kl_attention``, ``kl_value`` or ``kl_query``, ``kl_key``,
         ``kl_value``) and the student's own loss (``student_loss``), means over the step."""
-        out = super()._bert_log()
+        out = super()._step_log()
         if self.kl_sums:
             names = list(self.kl_sums)
             values = all_reduce(torch.stack([torch.as_tensor(self.kl_sums[n]).float()

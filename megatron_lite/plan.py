@@ -41,12 +41,14 @@ device's peak and adds the TP and DP all-reduces at link bandwidth with no overl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -373,12 +375,10 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def measured_activation_bytes(model, batch: dict, precision: str, device) -> int:
-    """The bytes autograd keeps for backward after one forward of ``batch`` (every
-    distinct storage saved, parameters excluded): what :func:`activation_bytes` predicts
-    without the recomputation peak. Collective when the model is tensor parallel."""
-    from megatron_lite.training.precision import autocast
-
+@contextlib.contextmanager
+def saved_tensor_bytes(model) -> Iterator[dict[int, int]]:
+    """Count what autograd saves for backward inside the block: ``{storage pointer: bytes}``
+    of every distinct storage, the model's parameters removed at the end."""
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -386,10 +386,20 @@ def measured_activation_bytes(model, batch: dict, precision: str, device) -> int
         saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+    for p in model.parameters():
+        saved.pop(p.untyped_storage().data_ptr(), None)
+
+
+def measured_activation_bytes(model, batch: dict, precision: str, device) -> int:
+    """The bytes autograd keeps for backward after one forward of ``batch`` (every
+    distinct storage saved, parameters excluded): what :func:`activation_bytes` predicts
+    without the recomputation peak. Collective when the model is tensor parallel."""
+    from megatron_lite.training.precision import autocast
+
+    model.train()
+    with saved_tensor_bytes(model) as saved:
         with autocast(precision, device):
-            loss = model(**batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    del loss
-    return sum(n for ptr, n in saved.items() if ptr not in params)
+            model(**batch)
+    return sum(saved.values())

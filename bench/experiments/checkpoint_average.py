@@ -18,28 +18,16 @@ import math
 import shutil
 import time
 
-from common import OUT, demo_data, machine, train, write_section
+from common import OUT, demo_data, evaluate, machine, train, write_section
 
-from megatron_lite.config import load_config
-from megatron_lite.parallel import ParallelContext
-from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import (
-    average_checkpoints,
-    list_checkpoints,
-    load_checkpoint,
-)
+from megatron_lite.training.checkpoint import average_checkpoints, list_checkpoints
 
 LASTS = (1, 2, 3, 5, 8)
 ITERS = 20
 
 
 def perplexity(run_dir, ckpt) -> float:
-    cfg = load_config(run_dir / "config.yaml")
-    cfg.train.eval_iters = ITERS
-    ctx = ParallelContext()
-    run = build_run(cfg, ctx, training=False)
-    load_checkpoint(ckpt, run.model, ctx)
-    return math.exp(run.evaluate("valid", ITERS)["loss"])
+    return math.exp(evaluate(run_dir, iters=ITERS, ckpt=ckpt)["loss"])
 
 
 def averages(run_dir, ckpts) -> dict[int, float]:

@@ -72,13 +72,15 @@ def train(name: str, overrides: dict) -> tuple[Path, list[dict], float]:
     return run_dir, records, time.perf_counter() - tick
 
 
-def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20) -> dict:
-    """Validation metrics of a run's last checkpoint (``overrides`` e.g. layers_to_keep)."""
+def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20,
+             ckpt: Path | None = None) -> dict:
+    """Validation metrics of a run's last checkpoint, or of ``ckpt`` (e.g. an average),
+    with ``overrides`` (e.g. layers_to_keep)."""
     cfg: Config = load_config(run_dir / "config.yaml", overrides or [])
     cfg.train.eval_iters = iters
     ctx = ParallelContext()
     run = build_run(cfg, ctx, training=False)
-    load_checkpoint(run_dir, run.model, ctx)
+    load_checkpoint(ckpt or run_dir, run.model, ctx)
     return run.evaluate("valid", iters)
 
 

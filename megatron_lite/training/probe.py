@@ -27,6 +27,7 @@ from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
 from megatron_lite.parallel.comm import MIN, all_reduce
 from megatron_lite.parallel.random import rng_state, set_rng_state
+from megatron_lite.plan import saved_tensor_bytes
 
 MARGIN = 0.1
 
@@ -75,16 +76,8 @@ def try_micro_batch(trainer, size: int, budget: int | None) -> tuple[bool, int]:
     collate = dict_collate if trainer.cfg.model.arch == "bert" else gpt_collate
     batch = run.to_device(next(micro_batches(run.train_data, 0, size, ctx.dp_rank, ctx.dp_size,
                                              collate)))
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     cuda = ctx.device.type == "cuda"
-    params = [p for p in trainer.model.parameters()]
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    params = list(trainer.model.parameters())
     try:
         if cuda:
             torch.cuda.empty_cache()
@@ -95,11 +88,9 @@ def try_micro_batch(trainer, size: int, budget: int | None) -> tuple[bool, int]:
         local = trainer.engine.no_sync() if hasattr(trainer.engine, "no_sync") else \
             contextlib.nullcontext()
         with local:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with saved_tensor_bytes(trainer.model) as saved:
                 with trainer._autocast():
                     loss = trainer.engine(**batch)
-            for ptr in param_ptrs:
-                saved.pop(ptr, None)
             loss.backward()
         trainer.optimizer.step()
         peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else \

@@ -268,8 +268,9 @@ class Trainer:
         if self.cfg.model.arch == "bert":
             self.stats = self.model.last_stats + (self.stats if self.stats is not None else 0)
 
-    def _bert_log(self) -> dict:
-        """BERT: this step's ``mlm_loss``, ``nsp_loss`` and accuracies over every DP rank."""
+    def _step_log(self) -> dict:
+        """More of this step's record: BERT's ``mlm_loss``, ``nsp_loss`` and accuracies over
+        every DP rank (the Distiller adds its relations' KL)."""
         if self.stats is None:
             return {}
         stats = all_reduce(self.stats, self.ctx.dp_group).tolist()
@@ -303,7 +304,7 @@ class Trainer:
             self._add_stats()
         if self.spans:  # z_h in [0, S], masters included
             self.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
-        out = {"loss": self.run.dp_mean(total / self.accum), **self._bert_log(), "lr": lr,
+        out = {"loss": self.run.dp_mean(total / self.accum), **self._step_log(), "lr": lr,
                "grad_norm": grad_norm, **span_log}
         if scale is not None:
             out.update(loss_scale=scale, skipped=not stepped)
@@ -343,7 +344,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": self.run.dp_mean(total / self.accum), **self._bert_log(), "lr": lr,
+        out = {"loss": self.run.dp_mean(total / self.accum), **self._step_log(), "lr": lr,
                "grad_norm": grad_norm, **span_log}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
