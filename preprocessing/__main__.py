@@ -12,6 +12,7 @@ import sys
 
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
+from preprocessing.executors import summary_line
 from preprocessing.pipeline import Options, run_pipeline
 from preprocessing.readers import TXT_DOCS, InputError
 
@@ -43,14 +44,41 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--no-dedup", action="store_true", help="skip near-duplicate removal")
     p.add_argument("--write-duplicates", action="store_true",
                    help="also write PREFIX_{key}_document.duplicates.jsonl (kept -> removed)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes on this machine: tokenizers (no --executor) or tasks at "
+                        "once (--executor local)")
+    p.add_argument("--max-bucket", type=int, default=5000,
+                   help="most different documents one LSH bucket may hold (default 5000)")
+    g = p.add_argument_group(
+        "sharded stages (datatrove executors)",
+        "prepare, candidates, verify, components, write, finalize as tasks; same output "
+        "bytes as without --executor; a rerun continues from the completed tasks")
+    g.add_argument("--executor", choices=["local", "slurm"],
+                   help="run the stages as datatrove tasks on this machine or as SLURM job "
+                        "arrays (default: one task per stage in this process)")
+    g.add_argument("--tasks", type=int,
+                   help="shards, and tasks per stage (default: one per input file, <= 512)")
+    g.add_argument("--work-dir",
+                   help="intermediate files, logs and completion marks (default: "
+                        "PREFIX.work; without --executor a hidden folder deleted at the end)")
+    g.add_argument("--slurm-partition")
+    g.add_argument("--slurm-time", help="time limit of each task (default 24:00:00)")
+    g.add_argument("--slurm-cpus-per-task", type=int)
+    g.add_argument("--slurm-mem-per-cpu-gb", type=int, help="default 2")
+    g.add_argument("--slurm-qos")
     p.add_argument("--strict", action="store_true", help="malformed input is an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if not 0.0 < a.dedup_threshold <= 1.0:
         p.error(f"--dedup-threshold {a.dedup_threshold} must be in (0, 1]")
-    if a.workers < 1 or a.min_tokens < 0:
-        p.error("--workers must be >= 1 and --min-tokens >= 0")
+    if a.workers < 1 or a.min_tokens < 0 or a.max_bucket < 2:
+        p.error("--workers must be >= 1, --min-tokens >= 0 and --max-bucket >= 2")
+    if a.tasks is not None and a.tasks < 1:
+        p.error("--tasks must be >= 1")
+    if a.tasks is not None and a.executor is None:
+        p.error("--tasks needs --executor local or slurm")
+    if a.executor == "slurm" and not a.slurm_partition:
+        p.error("--executor slurm needs --slurm-partition")
     return Options(
         inputs=a.input, output_prefix=a.output_prefix, tokenizer_type=a.tokenizer_type,
         vocab_file=a.vocab_file, merge_file=a.merge_file, tokenizer_model=a.tokenizer_model,
@@ -58,25 +86,26 @@ def parse_args(argv=None) -> Options:
         split_sentences=a.split_sentences,
         min_tokens=a.min_tokens, dedup_threshold=a.dedup_threshold, dedup=not a.no_dedup,
         workers=a.workers, strict=a.strict, write_duplicates=a.write_duplicates,
-        progress=not a.quiet)
+        progress=not a.quiet, max_bucket=a.max_bucket, executor=a.executor, tasks=a.tasks,
+        work_dir=a.work_dir,
+        slurm={"partition": a.slurm_partition, "time": a.slurm_time,
+               "cpus_per_task": a.slurm_cpus_per_task, "mem_per_cpu_gb": a.slurm_mem_per_cpu_gb,
+               "qos": a.slurm_qos})
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
-        for stats in run_pipeline(opts):
-            s = stats
-            print(f"{s['output_prefix']}: {s['documents_written']} documents, "
-                  f"{s['tokens_written']} tokens ({s['documents_read']} read, "
-                  f"{sum(s['skipped'].values())} skipped, {s['too_short']} too short, "
-                  f"{s['duplicates_removed']} near-duplicates removed) in {s['seconds']:.1f}s")
+        for s in run_pipeline(opts):
+            print(summary_line(s))
             if s["first_errors"]:
                 print(f"warning: skipped input, first at {s['first_errors'][0]}", file=sys.stderr)
     except (InputError, TokenizerError, IndexedDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted: no output written{f'; {err}' if str(err) else ''}",
+              file=sys.stderr)
         return 130
     return 0
 

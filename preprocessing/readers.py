@@ -2,9 +2,11 @@
 
 Each reader yields :class:`Record` items in file order, one document at a time (a
 parquet file is read row group by row group), so memory does not grow with the corpus.
-Recoverable problems (a malformed JSON line, an empty text) come out as records with
-``error`` set, so the caller counts and reports them; unrecoverable ones (a missing
-``--json-keys`` key) raise :class:`InputError` naming the key and the file.
+Recoverable problems (a malformed JSON line, an empty text, a record without the
+``--json-keys`` field among records that have it) come out as records with ``error``
+set, so the caller counts and reports them; unrecoverable ones (a file in which no record
+has the field, a parquet file without the column) raise :class:`InputError` naming the
+key and the file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Record:
     text: str | None
     where: str  # "file:line" or "file:row"
     nbytes: int = 0
-    error: str | None = None  # "malformed_json", "not_a_string", "empty"
+    error: str | None = None  # "malformed_json", "missing_key", "not_a_string", "empty"
     replaced: bool = False  # non-UTF-8 bytes were decoded with U+FFFD
 
 
@@ -68,12 +70,30 @@ def _decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def _from_object(obj, key: str, path: Path, where: str, nbytes: int, replaced: bool) -> Record:
-    if not isinstance(obj, dict):
-        return Record(None, where, nbytes, "malformed_json", replaced)
-    if key not in obj:
-        raise InputError(f"{where}: no key {key!r} (use --json-keys to name the text field; "
-                         f"keys here: {', '.join(map(str, list(obj)[:8]))})")
+class _KeyCheck:
+    """Counts a file's records without the key; raises when none of them has it."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.with_key, self.first_keys = path, key, 0, None
+
+    def record(self, obj, where: str, nbytes: int, replaced: bool) -> Record:
+        if not isinstance(obj, dict):
+            return Record(None, where, nbytes, "malformed_json", replaced)
+        if self.key not in obj:
+            if self.first_keys is None:
+                self.first_keys = list(obj)[:8]
+            return Record(None, where, nbytes, "missing_key", replaced)
+        self.with_key += 1
+        return _from_object(obj, self.key, where, nbytes, replaced)
+
+    def done(self) -> None:
+        if self.with_key == 0 and self.first_keys is not None:
+            raise InputError(f"{self.path}: no record has the key {self.key!r} (use --json-keys "
+                             "to name the text field; keys of its first record: "
+                             f"{', '.join(map(str, self.first_keys))})")
+
+
+def _from_object(obj: dict, key: str, where: str, nbytes: int, replaced: bool) -> Record:
     text = obj[key]
     if not isinstance(text, str):
         return Record(None, where, nbytes, "not_a_string", replaced)
@@ -82,6 +102,7 @@ def _from_object(obj, key: str, path: Path, where: str, nbytes: int, replaced: b
 
 def _read_jsonl(path: Path, key: str) -> Iterator[Record]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    check = _KeyCheck(path, key)
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -93,7 +114,8 @@ def _read_jsonl(path: Path, key: str) -> Iterator[Record]:
             except json.JSONDecodeError:
                 yield Record(None, where, len(raw), "malformed_json", replaced)
                 continue
-            yield _from_object(obj, key, path, where, len(raw), replaced)
+            yield check.record(obj, where, len(raw), replaced)
+    check.done()
 
 
 def _read_json(path: Path, key: str) -> Iterator[Record]:
@@ -107,9 +129,10 @@ def _read_json(path: Path, key: str) -> Iterator[Record]:
         items = json.loads(text)  # NOTE: a JSON array is parsed whole; prefer jsonl for big data
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: invalid JSON array ({err.msg})") from None
+    check = _KeyCheck(path, key)
     for i, obj in enumerate(items):
-        yield _from_object(obj, key, path, f"{path}:[{i}]", len(raw) // max(len(items), 1),
-                           replaced)
+        yield check.record(obj, f"{path}:[{i}]", len(raw) // max(len(items), 1), replaced)
+    check.done()
 
 
 def _read_parquet(path: Path, key: str) -> Iterator[Record]:

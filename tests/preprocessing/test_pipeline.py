@@ -8,7 +8,7 @@ import pytest
 from megatron_lite.data import IndexedDataset
 from megatron_lite.data.tokenizer import build_tokenizer
 from preprocessing.__main__ import main
-from preprocessing.pipeline import _Run, normalize
+from preprocessing.pipeline import normalize
 from tests.conftest import mutate
 
 
@@ -121,7 +121,7 @@ def test_malformed_lines_are_counted_or_fatal_with_strict(tmp_path, bpe_files, s
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing_key", "in.jsonl:1: no key 'text'"),
+    ("missing_key", "in.jsonl: no record has the key 'text'"),
     ("no_inputs", "no input files found"),
     ("missing_path", "nope.jsonl: no such file or directory"),
     ("all_too_short", "nothing to write: 2 documents read, 0 skipped, 2 shorter than"),
@@ -151,9 +151,12 @@ def test_fatal_input_is_one_clear_error_and_no_output(tmp_path, bpe_files, capsy
     assert not list(tmp_path.glob("out*"))
 
 
-def test_interrupted_run_leaves_no_output(tmp_path, bpe_files, corpus_file, monkeypatch):
+def test_interrupted_run_leaves_no_output_and_a_rerun_finishes(tmp_path, bpe_files,
+                                                               corpus_file, monkeypatch, capsys):
+    from preprocessing.pipeline import OrderedPool
+
     calls = []
-    original = _Run._consume
+    original = OrderedPool.submit
 
     def interrupt_on_second_chunk(self, *args):
         calls.append(1)
@@ -161,12 +164,21 @@ def test_interrupted_run_leaves_no_output(tmp_path, bpe_files, corpus_file, monk
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(_Run, "_consume", interrupt_on_second_chunk)
     for dedup in ([], ["--no-dedup"]):
+        monkeypatch.setattr(OrderedPool, "submit", interrupt_on_second_chunk)
         calls.clear()
-        assert main(_args(tmp_path, [corpus_file], bpe_files, "--min-tokens", "1", *dedup)) == 130
+        argv = _args(tmp_path, [corpus_file], bpe_files, "--min-tokens", "1", *dedup)
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert "interrupted: no output written; rerun the same command" in err
         leftovers = [p.name for p in tmp_path.iterdir()]
-        assert leftovers == [], leftovers
+        assert leftovers == [".out.work"], leftovers  # the hidden work folder only
+        monkeypatch.setattr(OrderedPool, "submit", original)
+        assert main(argv) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == \
+            ["out.stats.json", "out_text_document.bin", "out_text_document.idx"]
+        for p in tmp_path.iterdir():
+            p.unlink()
 
 
 def test_txt_one_document_per_blank_line_block(tmp_path, bpe_files, stdlib_docs):
