@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -188,17 +189,8 @@ def run(opts) -> list[dict]:
     say = print if opts.executor and opts.progress else (lambda *a, **k: None)
     if continued:
         say(f"continuing the work in {plan.work}")
-    _quiet_datatrove()
-    local = _local_executor()
     try:
-        for key, stage, tasks in stage_list(plan)[:-1]:
-            t0 = time.monotonic()
-            executor = local(pipeline=[_Step(plan, key, stage)], tasks=tasks,
-                             workers=max(1, min(opts.workers if opts.executor else 1, tasks)),
-                             logging_dir=_logs(plan, key, stage), skip_completed=True)
-            before = tasks - len(executor.get_incomplete_ranks())
-            executor.run()
-            say(progress_line(plan, key, stage, tasks, before, time.monotonic() - t0))
+        run_stages(plan, say)
         results = stages.finalize(plan)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"rerun the same command to continue from {plan.work}") \
@@ -211,6 +203,22 @@ def run(opts) -> list[dict]:
     if ours:
         shutil.rmtree(plan.work, ignore_errors=True)
     return results
+
+
+def run_stages(plan: Plan, say=print) -> None:
+    """Every stage but finalize on this machine, each as one LocalPipelineExecutor run
+    (``plan.opts.workers`` tasks at once with --executor local, else one)."""
+    _quiet_datatrove()
+    local = _local_executor()
+    workers = plan.opts.workers if plan.opts.executor else 1
+    for key, stage, tasks in stage_list(plan)[:-1]:
+        t0 = time.monotonic()
+        executor = local(pipeline=[_Step(plan, key, stage)], tasks=tasks,
+                         workers=max(1, min(workers, tasks)),
+                         logging_dir=_logs(plan, key, stage), skip_completed=True)
+        before = tasks - len(executor.get_incomplete_ranks())
+        executor.run()
+        say(progress_line(plan, key, stage, tasks, before, time.monotonic() - t0))
 
 
 def progress_line(plan: Plan, key: str, stage: str, tasks: int, before: int,
@@ -248,6 +256,7 @@ def submit_slurm(plan: Plan, opts) -> None:
     if not cfg["partition"]:
         raise InputError("--executor slurm needs --slurm-partition")
     bin_dir = Path(sys.executable).parent
+    _quiet_datatrove()
     chain, prev = [], None
     for key, stage, tasks in stage_list(plan):
         prev = SlurmPipelineExecutor(
@@ -258,7 +267,13 @@ def submit_slurm(plan: Plan, opts) -> None:
             depends=prev, skip_completed=stage != "finalize", mail_type="NONE",
             env_command=f'export PATH="{bin_dir}:$PATH"', sbatch_args=cfg["sbatch_args"])
         chain.append((key, stage, tasks, prev))
-    chain[-1][3].run()  # launches the whole chain, dependencies first
+    try:
+        chain[-1][3].run()  # launches the whole chain, dependencies first
+    except subprocess.CalledProcessError as err:
+        submitted = [f"{s} job {ex.job_id}" for _, s, _, ex in chain if ex.job_id not in (None, -1)]
+        raise InputError(f"sbatch failed (exit {err.returncode}; its message is above)"
+                         + (f" after submitting {', '.join(submitted)}" if submitted else "")
+                         ) from None
     ids = []
     for key, stage, tasks, ex in chain:
         name = f"{key}: {stage}" if key else stage
@@ -266,7 +281,7 @@ def submit_slurm(plan: Plan, opts) -> None:
             print(f"{name}: {tasks} tasks already done")
         else:
             ids.append(str(ex.job_id))
-            print(f"{name}: job {ex.job_id} ({tasks} tasks)")
+            print(f"{name}: job {ex.job_id} ({tasks} task{'s' if tasks > 1 else ''})")
     outputs = ", ".join(f"{plan.final_prefix(k)}.bin/.idx" for k in opts.json_keys)
     print(f"submitted; follow with: squeue -j {','.join(ids)}; logs under {plan.work}/logs; "
           f"{outputs} appear when job {chain[-1][3].job_id} (finalize) ends")

@@ -53,6 +53,10 @@ def _pid(path: Path, timeout: float = 20.0) -> int:
     raise TimeoutError(f"{path} did not appear")
 
 
+def _memory_mb() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+
+
 @pytest.fixture
 def slurm_cluster(tmp_path):
     _ensure_slurm()
@@ -80,7 +84,7 @@ SlurmctldPidFile={tmp_path}/slurmctld.pid
 SlurmdPidFile={tmp_path}/slurmd.pid
 SlurmctldLogFile={tmp_path}/slurmctld.log
 SlurmdLogFile={tmp_path}/slurmd.log
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """)
     env = dict(os.environ, SLURM_CONF=str(conf))
@@ -243,3 +247,50 @@ def test_sigusr1_before_the_time_limit_saves_requeues_and_resumes(
     stopped = int(output.split("interrupted at step ")[1].split()[0])
     assert f"resumed from {run_dir} at step {stopped}" in output, output
     assert _steps(run_dir) == list(range(1, steps + 1)), output
+
+
+def test_sharded_preprocessing_as_slurm_job_arrays(slurm_cluster, bpe_files, stdlib_docs,
+                                                   tmp_path, monkeypatch, capsys):
+    """`python -m preprocessing --executor slurm`: one job array per stage (2 tasks each)
+    chained by afterok; the finalize job's outputs are byte-identical to the local path's."""
+    from preprocessing.__main__ import main
+    from tests.conftest import mutate
+    from tests.preprocessing.test_pipeline import _args
+
+    files = []
+    for i in range(2):  # near-duplicates that span the two shards
+        files.append(tmp_path / f"part{i}.jsonl")
+        texts = stdlib_docs[i * 20:(i + 1) * 20] + [mutate(stdlib_docs[k], 0.01, k)
+                                                   for k in range(i * 5, i * 5 + 5)]
+        files[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for k, v in slurm_cluster.items():
+        monkeypatch.setenv(k, v)
+    argv = _args(tmp_path, files, bpe_files, "--executor", "slurm", "--tasks", "2",
+                 "--slurm-partition", "debug", "--slurm-time", "10:00",
+                 "--slurm-mem-per-cpu-gb", "1", "--write-duplicates", prefix="slurm")
+    start = time.monotonic()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    with capsys.disabled():
+        print(f"\n{out}{captured.err}")
+    final = out.split("appear when job ")[1].split()[0]
+    assert "prepare: job" in out and "(2 tasks)" in out, out
+    logs = tmp_path / "slurm.work" / "logs" / "all" / "finalize" / "slurm_logs"
+    deadline = time.monotonic() + 300
+    while subprocess.run(["squeue", "-h"], env=slurm_cluster, capture_output=True,
+                         text=True).stdout.strip():
+        assert time.monotonic() < deadline, subprocess.run(
+            ["squeue"], env=slurm_cluster, capture_output=True, text=True).stdout
+        time.sleep(1)
+    output = "\n".join(p.read_text() for p in logs.glob("*.out")) if logs.exists() else ""
+    assert (tmp_path / "slurm_text_document.idx").exists(), (final, output, sorted(
+        str(p) for p in (tmp_path / "slurm.work").rglob("*.out")))
+    assert main(_args(tmp_path, files, bpe_files, "--write-duplicates", prefix="local")) == 0
+    for ext in ("bin", "idx", "duplicates.jsonl"):
+        assert (tmp_path / f"slurm_text_document.{ext}").read_bytes() == \
+            (tmp_path / f"local_text_document.{ext}").read_bytes().replace(b"local", b"slurm")
+    stats = [json.loads((tmp_path / f"{p}.stats.json").read_text()) for p in ("slurm", "local")]
+    assert stats[0]["duplicates_removed"] == stats[1]["duplicates_removed"] == 10
+    assert "slurm_text_document: " in output
+    print(f"SLURM preprocessing: 6 stages x 2 tasks, {time.monotonic() - start:.1f}s")
