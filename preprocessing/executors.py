@@ -187,8 +187,8 @@ def run(opts) -> list[dict]:
         submit_slurm(plan, opts)
         return []
     say = print if opts.executor and opts.progress else (lambda *a, **k: None)
-    if continued:
-        say(f"continuing the work in {plan.work}")
+    if continued and opts.progress:
+        print(f"continuing the work in {plan.work}", file=sys.stderr)
     try:
         run_stages(plan, say)
         results = stages.finalize(plan)
