@@ -49,6 +49,7 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/train_step.py
 	$(PY) bench/preprocess.py
 	$(PY) bench/zero.py
+	$(PY) bench/tp_collectives.py
 	$(PY) bench/generate.py
 	$(PY) bench/layerdrop.py
 	$(PY) bench/xl_eval.py

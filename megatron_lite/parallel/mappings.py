@@ -17,6 +17,23 @@ transformer layer costs two all-reduces forward and two backward.
 
 The group may be ``None`` (TP size one); then every function is the identity and no
 communication happens.
+
+In place, as Megatron: the two all-reduces overwrite the tensor they reduce instead of a
+copy. Why that is safe here:
+
+- ``reduce_from`` forward reduces its input and returns it, marked dirty (``mark_dirty``),
+  so autograd knows it changed. Its inputs are the outputs of ``F.linear`` (the
+  row-parallel matmul), a ``masked_fill`` (the vocab-parallel embedding) or a ``sum``
+  (distillation losses): none of these saves its own output for backward. Were a future
+  caller to pass a tensor some op saved, autograd's version counter turns it into an
+  error at backward ("modified by an inplace operation"), never a silent wrong gradient.
+- ``copy_to`` backward reduces the incoming gradient: the gradient of the one
+  ``F.linear`` that consumes ``copy_to``'s output (column-parallel input, the output
+  logits), a fresh tensor nobody else holds. (Reducing in place a gradient that
+  autograd also routes elsewhere, such as the gradient of a sum's two inputs, would be
+  wrong; no such consumer follows ``copy_to``.)
+
+``INPLACE = False`` restores the copies (for ``bench/tp_collectives.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +43,16 @@ import torch
 from megatron_lite.parallel.comm import all_gather, all_reduce
 from megatron_lite.parallel.state import group_rank, group_size
 
+INPLACE = True
+
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ``group``: in place when ``x`` is contiguous and ``INPLACE`` (see above)."""
     if group_size(group) == 1:
         return x
-    # NOTE: reduce a copy; the input may be a tensor autograd saved for another op.
-    return all_reduce(x.contiguous().clone(), group)
+    if not INPLACE:
+        return all_reduce(x.contiguous().clone(), group)
+    return all_reduce(x.contiguous(), group)
 
 
 def _split_last(x: torch.Tensor, group) -> torch.Tensor:
@@ -57,6 +78,8 @@ class _CopyToTPRegion(torch.autograd.Function):
 class _ReduceFromTPRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
+        if INPLACE and x.is_contiguous() and group_size(group) > 1:
+            ctx.mark_dirty(x)
         return _all_reduce(x, group)
 
     @staticmethod
