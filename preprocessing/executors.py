@@ -127,6 +127,10 @@ def _claim(work: Path, fingerprint: dict, ours: bool) -> bool:
             raise InputError(f"--work-dir {work} holds a run with other inputs or options "
                              f"({marker}); use another --work-dir or delete it")
         shutil.rmtree(work)
+    elif work.is_dir() and any(p.name != "logs" for p in work.iterdir()):
+        # not a folder of ours (ours hold options.json, or only logs after a finished run)
+        raise InputError(f"--work-dir {work} is not empty and was not made by "
+                         "python -m preprocessing; give an empty or new folder")
     work.mkdir(parents=True, exist_ok=True)
     with atomic_write(marker) as f:
         f.write(json.dumps(fingerprint, indent=1) + "\n")
@@ -170,13 +174,16 @@ def _logs(plan: Plan, key: str | None, stage: str) -> str:
 
 
 def cleanup(plan: Plan) -> None:
-    """After a successful finalize: drop the stages' data and completion marks (a rerun
-    starts over), keep the logs."""
+    """After a successful finalize: drop the completion marks, the options and then the
+    stages' data (in that order, so a kill half-way leaves a folder a rerun redoes, never
+    marks without their data); keep the logs."""
     work = Path(plan.work)
     for key in plan.opts.json_keys:
-        shutil.rmtree(work / key, ignore_errors=True)
         for marks in (work / "logs" / key).glob("*/completions"):
             shutil.rmtree(marks, ignore_errors=True)
+    (work / "options.json").unlink(missing_ok=True)
+    for key in plan.opts.json_keys:
+        shutil.rmtree(work / key, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- running
@@ -269,6 +276,9 @@ def submit_slurm(plan: Plan, opts) -> None:
         chain.append((key, stage, tasks, prev))
     try:
         chain[-1][3].run()  # launches the whole chain, dependencies first
+    except FileNotFoundError:
+        raise InputError("--executor slurm: sbatch is not on PATH (run this on a SLURM "
+                         "submit host)") from None
     except subprocess.CalledProcessError as err:
         submitted = [f"{s} job {ex.job_id}" for _, s, _, ex in chain if ex.job_id not in (None, -1)]
         raise InputError(f"sbatch failed (exit {err.returncode}; its message is above)"

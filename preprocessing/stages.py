@@ -281,12 +281,16 @@ def _bucket_pairs(rows: np.ndarray, digests: list, band: int, cap: int):
         sel = shard == s
         dig[sel] = digests[s][index[sel]]
     gid = _gid(shard, index)
-    pairs, same = [], []
-    pos = 0
-    largest = 0
-    for size in sizes.tolist():
+    offsets = np.cumsum(sizes) - sizes  # each group's first position in ``member``
+    # buckets of two, the common case, at once: one link if the sets are identical, else
+    # one candidate pair
+    two = offsets[sizes == 2]
+    equal = (dig[two] == dig[two + 1]).all(axis=1)
+    pair_rows = np.stack([gid[two], gid[two + 1]], axis=1)
+    pairs, same = [pair_rows[~equal]], [pair_rows[equal]]
+    largest = 2 if (~equal).any() else 1
+    for pos, size in zip(offsets[sizes > 2].tolist(), sizes[sizes > 2].tolist(), strict=True):
         ids, dg = gid[pos:pos + size], dig[pos:pos + size]
-        pos += size
         # identical shingle sets: linked to the first of them, which stands for all
         _, first, inverse = np.unique(dg, axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)

@@ -113,8 +113,7 @@ def test_any_executor_and_task_count_gives_the_same_bytes_and_clusters(
     assert counts["single"]["duplicates_removed"] == len(removed)
     # nothing left behind but the outputs (work folders: deleted, or kept with logs only)
     assert not list(tmp_path.glob(".*"))
-    assert sorted(p.name for p in (tmp_path / "local3.work").iterdir()) == ["logs",
-                                                                           "options.json"]
+    assert sorted(p.name for p in (tmp_path / "local3.work").iterdir()) == ["logs"]
 
 
 def test_a_rerun_after_a_kill_continues_from_completed_tasks(tmp_path, bpe_files,
@@ -141,14 +140,27 @@ def test_a_rerun_after_a_kill_continues_from_completed_tasks(tmp_path, bpe_files
     assert _read(tmp_path / "killed_text_document") == _read(tmp_path / "whole_text_document")
 
 
-def test_a_work_dir_of_other_options_is_refused(tmp_path, bpe_files, planted_files, capsys):
+def test_a_work_dir_of_an_unfinished_run_with_other_options_is_refused(
+        tmp_path, bpe_files, planted_files, capsys, monkeypatch):
     files, _ = planted_files
     work = tmp_path / "w"
     base = ["--executor", "local", "--tasks", "2", "--work-dir", str(work)]
-    assert main(_args(tmp_path, files[:2], bpe_files, *base)) == 0
+    monkeypatch.setattr(stages, "verify", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(_args(tmp_path, files[:2], bpe_files, *base)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
     assert main(_args(tmp_path, files[:2], bpe_files, *base, "--min-tokens", "5")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --work-dir {work} holds a run with other") and "\n" not in err
+    assert main(_args(tmp_path, files[:2], bpe_files, *base)) == 0  # the same options: fine
+    assert sorted(p.name for p in work.iterdir()) == ["logs"]  # finished: logs only
+    assert main(_args(tmp_path, files[:2], bpe_files, *base, "--min-tokens", "5")) == 0
+    foreign = tmp_path / "data"
+    (foreign / "text").mkdir(parents=True)
+    argv = _args(tmp_path, files[:2], bpe_files, "--executor", "local", "--work-dir",
+                 str(foreign))
+    assert main(argv) == 2 and (foreign / "text").is_dir()
+    assert "is not empty and was not made by python -m preprocessing" in capsys.readouterr().err
 
 
 def test_an_oversized_bucket_is_one_clear_error(tmp_path, bpe_files, stdlib_docs, capsys):
