@@ -13,6 +13,11 @@ in Python:
    only 0.5); false candidates are then rejected by
 4. the exact Jaccard of the two shingle sets (kept as 32-bit hashes), and
 5. union-find merges confirmed pairs; each cluster keeps its first document.
+
+The pipeline runs steps 3-5 as sharded stages (``preprocessing/stages.py``: band keys
+sorted per shard, pairs per bucket, exact Jaccard, connected components), which find the
+same clusters. :class:`NearDuplicateIndex` below is the streaming, one-process form
+(datasketch's LSH), kept as the reference the tests and the benchmark compare against.
 """
 
 from __future__ import annotations
