@@ -39,7 +39,7 @@ from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.models import build_model
 from megatron_lite.models.relations import minilm_losses, minilmv2_losses
 from megatron_lite.models.transformer import SelfAttention
-from megatron_lite.parallel import ParallelContext, destroy_parallel, init_parallel
+from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.training.trainer import Trainer
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load_config(a.config, a.overrides)
-        ctx = init_parallel(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
-        try:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
             stages = [cfg]
             if cfg.distill.assistant:  # teacher -> assistant -> student
                 helper = assistant_config(cfg)
@@ -228,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"done: {run_dir} at step {step} (student of "
                           f"{stage.distill.teacher})", flush=True)
             return 0
-        finally:
-            destroy_parallel()
 
     return run_cli(body)
 

@@ -31,7 +31,7 @@ import sys
 from megatron_lite import tasks
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
-from megatron_lite.parallel import destroy_parallel, init_parallel, read_launch_env
+from megatron_lite.parallel import parallel_session, read_launch_env
 from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
             t.global_batch_size = t.micro_batch_size * (world // tp)  # fit the new layout
         t.max_steps = max(t.max_steps, 1)
         t.eval_iters = a.iters or t.eval_iters or 1
-        ctx = init_parallel(tp, seed=cfg.train.seed)
-        try:
+        with parallel_session(tp, seed=cfg.train.seed) as ctx:
             run = build_run(cfg, ctx, training=False, data=not a.task)
             step = load_checkpoint(ckpt, run.model, ctx)["step"] if ckpt else 0
             if a.task == "wikitext":
@@ -82,8 +81,6 @@ def main(argv=None) -> int:
                 result = {"split": a.split, "step": step, **run.evaluate(a.split, a.iters)}
             if ctx.is_main:
                 print(json.dumps(result))
-        finally:
-            destroy_parallel()
 
     return run_cli(body)
 

@@ -22,9 +22,8 @@ from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelContext,
-    destroy_parallel,
     gather_from_tp_region,
-    init_parallel,
+    parallel_session,
     read_launch_env,
 )
 from megatron_lite.run import build_run, names_tokenizer
@@ -128,8 +127,7 @@ def main(argv=None) -> int:
         world = read_launch_env().world_size
         cfg.parallel.tensor_parallel_size = world  # heads and hidden must split over it
         cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
-        ctx = init_parallel(world, seed=cfg.train.seed)
-        try:
+        with parallel_session(world, seed=cfg.train.seed) as ctx:
             run = build_run(cfg, ctx, data=False)
             load_checkpoint(ckpt, run.model, ctx)
             tok = run.tokenizer
@@ -137,8 +135,6 @@ def main(argv=None) -> int:
                            a.temperature, a.top_k, a.top_p, a.seed, tok.eod)
             if ctx.is_main:
                 print(a.prompt + tok.decode(t for t in out if t != tok.eod))
-        finally:
-            destroy_parallel()
 
     return run_cli(body)
 

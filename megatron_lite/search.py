@@ -43,7 +43,7 @@ from megatron_lite.config import Config, ConfigError, load_config, resolve_paths
 from megatron_lite.files import atomic_path, atomic_write
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.supernet import SuperTransformer
-from megatron_lite.parallel import ParallelContext, destroy_parallel, init_parallel
+from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.run import build_run
 from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_lite.training.metrics import MetricsLogger
@@ -289,11 +289,8 @@ def main(argv=None) -> int:
 
     def body() -> None:
         cfg = load_config(a.config, a.overrides)
-        ctx = init_parallel(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
-        try:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
             Search(cfg, ctx).fit()
-        finally:
-            destroy_parallel()
 
     return run_cli(body)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_lite.cli import config_keys_help, parse_args, run_cli
 from megatron_lite.config import load_config
-from megatron_lite.parallel import destroy_parallel, init_parallel
+from megatron_lite.parallel import parallel_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(a.config, a.overrides)
-        ctx = init_parallel(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
-        try:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
             from megatron_lite.training.trainer import Trainer
 
             trainer = Trainer(cfg, ctx)
@@ -55,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {trainer.run_dir} at step {trainer.step} "
                       f"({', '.join([*written, f'checkpoints/{saved.name}'])})")
             return 0
-        finally:
-            destroy_parallel()
 
     return run_cli(body)
 

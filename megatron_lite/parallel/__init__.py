@@ -20,6 +20,7 @@ from megatron_lite.parallel.state import (
     ParallelContext,
     destroy_parallel,
     init_parallel,
+    parallel_session,
     read_launch_env,
     validate_parallel_config,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "full_state_dict",
     "gather_from_tp_region",
     "init_parallel",
+    "parallel_session",
     "load_full_state_dict",
     "merge_shards",
     "normal_init",

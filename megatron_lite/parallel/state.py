@@ -12,10 +12,11 @@ every collective in this package treats ``None`` as "nothing to communicate".
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -281,6 +282,18 @@ def destroy_parallel() -> None:
     """Tear down the default process group (and with it every subgroup), if any."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def parallel_session(tensor_parallel_size: int = 1, *, seed: int = 1234
+                     ) -> Iterator[ParallelContext]:
+    """``init_parallel`` for the block, ``destroy_parallel`` after it (also on an error):
+    what every command's body runs in."""
+    ctx = init_parallel(tensor_parallel_size, seed=seed)
+    try:
+        yield ctx
+    finally:
+        destroy_parallel()
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
