@@ -24,23 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zero import VOCAB, random_shard, rss_mib  # noqa: E402 (bench/zero.py)
+
 from megatron_lite.config import load_config  # noqa: E402
-from megatron_lite.data.indexed import IndexedDatasetWriter  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
-
-VOCAB = 8192
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _worker(ctx, overrides, out_dir, inplace):
@@ -48,7 +38,7 @@ def _worker(ctx, overrides, out_dir, inplace):
     from megatron_lite.training.trainer import Trainer
 
     mappings.INPLACE = inplace
-    base = _rss_mib()
+    base = rss_mib()
     trainer = Trainer(load_config(None, overrides), ctx)
     times, losses = [], []
     for _ in range(trainer.cfg.train.max_steps):
@@ -69,12 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "random"
-        rng = np.random.default_rng(0)
-        writer = IndexedDatasetWriter(prefix)
-        for _ in range(200):
-            writer.add_document([rng.integers(0, VOCAB, 1000)])
-        writer.finalize()
+        prefix = random_shard(Path(tmp) / "random")
         overrides = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
                      "model.num_attention_heads=8", "model.seq_length=256",
                      "model.max_position_embeddings=256", f"model.vocab_size={VOCAB}",

@@ -44,6 +44,16 @@ def rss_mib() -> float:
     return 0.0
 
 
+def random_shard(prefix: Path) -> Path:
+    """200 documents of 1000 random token ids below VOCAB (timing needs no real text)."""
+    rng = np.random.default_rng(0)
+    writer = IndexedDatasetWriter(prefix)
+    for _ in range(200):
+        writer.add_document([rng.integers(0, VOCAB, 1000)])
+    writer.finalize()
+    return prefix
+
+
 def _worker(ctx, overrides, out_dir):
     from megatron_lite.training.trainer import Trainer
 
@@ -75,12 +85,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "random"
-        rng = np.random.default_rng(0)
-        writer = IndexedDatasetWriter(prefix)
-        for _ in range(200):
-            writer.add_document([rng.integers(0, VOCAB, 1000)])
-        writer.finalize()
+        prefix = random_shard(Path(tmp) / "random")
         common = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
                   "model.num_attention_heads=8", "model.seq_length=128",
                   "model.max_position_embeddings=128", f"model.vocab_size={VOCAB}",

@@ -12,11 +12,10 @@ the same model attending to its whole memory of 512 (a fixed span), the same ste
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from common import IMG, demo_data, machine, stream_eval, train, write_section
+from common import IMG, arguments, demo_data, machine, stream_eval, train, write_section
 
 from megatron_lite.files import atomic_write
 
@@ -24,10 +23,7 @@ S, SEG = 512, 64
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=1000)
     start = time.time()
     common = {**demo_data(), "train.max_steps": a.steps, "train.eval_interval": 0,
               "train.log_interval": 50, "model.seq_length": SEG,

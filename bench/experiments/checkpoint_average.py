@@ -13,12 +13,11 @@ where the learning rate is still high (the paper averages while training goes on
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import time
 
-from common import OUT, demo_data, evaluate, machine, train, write_section
+from common import OUT, arguments, demo_data, evaluate, machine, train, write_section
 
 from megatron_lite.training.checkpoint import average_checkpoints, list_checkpoints
 
@@ -44,10 +43,7 @@ def averages(run_dir, ckpts) -> dict[int, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=500)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=500)
     start = time.time()
     every = a.steps // 10
     run_dir, records, seconds = train("checkpoint_average/run", {

@@ -9,6 +9,7 @@ machine it ran on. Plots go to ``docs/img/``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -31,6 +32,14 @@ from megatron_lite.training.trainer import Trainer  # noqa: E402
 RESULTS = ROOT / "docs" / "results.md"
 IMG = ROOT / "docs" / "img"
 OUT = ROOT / "runs" / "experiments"
+
+
+def arguments(doc: str, steps: int) -> argparse.Namespace:
+    """An experiment's command line: ``--steps`` (training steps per run, default ``steps``)."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=steps, help=f"steps per run (default {steps})")
+    return p.parse_args()
 
 
 def demo_data() -> dict[str, str]:

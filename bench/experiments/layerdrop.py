@@ -13,20 +13,16 @@ s^2 (sf)^6 f^2 against the interleaved (sf)^8 at equal steps.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
-from common import demo_data, evaluate, machine, save_figure, train, write_section
+from common import arguments, demo_data, evaluate, machine, save_figure, train, write_section
 
 EVERY_OTHER = "model.layers_to_keep=0,2,4,6"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=600)
     start = time.time()
     common = {**demo_data(), "train.max_steps": a.steps, "train.eval_interval": 0,
               "train.log_interval": 10, "model.num_layers": 8}

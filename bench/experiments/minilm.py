@@ -16,13 +16,12 @@ the demo's data (stdlib docstrings), validation on the same batches.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import time
 from pathlib import Path
 
-from common import OUT, ROOT, demo_data, machine, write_section
+from common import OUT, ROOT, arguments, demo_data, machine, write_section
 
 from megatron_lite.config import load_config
 from megatron_lite.distill import Distiller
@@ -125,10 +124,7 @@ def table(kind: str, results: dict, steps: int) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=400)
     start = time.time()
     out = {kind: one(kind, a.steps) for kind in ("bert", "gpt")}
     sections = []

@@ -12,11 +12,10 @@ perplexity and step time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from common import OUT, ROOT, demo_data, evaluate, machine, train, write_section
+from common import OUT, ROOT, arguments, demo_data, evaluate, machine, train, write_section
 
 from megatron_lite.config import load_config
 from megatron_lite.parallel import ParallelContext
@@ -41,10 +40,7 @@ def run_search(seed: int, steps: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=300)
     start = time.time()
     found = {seed: run_search(seed, a.steps) for seed in SEEDS}
     rows = ["| seed | found pattern (bottom to top) | sublayers | attention | layers : attention "

@@ -15,20 +15,16 @@ a memory).
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from common import demo_data, machine, save_figure, stream_eval, train, write_section
+from common import arguments, demo_data, machine, save_figure, stream_eval, train, write_section
 
 SEG = 64
 MEMORIES = (0, 64, 256)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1200)
-    a = p.parse_args()
+    a = arguments(__doc__, steps=1200)
     start = time.time()
     common = {**demo_data(), "train.max_steps": a.steps, "train.eval_interval": 0,
               "train.log_interval": 20, "model.seq_length": SEG,
