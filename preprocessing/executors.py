@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.files import atomic_write
 from preprocessing import stages
@@ -79,15 +81,13 @@ class _Step:
         return f"megatron-lite preprocessing: {self.stage}" + (f" ({self.key})" if self.key else "")
 
 
-def _local_executor():
-    from datatrove.executor import LocalPipelineExecutor
+class _QuietLocal(LocalPipelineExecutor):
+    """datatrove's local executor, with task logs kept out of the console in its worker
+    processes too."""
 
-    class QuietLocal(LocalPipelineExecutor):
-        def _run_for_rank(self, rank, local_rank=0, node_rank=-1):
-            _quiet_datatrove()  # in a worker process too
-            return super()._run_for_rank(rank, local_rank, node_rank)
-
-    return QuietLocal
+    def _run_for_rank(self, rank, local_rank=0, node_rank=-1):
+        _quiet_datatrove()
+        return super()._run_for_rank(rank, local_rank, node_rank)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -151,10 +151,8 @@ def make_plan(opts) -> tuple[Plan, bool, bool]:
     work, ours = _work_dir(opts)
     continued = _claim(work, _fingerprint(opts, files, tok.recipe, shards), ours)
     plan = Plan(opts=opts, files=[str(f.resolve()) for f in files], work=str(work),
-                shards=shards, tasks=shards, key_ranges=shards,
-                pool_workers=opts.workers if opts.executor is None else 1,
-                progress=opts.progress and opts.executor is None,
-                extra={"started": time.time()})
+                shards=shards, pool_workers=opts.workers if opts.executor is None else 1,
+                progress=opts.progress and opts.executor is None, started=time.time())
     return plan, continued, ours
 
 
@@ -216,11 +214,10 @@ def run_stages(plan: Plan, say=print) -> None:
     """Every stage but finalize on this machine, each as one LocalPipelineExecutor run
     (``plan.opts.workers`` tasks at once with --executor local, else one)."""
     _quiet_datatrove()
-    local = _local_executor()
     workers = plan.opts.workers if plan.opts.executor else 1
     for key, stage, tasks in stage_list(plan)[:-1]:
         t0 = time.monotonic()
-        executor = local(pipeline=[_Step(plan, key, stage)], tasks=tasks,
+        executor = _QuietLocal(pipeline=[_Step(plan, key, stage)], tasks=tasks,
                          workers=max(1, min(workers, tasks)),
                          logging_dir=_logs(plan, key, stage), skip_completed=True)
         before = tasks - len(executor.get_incomplete_ranks())
@@ -257,8 +254,6 @@ def progress_line(plan: Plan, key: str, stage: str, tasks: int, before: int,
 def submit_slurm(plan: Plan, opts) -> None:
     """One job array per stage, each depending on the previous (afterok); prints the job
     ids. The outputs appear when the finalize job ends."""
-    from datatrove.executor import SlurmPipelineExecutor
-
     cfg = {**SLURM_DEFAULTS, **{k: v for k, v in opts.slurm.items() if v is not None}}
     if not cfg["partition"]:
         raise InputError("--executor slurm needs --slurm-partition")

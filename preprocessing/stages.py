@@ -36,8 +36,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,21 @@ class Plan:
     opts: object  # pipeline.Options
     files: list[str]
     work: str
-    shards: int  # prepare/write tasks
-    tasks: int  # candidates/verify tasks
-    key_ranges: int = 1  # per band, the candidates' split of the 32-bit key space
+    shards: int  # prepare/write tasks, and the tasks of candidates and verify
     pool_workers: int = 1  # tokenizer processes inside one prepare task
     progress: bool = False  # a tqdm bar in the prepare task (single-task runs)
-    extra: dict = field(default_factory=dict)
+    started: float = 0.0  # time.time() when the run was planned (for stats' seconds)
+
+    @property
+    def tasks(self) -> int:
+        """Candidates and verify tasks: one per shard."""
+        return self.shards
+
+    @property
+    def key_ranges(self) -> int:
+        """Per band, the candidates' split of the 32-bit key space: one per shard, so a
+        candidates item holds about one shard's rows of one band."""
+        return self.shards
 
     def dir(self, key: str, stage: str, task: int | None = None) -> Path:
         path = Path(self.work) / key / stage
@@ -336,15 +346,16 @@ def verify(plan: Plan, key: str, task: int, world: int) -> None:
     cand = [plan.dir(key, "candidates", t) for t in range(plan.tasks)]
     keys = [np.load(d / "pair_keys.npy") for d in cand]
     starts = [np.load(d / "pair_starts.npy") for d in cand]
+    all_pairs = [np.load(d / "pairs.npy", mmap_mode="r") for d in cand]
     edges, checked = [np.zeros((0, 2), np.uint64)], 0
     t0 = time.monotonic()
     for i, j in shard_pairs(plan.shards)[task::world]:
         pk = np.uint64(i * plan.shards + j)
         parts = []
-        for d, k, s in zip(cand, keys, starts, strict=True):
+        for held, k, s in zip(all_pairs, keys, starts, strict=True):
             at = np.searchsorted(k, pk)
             if at < len(k) and k[at] == pk:
-                parts.append(np.asarray(np.load(d / "pairs.npy", mmap_mode="r")[s[at]:s[at + 1]]))
+                parts.append(np.asarray(held[s[at]:s[at + 1]]))
         if not parts:
             continue
         pairs = np.unique(np.concatenate(parts), axis=0)
@@ -433,8 +444,6 @@ def _shard_prefix(plan: Plan, key: str, shard: int) -> Path:
 def finalize(plan: Plan) -> list[dict]:
     """Merge every key's shards and stats into a staging folder next to the output, then
     move all of them into place together. Returns each key's stats."""
-    import tempfile
-
     parent = Path(plan.opts.output_prefix).parent
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=parent))
@@ -482,7 +491,7 @@ def _finalize_key(plan: Plan, key: str, stage: Path) -> dict:
         raise
     if plan.opts.dedup and plan.opts.write_duplicates:
         _write_audit(plan, key, Path(f"{out}.duplicates.jsonl"))
-    stats["seconds"] = round(time.time() - plan.extra.get("started", time.time()), 3)
+    stats["seconds"] = round(time.time() - plan.started, 3)
     stats["output_prefix"] = str(final)
     with atomic_write(stage / plan.stats_name(key)) as f:
         f.write(json.dumps(stats, indent=2) + "\n")

@@ -186,11 +186,11 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     assistant.write_text("model:\n  arch: bert\n  num_layers: 2\n  hidden_size: 48\n"
                          "  num_attention_heads: 4\n")
     capsys.readouterr()
-    assert distill_main([str(config), *common, "model.num_layers=1", "model.hidden_size=32",
-                         "model.num_attention_heads=4", "train.max_steps=2",
-                         f"train.run_dir={tmp_path / 'student'}",
-                         f"distill.teacher={tmp_path / 'teacher'}",
-                         f"distill.assistant={assistant}"]) == 0
+    student = [str(config), *common, "model.num_layers=1", "model.hidden_size=32",
+               "model.num_attention_heads=4", "train.max_steps=2",
+               f"train.run_dir={tmp_path / 'student'}", f"distill.teacher={tmp_path / 'teacher'}",
+               f"distill.assistant={assistant}"]
+    assert distill_main(student) == 0
     out = capsys.readouterr().out
     assert f"done: {tmp_path / 'student' / 'assistant'} at step 2" in out
     assert f"done: {tmp_path / 'student'} at step 2" in out
@@ -202,11 +202,7 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     # the same command again after the student's stage lost its checkpoints (killed before
     # its first save, say): the finished assistant is not trained again
     shutil.rmtree(tmp_path / "student" / "checkpoints")
-    assert distill_main([str(config), *common, "model.num_layers=1", "model.hidden_size=32",
-                         "model.num_attention_heads=4", "train.max_steps=2",
-                         f"train.run_dir={tmp_path / 'student'}",
-                         f"distill.teacher={tmp_path / 'teacher'}",
-                         f"distill.assistant={assistant}"]) == 0
+    assert distill_main(student) == 0
     out = capsys.readouterr().out
     assert "assistant at step" not in out and f"done: {tmp_path / 'student'} at step 2" in out
     assert convert_main(["--from", str(tmp_path / "student"), "--to-hf",
