@@ -1,9 +1,12 @@
-"""Generation speed with and without the KV cache (greedy, one process).
+"""Generation speed with and without the KV cache (greedy, one process), and
+transformers' ``generate`` (with its KV cache) on the same model converted.
 
-    python bench/generate.py                 # GPT-2 124M shape, 256 new tokens (~1.5 min here)
+    python bench/generate.py                 # GPT-2 124M shape, 256 new tokens (~2 min here)
     python bench/generate.py --tokens 64     # quicker
 
-Both runs must pick the same tokens (checked); the figure is new tokens per second.
+Every run must pick the same tokens (checked: an untrained model's near-tied logits may
+still differ in a late token between implementations; the first difference is reported);
+the figure is new tokens per second.
 """
 
 from __future__ import annotations
@@ -36,15 +39,33 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (16,)).tolist()
     print(f"GPT {args.layers}L h{args.hidden}, vocab 50257, prompt 16, {args.tokens} new "
           f"tokens, greedy, fp32, {torch.get_num_threads()} threads")
-    out = {}
+    out, speed = {}, {}
     for use_cache in (True, False):
         tick = time.perf_counter()
         out[use_cache] = generate(model, ParallelContext(), prompt, args.tokens, greedy=True,
                                   use_cache=use_cache)
         seconds = time.perf_counter() - tick
+        speed[use_cache] = args.tokens / seconds
         print(f"  KV cache {'on ' if use_cache else 'off'}  {args.tokens / seconds:7.1f} tokens/s"
               f"  ({seconds:.1f} s)", flush=True)
     assert out[True] == out[False], "the cache changed the tokens"
+
+    from megatron_lite.models.hf import to_hf
+
+    hf = to_hf(model).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        tick = time.perf_counter()
+        theirs = hf.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+        seconds = time.perf_counter() - tick
+    theirs = theirs[0, len(prompt):].tolist()
+    ours = out[True]  # the new tokens
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+    print(f"  transformers {args.tokens / seconds:7.1f} tokens/s  ({seconds:.1f} s, "
+          f"GPT2LMHeadModel.generate, KV cache)   ours / theirs: "
+          f"{speed[True] / (args.tokens / seconds):.2f}x; tokens "
+          f"{'identical' if same is None else f'first differ at new token {same}'}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
             logits = model(x, memory=cache)[:, -1]
         else:
             if not use_cache or cache is None or cache.length >= window:
-                cache = KVCache() if use_cache else None  # (re)fill from the last window
+                # (re)fill from the last window
+                cache = KVCache(capacity=window) if use_cache else None
                 x = torch.tensor([ids[-window:]], device=ctx.device)
             else:
                 x = torch.tensor([ids[-1:]], device=ctx.device)

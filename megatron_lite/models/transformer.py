@@ -52,17 +52,29 @@ class KVCache:
     Each TP rank caches only its own heads. ``length`` is the number of cached positions.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.length = 0
 
     def extend(self, index: int, k: torch.Tensor, v: torch.Tensor):
         """Append ``[b, heads, s, d]`` keys/values for sublayer ``index``; return all of them."""
-        if index in self.layers:
-            past_k, past_v = self.layers[index]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.layers[index] = (k, v)
-        return k, v
+        if self.capacity is None:
+            if index in self.layers:
+                past_k, past_v = self.layers[index]
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            self.layers[index] = (k, v)
+            return k, v
+        past, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} positions exceed its capacity {self.capacity}")
+        if index not in self.layers:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.layers[index] = (k.new_empty(shape), v.new_empty(shape))
+        keys, values = self.layers[index]
+        keys[:, :, past:end] = k
+        values[:, :, past:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class SelfAttention(nn.Module):
