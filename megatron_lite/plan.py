@@ -2,7 +2,7 @@
 
     python -m megatron_lite.plan configs/gpt2/8.3b.yaml --tp 8 --dp 64 --device a100-80g
     python -m megatron_lite.plan CONFIG [key=value ...] [--tp N] [--dp M] [--device h100|
-        a100-80g|h200|cpu|MEMORY] [--json]
+        a100-80g|h200|a10|l40|v100|cpu|MEMORY] [--json]
 
 Parameters come from the model built on the meta device (exact, padding included);
 per TP rank each sharded tensor counts ``1/tp`` (the vocab padded for that TP size).
@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -54,29 +53,13 @@ import torch
 
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
+from megatron_lite.devices import DEVICES, host_memory
 from megatron_lite.training.metrics import model_flops_per_step
 
 GiB = 2**30
 MFU = 0.4  # assumed model FLOPs utilization of the step-time estimate
 MARGIN = 0.1  # of device memory kept free (allocator fragmentation, CUDA context)
 GPUS_PER_NODE = 8
-
-# name: (memory bytes, peak bf16 FLOP/s, peak fp32 FLOP/s, TP link B/s, DP link B/s)
-DEVICES = {
-    # H100 SXM5 80GB: 989 TFLOP/s dense bf16, 67 fp32 (NVIDIA H100 datasheet); NVLink 4
-    # 900 GB/s total, 450 per direction; one 400 Gb/s NDR InfiniBand NIC per GPU (50 GB/s)
-    # memory: the totals nvidia-smi reports (H100 SXM 81559 MiB, A100 80GB 81920 MiB,
-    # H200 143771 MiB), not measured here
-    "h100": (81559 * 2**20, 989e12, 67e12, 450e9, 50e9),
-    # A100 SXM4 80GB: 312 TFLOP/s dense bf16, 19.5 fp32 (NVIDIA A100 datasheet); NVLink 3
-    # 600 GB/s total, 300 per direction; 200 Gb/s HDR InfiniBand per GPU (25 GB/s)
-    "a100-80g": (81920 * 2**20, 312e12, 19.5e12, 300e9, 25e9),
-    # H200 SXM 141GB: the H100's compute and links with 141 GB HBM3e (NVIDIA H200 datasheet)
-    "h200": (143771 * 2**20, 989e12, 67e12, 450e9, 50e9),
-    # this 2-core CPU: matmul peaks measured by bench/train_step.py (fp32 ~177 GFLOP/s,
-    # bf16 ~405); memory is the host's; gloo over loopback, ~5 GB/s assumed
-    "cpu": (None, 405e9, 177e9, 5e9, 5e9),
-}
 
 # bytes per token per layer, in units of h (see the module docstring); key: precision
 # kind (4 = fp32, 2 = bf16/fp16 autocast), value: R without dropout, R's dropout masks,
@@ -108,11 +91,10 @@ def device_spec(name: str) -> dict:
     """``{"name", "memory", "peak_flops" (bf16, fp32), "tp_link", "dp_link"}``."""
     key = name.lower()
     if key in DEVICES:
-        memory, bf16, fp32, tp_link, dp_link = DEVICES[key]
-        if memory is None:  # the host's memory
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return {"name": key, "memory": memory, "peak_flops": {"bf16": bf16, "fp32": fp32},
-                "tp_link": tp_link, "dp_link": dp_link}
+        d = DEVICES[key]
+        return {"name": key, "memory": d.memory if d.memory is not None else host_memory(),
+                "peak_flops": {"bf16": d.bf16, "fp32": d.fp32}, "tp_link": d.tp_link,
+                "dp_link": d.dp_link}
     return {"name": "custom", "memory": parse_memory(name), "peak_flops": None,
             "tp_link": None, "dp_link": None}
 

@@ -13,6 +13,7 @@ from megatron_lite.plan import (
     activation_bytes,
     apply_overrides,
     count_parameters,
+    device_spec,
     main,
     measured_activation_bytes,
     parse_memory,
@@ -156,3 +157,14 @@ def test_a_smaller_micro_batch_dividing_the_batch_comes_before_full_recomputatio
     assert fix["overrides"] in (["model.activation_checkpointing=selective"],
                                 ["train.micro_batch_size=6"], ["train.micro_batch_size=4"],
                                 ["train.micro_batch_size=3"])  # divisors of 24 below 8
+
+
+def test_one_device_table_serves_the_planner_and_the_mfu():
+    from megatron_lite.devices import DEVICES, device_for_cuda_name
+
+    # names as torch.cuda.get_device_name reports them; "A100" must not read as "A10"
+    assert device_for_cuda_name("NVIDIA A100-SXM4-80GB") is DEVICES["a100-80g"]
+    assert device_for_cuda_name("NVIDIA A10") is DEVICES["a10"]
+    assert device_for_cuda_name("NVIDIA H100 80GB HBM3") is DEVICES["h100"]
+    assert device_for_cuda_name("NVIDIA GeForce RTX 4090") is None
+    assert device_spec("a100-80g")["peak_flops"] == {"bf16": 312e12, "fp32": 19.5e12}

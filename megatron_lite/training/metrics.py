@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.devices import device_for_cuda_name
 from megatron_lite.files import atomic_path, atomic_write
 
-# dense bf16 peak per device, for the MFU estimate (where the device is known)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12,
-              "L40": 181e12, "V100": 125e12}
 
-
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """The device's dense peak FLOP/s for ``precision`` (fp32, else the 16-bit tensor-core
+    peak), for the MFU estimate; None for a device not in :data:`megatron_lite.devices.DEVICES`."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    known = device_for_cuda_name(torch.cuda.get_device_name(device))
+    if known is None:
+        return None
+    return known.fp32 if precision == "fp32" else known.bf16
 
 
 def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:

@@ -108,7 +108,7 @@ class Trainer:
                       f"feed-forward, bottom to top): {pattern}", flush=True)
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
-        self.peak = peak_flops(ctx.device)
+        self.peak = peak_flops(ctx.device, cfg.train.precision)
 
     def _build_engine(self):
         """``(zero, engine)``. The engine runs forward and backward: DDP over the DP group,
