@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--engines", nargs="+", default=["ddp", "zero-1", "zero-2"],
+                    choices=["ddp", "zero-1", "zero-2"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides for every engine (parallel.ddp_bucket_mb=100, ...)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -101,7 +105,9 @@ def main() -> None:
         print(f"{'engine':8} {'step s':>7}   RSS growth MiB/rank: {'end':>5} {'x ddp':>6} "
               f"{'peak':>6} {'x ddp':>6}")
         ddp = None
-        for name, extra in engines.items():
+        if args.set:
+            print(f"with {' '.join(args.set)}")
+        for name, extra in ((n, engines[n] + args.set) for n in args.engines):
             out = Path(tmp) / name
             out.mkdir()
             run_distributed(_worker, args.dp, common + extra, str(out), tp_size=1)
@@ -109,7 +115,7 @@ def main() -> None:
             step = statistics.median(r["step_s"] for r in ranks)
             end = max(r["end_mib"] for r in ranks)
             peak = max(r["peak_mib"] for r in ranks)
-            ddp = ddp or (end, peak)
+            ddp = ddp or (end, peak)  # the first engine listed is the reference
             print(f"{name:8} {step:7.3f} {'':21}{end:5.0f} {end / ddp[0]:5.2f}x {peak:6.0f} "
                   f"{peak / ddp[1]:5.2f}x", flush=True)
         params = ranks[0]["params"]

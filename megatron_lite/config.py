@@ -140,6 +140,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # data-parallel size = world size / TP
     engine: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 1  # parallel.engine=deepspeed: ZeRO stage 1 (optimizer state) or 2 (+ grads)
+    ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
+    zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
+    zero_overlap_comm: bool = False  # deepspeed: overlap gradient reduction with backward
 
 
 @dataclass
@@ -277,6 +280,8 @@ class Config:
         if self.parallel.engine == "deepspeed" and self.parallel.zero_stage not in (1, 2):
             problems.append(f"parallel.zero_stage={self.parallel.zero_stage} is not 1 or 2 "
                             "(ZeRO-3 would partition the TP shards themselves)")
+        if self.parallel.ddp_bucket_mb <= 0 or self.parallel.zero_bucket_elements <= 0:
+            problems.append("parallel.ddp_bucket_mb and parallel.zero_bucket_elements must be > 0")
         if self.parallel.engine != "deepspeed" and self.parallel.zero_stage != 1:
             problems.append("parallel.zero_stage is for parallel.engine=deepspeed")
         if t.phase2_seq_length and m.arch != "bert":

@@ -125,8 +125,9 @@ class Search:
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device, [alpha])
         self.weights = [p for p in self.model.parameters()
                         if p.requires_grad and p is not self.net.alpha]
-        self.engine = DistributedDataParallel(self.model, process_group=ctx.dp_group) \
-            if ctx.dp_size > 1 else self.model
+        self.engine = DistributedDataParallel(
+            self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
+        ) if ctx.dp_size > 1 else self.model
         self.run_dir = Path(cfg.train.run_dir)
         self.step = self.consumed = 0
         self.history: list[dict] = []

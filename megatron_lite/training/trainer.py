@@ -122,7 +122,7 @@ class Trainer:
             return zero, zero
         if ctx.dp_size > 1:
             return None, DistributedDataParallel(
-                self.model, process_group=ctx.dp_group,
+                self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         return None, self.model
 

@@ -223,3 +223,29 @@ def test_zero2_with_layerdrop_matches_ddp(gpt_shard, bpe_files, tmp_path):
     # 6e-7 at step 1: the engines sum the norm in different orders, clipping is active, and
     # Adam amplifies that noise on the elements whose gradients LayerDrop zeroes or halves)
     _assert_close(_rows(tmp_path / "ddp"), _rows(tmp_path / "zero"), rtol=1e-3)
+
+
+def _check_buckets(ctx, overrides):
+    trainer = Trainer(load_config(None, overrides), ctx)
+    if trainer.zero is None:
+        assert trainer.engine.bucket_bytes_cap == int(0.01 * 2**20)
+    else:
+        z = trainer.zero.internals.zero
+        assert z.reduce_bucket_size == 5000 and z.overlap_comm
+
+
+def test_bucket_keys_many_small_buckets_match_ddp(gpt_shard, bpe_files, tmp_path, ddp_run):
+    """parallel.ddp_bucket_mb / zero_bucket_elements / zero_overlap_comm reach the engines:
+    with buckets far smaller than the model (many reductions per step, ZeRO-2 overlapping
+    them with backward) both still follow the one-bucket-size DDP reference."""
+    ddp = tiny_overrides(gpt_shard, bpe_files, tmp_path / "ddp", **COMMON,
+                         **{"parallel.ddp_bucket_mb": 0.01})
+    run_distributed(_train, 2, ddp, tp_size=1)
+    _assert_close(ddp_run, _rows(tmp_path / "ddp"))
+    zero = tiny_overrides(gpt_shard, bpe_files, tmp_path / "zero", **COMMON, **ZERO,
+                          **{"parallel.zero_stage": 2, "parallel.zero_bucket_elements": 5000,
+                             "parallel.zero_overlap_comm": True})
+    run_distributed(_train, 2, zero, tp_size=1)
+    _assert_close(ddp_run, _rows(tmp_path / "zero"))
+    for over in (ddp, zero):
+        run_distributed(_check_buckets, 2, over + ["train.max_steps=11"], tp_size=1)
