@@ -58,9 +58,8 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/plan_check.py
 	$(PY) bench/distill.py
 
-results: setup  ## the paper experiments (bench/experiments/*.py) -> docs/results.md, docs/img/
-	for f in bench/experiments/[a-z]*.py; do \
-		case $$f in */common.py) continue;; esac; $(PY) $$f || exit 1; done
+results: setup  ## every paper experiment, one after another (~2.5 h) -> docs/results.md, docs/img/
+	$(PY) bench/experiments/run_all.py
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
 	docker build -t $(IMAGE) .

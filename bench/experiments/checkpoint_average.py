@@ -88,7 +88,13 @@ training {seconds:.0f} s). Machine: {machine()}. One seed.
 {chr(10).join(rows)}
 
 {verdict}
-""")
+""", toc={"paper": "tips", "claim": "averaging the last checkpoints beats the last one",
+          "measured": f"perplexity at the end: the last checkpoint {end[1]:.0f}, averages of the "
+                      f"last {'/'.join(str(n) for n in end if n > 1)}: "
+                      f"{'/'.join(f'{v:.0f}' for n, v in end.items() if n > 1)}",
+          "verdict": ("agrees" if min(end, key=end.get) > 1 and min(middle, key=middle.get) > 1
+                      else "partly" if min(end, key=end.get) > 1 or min(middle, key=middle.get) > 1
+                      else "disagrees")})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ machine it ran on. Plots go to ``docs/img/``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -34,11 +35,16 @@ IMG = ROOT / "docs" / "img"
 OUT = ROOT / "runs" / "experiments"
 
 
-def arguments(doc: str, steps: int) -> argparse.Namespace:
-    """An experiment's command line: ``--steps`` (training steps per run, default ``steps``)."""
+def arguments(doc: str, steps: int, lengths: tuple[int, int] | None = None
+              ) -> argparse.Namespace:
+    """An experiment's command line: ``--steps`` (training steps per run, default ``steps``),
+    and ``--lengths SHORT LONG`` where the experiment has two sequence lengths."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=steps, help=f"steps per run (default {steps})")
+    if lengths:
+        p.add_argument("--lengths", type=int, nargs=2, default=lengths, metavar=("SHORT", "LONG"),
+                       help=f"the two sequence lengths (default {lengths[0]} {lengths[1]})")
     return p.parse_args()
 
 
@@ -65,9 +71,33 @@ def demo_data() -> dict[str, str]:
             "data.vocab_file": str(tok / "vocab.json"), "data.merge_file": str(tok / "merges.txt")}
 
 
-def train(name: str, overrides: dict) -> tuple[Path, list[dict], float]:
-    """Train configs/gpt2/tiny-cpu.yaml at TP=1 with ``overrides`` into runs/experiments/NAME;
-    returns (run dir, logged records, seconds)."""
+def bert_data() -> dict[str, str]:
+    """The BERT demo's data: the same corpus, an 8k WordPiece (lower case) and sentence
+    shards (built once); data.* overrides for configs/bert/tiny-cpu.yaml."""
+    from preprocessing.__main__ import main as preprocess
+    from preprocessing.stdlib_corpus import write_corpus
+    from preprocessing.train_tokenizer import train
+
+    data = OUT / "data-bert"
+    prefix = data / "stdlib"
+    tok = data / "tokenizer"
+    if not Path(f"{prefix}_text_sentence.idx").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        write_corpus(data / "corpus.jsonl")
+        train([str(data / "corpus.jsonl")], "wordpiece", 8192, tok)
+        assert preprocess(["--input", str(data / "corpus.jsonl"), "--output-prefix",
+                           str(prefix), "--tokenizer-type", "BertWordPieceLowerCase",
+                           "--vocab-file", str(tok / "vocab.txt"), "--split-sentences",
+                           "--quiet", "--workers", "2"]) == 0
+    return {"data.data_path": f"{prefix}_text_sentence",
+            "data.tokenizer_type": "BertWordPieceLowerCase",
+            "data.vocab_file": str(tok / "vocab.txt")}
+
+
+def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
+          ) -> tuple[Path, list[dict], float]:
+    """Train ``config`` (the demo's tiny GPT-2 by default) at TP=1 with ``overrides`` into
+    runs/experiments/NAME; returns (run dir, logged records, seconds)."""
     run_dir = OUT / name
     if run_dir.exists():
         import shutil
@@ -75,10 +105,21 @@ def train(name: str, overrides: dict) -> tuple[Path, list[dict], float]:
         shutil.rmtree(run_dir)
     over = {"parallel.tensor_parallel_size": 1, "train.run_dir": str(run_dir),
             "log.tensorboard": False, "train.save_interval": 0, **overrides}
-    cfg = load_config(ROOT / "configs/gpt2/tiny-cpu.yaml", [f"{k}={v}" for k, v in over.items()])
+    cfg = load_config(ROOT / config, [f"{k}={v}" for k, v in over.items()])
     tick = time.perf_counter()
     records = Trainer(cfg, ParallelContext()).fit()
     return run_dir, records, time.perf_counter() - tick
+
+
+def train_seconds(records: list[dict], global_batch: int, seq: int) -> list[float]:
+    """Cumulative training seconds at each logged record (evaluation excluded), from the
+    throughput the trainer logs over each interval."""
+    out, total, last = [], 0.0, 0
+    for r in records:
+        total += (r["step"] - last) * global_batch * seq / r["tokens_per_sec"]
+        last = r["step"]
+        out.append(total)
+    return out
 
 
 def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20,
@@ -129,19 +170,84 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def write_section(name: str, markdown: str) -> None:
-    """Replace (or append) this experiment's section of docs/results.md."""
+# The seed papers, in the order of the contents table: key -> (paper, its section names).
+PAPERS = {
+    "megatron": "Megatron-LM (Shoeybi et al. 2019)",
+    "bert": "BERT (Devlin et al. 2019)",
+    "tips": "Training Tips for the Transformer Model (Popel & Bojar 2018)",
+    "layerdrop": "LayerDrop (Fan et al. 2019)",
+    "xl": "Transformer-XL (Dai et al. 2019)",
+    "adaptive_span": "Adaptive attention span (Sukhbaatar et al. 2019)",
+    "sandwich": "Sandwich transformer (Press et al. 2019)",
+    "par": "PAR: Pay Attention when Required (Mandava et al. 2020)",
+    "minilm": "MiniLM and MiniLMv2 (Wang et al. 2020, 2021)",
+}
+VERDICTS = ("agrees", "partly", "disagrees")
+_INTRO = ("# Results: the seed papers' claims, re-measured on CPU\n\n"
+          "Each section is written by `bench/experiments/NAME.py` (`make results` runs them "
+          "all) and says the command that regenerates it and the machine it ran on. Tiny "
+          "models, a few minutes of training: these check the direction of each paper's "
+          "claim at a scale a laptop can run, not its numbers.\n")
+_TOC_LINE = re.compile(r"^<!-- toc (\{.*\}) -->$", re.M)
+
+
+def write_section(name: str, markdown: str, toc: dict | list[dict] | None = None) -> None:
+    """Replace (or append) this experiment's section of docs/results.md, and rebuild the
+    contents table at the top of the page from every section's ``toc`` entries.
+
+    ``toc``: per claim the section measures, ``{"paper": a PAPERS key, "claim": one line,
+    "measured": one line, "verdict": agrees | partly | disagrees}``; stored in the section
+    as an HTML comment so that the table can be rebuilt when any one section is rerun.
+    """
+    entries = [toc] if isinstance(toc, dict) else list(toc or [])
+    for e in entries:
+        assert e["paper"] in PAPERS and e["verdict"] in VERDICTS, e
+        e["section"] = name
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else (
-        "# Results: the seed papers' claims, re-measured on CPU\n\n"
-        "Each section is written by `bench/experiments/NAME.py` (`make results` runs them "
-        "all) and says the command that regenerates it and the machine it ran on. Tiny "
-        "models, a few minutes of training: these check the direction of each paper's "
-        "claim at a scale a laptop can run, not its numbers.\n")
+    comments = "".join(f"<!-- toc {json.dumps(e)} -->\n" for e in entries)
+    block = f"{start}\n{comments}{markdown.strip()}\n{end}"
+    text = RESULTS.read_text() if RESULTS.exists() else _INTRO
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + block + "\n"
+    text = _with_contents(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(RESULTS) as f:
         f.write(text)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _with_contents(text: str) -> str:
+    """The page with its contents table (one row per seed paper) rebuilt from the toc
+    comments of its sections, placed after the introduction."""
+    rows: dict[str, list[dict]] = {key: [] for key in PAPERS}
+    for match in _TOC_LINE.finditer(text):
+        entry = json.loads(match.group(1))
+        section = re.search(rf"<!-- {re.escape(entry['section'])} -->.*?^## (.+?)$", text,
+                            re.S | re.M)
+        entry["anchor"] = _anchor(section.group(1)) if section else ""
+        rows[entry["paper"]].append(entry)
+    table = ["| paper | claim | measured here | verdict |", "|---|---|---|---|"]
+    for key, paper in PAPERS.items():
+        found = rows[key]
+        if not found:
+            table.append(f"| {paper} | | not measured yet | |")
+            continue
+        cells = [[], [], []]
+        for e in found:
+            cells[0].append(f"[{e['claim']}](#{e['anchor']})")
+            cells[1].append(e["measured"])
+            cells[2].append(e["verdict"])
+        table.append(f"| {paper} | " + " | ".join("<br>".join(c) for c in cells) + " |")
+    block = ("<!-- contents -->\n## Contents\n\nOne row per seed paper: the claim (linked to "
+             "its section), what was measured here, and whether the measurement agrees.\n\n"
+             + "\n".join(table) + "\n<!-- /contents -->")
+    pattern = re.compile(r"<!-- contents -->.*?<!-- /contents -->", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    head, sep, rest = text.partition("\n<!-- ")
+    return head.rstrip() + "\n\n" + block + "\n" + (sep + rest if sep else "")

@@ -72,6 +72,18 @@ def main() -> None:
         "a pre-LN stack without LayerDrop loses less than the paper's (post-LN, converged) "
         "models when every other layer goes. The paper trains to convergence and lowers "
         "ordinary dropout with LayerDrop; longer runs (`--steps`) are the next thing to try.")
+    sandwich_ratio = math.exp(sandwich) / math.exp(base[0])
+    toc = [{"paper": "layerdrop", "claim": "trained with LayerDrop, a model pruned to half "
+            "depth stays close to that depth trained from scratch",
+            "measured": f"pruned to 4 layers: {math.exp(drop[1]):.0f} with LayerDrop, "
+                        f"{math.exp(base[1]):.0f} without, {math.exp(scratch):.0f} from scratch "
+                        "(perplexity)",
+            "verdict": ("agrees" if gap_drop < gap_base and gap_drop <= 1.1 else
+                        "partly" if gap_drop < gap_base else "disagrees")},
+           {"paper": "sandwich", "claim": "the sandwich order beats the interleaved one at "
+            "equal parameters", "measured": f"{math.exp(sandwich):.1f} vs "
+            f"{math.exp(base[0]):.1f} perplexity ({sandwich_ratio:.3f}x), one seed",
+            "verdict": "agrees" if sandwich_ratio < 0.99 else "disagrees"}]
     write_section("layerdrop", f"""
 ## LayerDrop and depth on demand (Fan et al. 2019); sandwich order (Press et al. 2019)
 
@@ -92,7 +104,7 @@ WikiText-103 after full training; here one seed per model and {a.steps} steps, s
 difference of a few percent either way is no evidence.
 
 ![training loss](img/layerdrop.png)
-""")
+""", toc=toc)
 
 
 def _plot(curves: dict) -> None:

@@ -103,7 +103,12 @@ The paper reports patterns with well over 2 layers per attention block and atten
 mostly in the lower two thirds, at equal perplexity on WikiText-103; the tables above say
 what a few CPU minutes find. The search's branch probabilities: `runs/experiments/
 par_search/search-*/search.png`.
-""")
+""", toc={"paper": "par", "claim": "the search finds a stack with fewer attention "
+                                "blocks at equal perplexity",
+          "measured": f"found pattern {found_ppl / base_ppl:.2f}x the ordinary stack's "
+                      f"perplexity; attention blocks kept: {attention} in {len(SEEDS)} searches",
+          "verdict": ("disagrees" if attention <= len(SEEDS) or found_ppl > 1.05 * base_ppl
+                      else "agrees" if found_ppl <= 1.02 * base_ppl else "partly")})
 
 
 if __name__ == "__main__":

@@ -81,7 +81,11 @@ the whole validation stream ({tokens} targets, 8 lanes) in consecutive segments 
 sliding window over the same 512 positions), see the README.
 
 ![training loss and evaluation memory](img/xl.png)
-""")
+""", toc={"paper": "xl", "claim": "segment memory with relative positions beats a fixed "
+                               "context, and more memory at evaluation helps",
+          "measured": f"C {c_[64]:.0f} vs A {a_[0]:.0f} and B {b_[0]:.0f} perplexity; by "
+                      f"evaluation memory 0/64/256: {c_[0]:.0f}/{c_[64]:.0f}/{c_[256]:.0f}",
+          "verdict": "agrees" if beats and grows else "partly" if beats else "disagrees"})
 
 
 def _plot(curves: dict, table: dict) -> None:

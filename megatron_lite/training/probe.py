@@ -39,8 +39,12 @@ def resolve_global_batch(cfg: Config, dp: int) -> str | None:
     if not t.global_batch_tokens:
         return None
     tokens = t.global_batch_tokens
-    if "train.global_batch_size" in cfg.explicit:
-        raise ConfigError(f"{cfg.explicit['train.global_batch_size']}: train.global_batch_size "
+    size_from = cfg.explicit.get("train.global_batch_size")
+    tokens_from = cfg.explicit.get("train.global_batch_tokens", "")
+    # a command-line global_batch_tokens replaces a config file's global_batch_size (the
+    # later, more specific source wins); both from the same kind of source is ambiguous
+    if size_from and (size_from.startswith("override") or not tokens_from.startswith("override")):
+        raise ConfigError(f"{size_from}: train.global_batch_size "
                           "and train.global_batch_tokens both set: give one")
     unit = (t.micro_batch_size or 1) * dp
     samples = max(round(tokens / m.seq_length / unit), 1) * unit

@@ -31,6 +31,16 @@ def test_global_batch_tokens_resolve_to_samples(gpt_shard, bpe_files, tmp_path, 
     both = load_config(None, over + ["train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="both set: give one"):
         Trainer(both, ParallelContext())
+    # a config file's global_batch_size gives way to a command-line global_batch_tokens
+    file = tmp_path / "batch.yaml"
+    file.write_text("train:\n  global_batch_size: 8\n")
+    cfg = load_config(file, over)
+    Trainer(cfg, ParallelContext())
+    assert cfg.train.global_batch_size == 10
+    file.write_text("train:\n  global_batch_size: 8\n  global_batch_tokens: 300\n")
+    with pytest.raises(ConfigError, match="batch.yaml: train.global_batch_size and"):
+        Trainer(load_config(file, [o for o in over if "global_batch_tokens" not in o]),
+                ParallelContext())
 
 
 def test_micro_batch_auto_picks_the_largest_that_fits_the_budget(gpt_shard, bpe_files,
