@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def weak_scaling(data: dict) -> dict[str, dict]:
     gb, seq = cfg.train.global_batch_size, cfg.model.seq_length
 
     def rank_flops(hidden: int, tp: int) -> float:
-        cfg.model.hidden_size, cfg.model.ffn_size = hidden, 4 * hidden
+        cfg.model.hidden_size = hidden  # ffn_size follows (4h)
         return model_flops_per_step(cfg.model, gb, seq) / tp
 
     target = rank_flops(WEAK_HIDDEN, 1)
@@ -140,16 +141,23 @@ def weak_scaling(data: dict) -> dict[str, dict]:
     out = {}
     for tp, hidden in ((1, WEAK_HIDDEN), (2, hidden2)):
         run_dir = OUT / "megatron_scaling" / f"weak-tp{tp}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
         over = {**data, "parallel.tensor_parallel_size": tp, "train.run_dir": run_dir,
                 "train.max_steps": WEAK_STEPS, "train.log_interval": 5,
                 "train.eval_interval": 0, "train.save_interval": 0,
                 "log.tensorboard": False, "model.hidden_size": hidden,
                 "model.num_attention_heads": hidden // HEAD}
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"] if tp == 2 else []
-        subprocess.run([sys.executable, *launcher, "-m", "megatron_lite.train",
-                        "configs/gpt2/tiny-cpu.yaml", *(f"{k}={v}" for k, v in over.items())],
-                       cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = run_dir.with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out_file:
+            done = subprocess.run([sys.executable, *launcher, "-m", "megatron_lite.train",
+                                   "configs/gpt2/tiny-cpu.yaml",
+                                   *(f"{k}={v}" for k, v in over.items())],
+                                  cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                  stdout=out_file, stderr=subprocess.STDOUT)
+        if done.returncode:
+            sys.exit(f"the TP={tp} weak-scaling run failed (exit {done.returncode}): see {log}")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
         tokens = statistics.median(r["tokens_per_sec"] for r in records[1:])
         flops = rank_flops(hidden, tp)
