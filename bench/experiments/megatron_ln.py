@@ -35,6 +35,7 @@ DEPTHS = (4, 12)
 WIDTH, HEADS = 128, 4
 ITERS = 20
 PLATEAU = 0.06  # validation MLM accuracy of a BERT that predicts frequent tokens only
+SMOOTH = 5  # logged losses per point of the plotted running mean
 NOISE = 0.01  # ~2 standard errors of an MLM accuracy over ~6k masked positions
 
 
@@ -127,11 +128,13 @@ def _plot(curves: dict, steps: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = dict(zip(DEPTHS, ("tab:blue", "tab:orange", "tab:red"), strict=False))
     for (order, depth), points in curves.items():
-        x, y = zip(*points, strict=False)
+        x, y = zip(*points, strict=True)
+        y = [sum(y[max(i - SMOOTH + 1, 0):i + 1]) / len(y[max(i - SMOOTH + 1, 0):i + 1])
+             for i in range(len(y))]  # running mean: one batch's loss is mostly noise
         ax.plot(x, y, color=colors[depth], linestyle="--" if order == "post" else "-",
                 label=f"{order}-LN, {depth} layers")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (MLM + NSP)")
+    ax.set_ylabel(f"training loss (MLM + NSP), mean of {SMOOTH} logs")
     ax.set_title(f"Tiny BERT, {steps} steps: post-LN (dashed) vs pre-LN")
     ax.legend(fontsize=8)
     fig.tight_layout()
