@@ -102,6 +102,12 @@ def main() -> None:
                              "updates matter more. The tip rests on hardware whose throughput "
                              "grows with the batch far more than a 2-core CPU's (the paper's "
                              "GPUs)."}[verdict]
+    edge = [b for b in batches if best[b]["lr"] in (min(tried[b]), max(tried[b]))]
+    if edge:
+        which = "that batch" if len(edge) == 1 else "those batches"
+        reading += (f" The best learning rate is at an end of the range tried for batch "
+                    f"{' and '.join(map(str, edge))} sequences, so {which} may do better at "
+                    "a learning rate outside it.")
     write_section("tips_batch_size", f"""
 ## Batch size as high as possible (Popel & Bojar 2018, training tips)
 
