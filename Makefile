@@ -58,7 +58,7 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/plan_check.py
 	$(PY) bench/distill.py
 
-results: setup  ## every paper experiment, one after another (~2.5 h) -> docs/results.md, docs/img/
+results: setup  ## every paper experiment, one after another (~2.2 h) -> docs/results.md, docs/img/
 	$(PY) bench/experiments/run_all.py
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant

@@ -1,7 +1,7 @@
 """BERT's two-phase sequence length (Devlin et al. 2019, appendix A.2).
 
     python bench/experiments/bert_two_phase.py [--steps 500] [--lengths 128 512]
-                                                  # ~24 minutes on 2 CPU cores
+                                                  # ~21 minutes on 2 CPU cores
 
 The paper's recipe: "pre-train the model with sequence length of 128 for 90% of the steps.
 Then, we train the rest 10% of the steps of sequence of 512 to learn the positional

@@ -1,7 +1,7 @@
 """Scaling (Shoeybi et al. 2019, Megatron-LM): wider is better at the same data and steps;
 tensor parallelism keeps per-rank work constant as the model grows (weak scaling).
 
-    python bench/experiments/megatron_scaling.py [--steps 400]   # ~12 minutes on 2 CPU cores
+    python bench/experiments/megatron_scaling.py [--steps 400]   # ~9 minutes on 2 CPU cores
 
 Part 1, the paper's premise: the same data and steps for three widths at a constant
 hidden size per attention head (the paper keeps 96; here 32), 4 layers, the demo's tiny

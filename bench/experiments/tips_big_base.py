@@ -87,6 +87,9 @@ def main() -> None:
         verdict, line = "disagrees", ("BIG does not overtake BASE within the budget"
                                       + (f" (the curves meet at {cross:.0f} s but BIG ends "
                                          "behind)" if cross else ""))
+    extra = results["BIG"]["seconds"] / results["BASE"]["seconds"]
+    off = (f" (BIG trained {extra:.2f}x BASE's time: the calibration's seconds per step were "
+           "off by that much)") if abs(extra - 1) > 0.05 else ""
     measured = (f"{line}: {end_big:.0f} vs {end_base:.0f} perplexity after "
                 f"{results['BASE']['seconds'] / 60:.0f} min")
     write_section("tips_big_base", f"""
@@ -102,7 +105,7 @@ the same {EVAL_ITERS * 16} sequences, TP=1. Command: `python bench/experiments/t
 
 {chr(10).join(rows)}
 
-{line}{'.' if verdict != 'agrees' else f' ({end_big:.1f} vs {end_base:.1f}).'} Each model
+{line}{off}{'.' if verdict != 'agrees' else f' ({end_big:.1f} vs {end_base:.1f}).'} Each model
 follows its own cosine schedule, so a point in the middle of a curve is at a higher
 learning rate than its end: the curves say which model to pick for a given budget less
 exactly than separate runs per budget would.
