@@ -170,7 +170,7 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-# The seed papers, in the order of the contents table: key -> (paper, its section names).
+# The seed papers, in the order of the contents table (toc entries name them by key).
 PAPERS = {
     "megatron": "Megatron-LM (Shoeybi et al. 2019)",
     "bert": "BERT (Devlin et al. 2019)",
