@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -48,50 +49,44 @@ def arguments(doc: str, steps: int, lengths: tuple[int, int] | None = None
     return p.parse_args()
 
 
-def demo_data() -> dict[str, str]:
-    """The demo's corpus, an 8k byte-level BPE and its shards (built once); data.* overrides."""
+def _shards(folder: str, kind: str, tokenizer_type: str, files: dict[str, str],
+            split: str, extra: list[str]) -> tuple[Path, dict[str, str]]:
+    """The standard library's docstrings, an 8k tokenizer of ``kind`` trained on them and
+    their shards under runs/experiments/FOLDER (built once); returns (the shards' prefix,
+    ``data.*_file`` overrides naming the tokenizer's ``files``)."""
     from preprocessing.__main__ import main as preprocess
     from preprocessing.stdlib_corpus import write_corpus
     from preprocessing.train_tokenizer import train
 
-    data = OUT / "data"
+    data, tok = OUT / folder, OUT / folder / "tokenizer"
     prefix = data / "stdlib"
-    tok = data / "tokenizer"
-    if not Path(f"{prefix}_text_document.idx").exists():
+    named = {f"data.{key}": str(tok / name) for key, name in files.items()}
+    if not Path(f"{prefix}_text_{split}.idx").exists():
         data.mkdir(parents=True, exist_ok=True)
         write_corpus(data / "corpus.jsonl")
-        train([str(data / "corpus.jsonl")], "bpe", 8192, tok)
+        train([str(data / "corpus.jsonl")], kind, 8192, tok)
+        flags = [arg for key, path in named.items()
+                 for arg in ("--" + key[5:].replace("_", "-"), path)]
         assert preprocess(["--input", str(data / "corpus.jsonl"), "--output-prefix",
-                           str(prefix), "--tokenizer-type", "GPT2BPETokenizer",
-                           "--vocab-file", str(tok / "vocab.json"), "--merge-file",
-                           str(tok / "merges.txt"), "--append-eod", "--quiet",
-                           "--workers", "2"]) == 0
-    return {"data.data_path": f"{prefix}_text_document",
-            "data.tokenizer_type": "GPT2BPETokenizer",
-            "data.vocab_file": str(tok / "vocab.json"), "data.merge_file": str(tok / "merges.txt")}
+                           str(prefix), "--tokenizer-type", tokenizer_type, *flags, *extra,
+                           "--quiet", "--workers", "2"]) == 0
+    return Path(f"{prefix}_text_{split}"), {"data.tokenizer_type": tokenizer_type, **named}
+
+
+def demo_data() -> dict[str, str]:
+    """The demo's corpus, an 8k byte-level BPE and its shards (built once); data.* overrides."""
+    path, over = _shards("data", "bpe", "GPT2BPETokenizer",
+                         {"vocab_file": "vocab.json", "merge_file": "merges.txt"}, "document",
+                         ["--append-eod"])
+    return {"data.data_path": str(path), **over}
 
 
 def bert_data() -> dict[str, str]:
     """The BERT demo's data: the same corpus, an 8k WordPiece (lower case) and sentence
     shards (built once); data.* overrides for configs/bert/tiny-cpu.yaml."""
-    from preprocessing.__main__ import main as preprocess
-    from preprocessing.stdlib_corpus import write_corpus
-    from preprocessing.train_tokenizer import train
-
-    data = OUT / "data-bert"
-    prefix = data / "stdlib"
-    tok = data / "tokenizer"
-    if not Path(f"{prefix}_text_sentence.idx").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        write_corpus(data / "corpus.jsonl")
-        train([str(data / "corpus.jsonl")], "wordpiece", 8192, tok)
-        assert preprocess(["--input", str(data / "corpus.jsonl"), "--output-prefix",
-                           str(prefix), "--tokenizer-type", "BertWordPieceLowerCase",
-                           "--vocab-file", str(tok / "vocab.txt"), "--split-sentences",
-                           "--quiet", "--workers", "2"]) == 0
-    return {"data.data_path": f"{prefix}_text_sentence",
-            "data.tokenizer_type": "BertWordPieceLowerCase",
-            "data.vocab_file": str(tok / "vocab.txt")}
+    path, over = _shards("data-bert", "wordpiece", "BertWordPieceLowerCase",
+                         {"vocab_file": "vocab.txt"}, "sentence", ["--split-sentences"])
+    return {"data.data_path": str(path), **over}
 
 
 def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
@@ -111,15 +106,42 @@ def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
     return run_dir, records, time.perf_counter() - tick
 
 
-def train_seconds(records: list[dict], global_batch: int, seq: int) -> list[float]:
-    """Cumulative training seconds at each logged record (evaluation excluded), from the
-    throughput the trainer logs over each interval."""
-    out, total, last = [], 0.0, 0
+def perplexity_curve(records: list[dict], global_batch: int, seq: int
+                     ) -> tuple[list[tuple[float, float]], float]:
+    """``[(training seconds so far, validation perplexity)]`` at each evaluation the trainer
+    logged, and the run's training seconds; seconds from the throughput logged over each
+    interval, so evaluation time is not counted."""
+    curve, total, last = [], 0.0, 0
     for r in records:
         total += (r["step"] - last) * global_batch * seq / r["tokens_per_sec"]
         last = r["step"]
-        out.append(total)
-    return out
+        if "val_loss" in r:
+            curve.append((total, math.exp(r["val_loss"])))
+    return curve, total
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], title: str, name: str,
+                mark: tuple[float, str] | None = None) -> Path:
+    """Validation perplexity (log scale) against training time, one line per label, an
+    optional vertical ``(x, label)`` mark; saved as docs/img/NAME."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        x, y = zip(*curve, strict=True)
+        ax.plot(x, y, "o-", label=label)
+    if mark:
+        ax.axvline(mark[0], color="grey", linestyle=":", label=mark[1])
+    ax.set_yscale("log")
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, name)
 
 
 def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20,

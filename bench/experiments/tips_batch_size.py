@@ -25,9 +25,9 @@ from common import (
     evaluate,
     load_config,
     machine,
-    save_figure,
+    perplexity_curve,
+    plot_curves,
     train,
-    train_seconds,
     write_section,
 )
 
@@ -60,19 +60,17 @@ def main() -> None:
                 "optim.min_lr": lr / 10, "optim.warmup_steps": max(steps // 20, 2)})
             final = math.exp(evaluate(run_dir, iters=EVAL_SAMPLES // batch)["loss"])
             tried[batch][lr] = final
-            evals = [r for r in records if "val_loss" in r]
-            times = train_seconds(records, batch, SEQ)
-            curve = [(s, math.exp(r["val_loss"])) for s, r in zip(times, records, strict=False)
-                     if "val_loss" in r]
+            curve, seconds = perplexity_curve(records, batch, SEQ)
             micro = load_config(run_dir / "config.yaml").train.micro_batch_size
             print(f"batch {batch:3d} ({tokens} tokens) lr {lr:.1e}: validation perplexity "
-                  f"{final:.1f}, {times[-1]:.0f} s training, {len(evals)} evaluations",
+                  f"{final:.1f}, {seconds:.0f} s training, {len(curve)} evaluations",
                   flush=True)
             if batch not in best or final < best[batch]["ppl"]:
-                best[batch] = {"lr": lr, "ppl": final, "curve": curve, "seconds": times[-1],
-                               "steps": steps, "tokens_per_sec": total_tokens / times[-1],
+                best[batch] = {"lr": lr, "ppl": final, "curve": curve, "seconds": seconds,
+                               "steps": steps, "tokens_per_sec": total_tokens / seconds,
                                "micro": micro}
-    _plot(best)
+    plot_curves({f"{b} sequences, lr {r['lr']:.1e}": r["curve"] for b, r in best.items()},
+                "Same tokens, three batch sizes (best lr each)", "tips_batch_size.png")
     rows = ["| global batch (tokens / sequences) | micro-batch (probed) | steps | best lr "
             "(validation perplexity at each lr tried) | validation perplexity | training time "
             "| tokens/s |", "|---|---|---|---|---|---|---|"]
@@ -129,25 +127,6 @@ min). Machine: {machine()}. One seed.
 ![validation perplexity vs training time](img/tips_batch_size.png)
 """, toc={"paper": "tips", "claim": "batch size as high as possible", "measured": measured,
           "verdict": verdict})
-
-
-def _plot(best: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for batch, r in best.items():
-        x, y = zip(*r["curve"], strict=False)
-        ax.plot(x, y, "o-", label=f"{batch} sequences, lr {r['lr']:.1e}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training time (s, evaluation excluded)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Same tokens, three batch sizes (best lr each)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, "tips_batch_size.png")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ training time (evaluation excluded). Where do the curves cross?
 
 from __future__ import annotations
 
-import math
 import time
 
 from common import (
@@ -22,9 +21,9 @@ from common import (
     demo_data,
     load_config,
     machine,
-    save_figure,
+    perplexity_curve,
+    plot_curves,
     train,
-    train_seconds,
     write_section,
 )
 
@@ -56,17 +55,17 @@ def main() -> None:
         run_dir, records, _ = train(f"tips_big_base/{name}", {
             **data, **over, "train.max_steps": n, "train.eval_interval": n // EVALS,
             "train.log_interval": n // EVALS, "train.eval_iters": EVAL_ITERS})
-        times = train_seconds(records, 16, 128)
-        curve = [(s, math.exp(r["val_loss"])) for s, r in zip(times, records, strict=False)
-                 if "val_loss" in r]
+        curve, seconds = perplexity_curve(records, 16, 128)
         params = count_parameters(load_config(run_dir / "config.yaml"), 1)
-        results[name] = {"curve": curve, "steps": n, "seconds": times[-1],
+        results[name] = {"curve": curve, "steps": n, "seconds": seconds,
                          "params": params["total"] - params["embedding"]}
-        print(f"{name}: {n} steps, {times[-1]:.0f} s, validation perplexity "
+        print(f"{name}: {n} steps, {seconds:.0f} s, validation perplexity "
               + " ".join(f"{p:.0f}" for _, p in curve), flush=True)
     base, big = results["BASE"]["curve"], results["BIG"]["curve"]
     cross = crossing(base, big)
-    _plot(results, cross)
+    plot_curves({f"{name} ({r['params'] / 1e6:.2f} M, {r['steps']} steps)": r["curve"]
+                 for name, r in results.items()}, "Same wall-clock budget: BIG vs BASE",
+                "tips_big_base.png", (cross, f"crossing ~{cross:.0f} s") if cross else None)
     rows = ["| model | non-embedding parameters | steps | training time | validation perplexity "
             "at 1/4 of the time | at the end |", "|---|---|---|---|---|---|"]
     quarter = min(results["BASE"]["seconds"], results["BIG"]["seconds"]) / 4
@@ -137,27 +136,6 @@ def crossing(base: list, big: list) -> float | None:
         if d0 > 0 >= d1:
             last = t0 + (t1 - t0) * d0 / (d0 - d1)
     return last
-
-
-def _plot(results: dict, cross: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        x, y = zip(*r["curve"], strict=False)
-        ax.plot(x, y, "o-", label=f"{name} ({r['params'] / 1e6:.2f} M, {r['steps']} steps)")
-    if cross:
-        ax.axvline(cross, color="grey", linestyle=":", label=f"crossing ~{cross:.0f} s")
-    ax.set_yscale("log")
-    ax.set_xlabel("training time (s, evaluation excluded)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Same wall-clock budget: BIG vs BASE")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, "tips_big_base.png")
 
 
 if __name__ == "__main__":
