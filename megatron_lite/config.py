@@ -186,6 +186,7 @@ class TrainConfig:
     max_steps: int = 100  # optimizer steps of the run (and of the LR schedule)
     seed: int = 1234  # model init, data order, dropout
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile each sublayer and the GPT loss (training/compile.py)
     log_interval: int = 10  # steps between metrics lines
     eval_interval: int = 100  # steps between validations (0: none)
     eval_iters: int = 10  # global batches per validation

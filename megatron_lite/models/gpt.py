@@ -66,8 +66,14 @@ class GPTModel(nn.Module):
             x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h]
-        logits = F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)  # [b, s, V/tp]
-        if labels is None:
-            return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.tp_group,
+        return self.logits(x) if labels is None else self.loss(x, labels)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits."""
+        return F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of the final hidden states ``x`` (``train.compile``
+        compiles this, the largest activation's producer and consumer, as one region)."""
+        return vocab_parallel_cross_entropy(self.logits(x), labels, self.tp_group,
                                             vocab_size=self.cfg.vocab_size)

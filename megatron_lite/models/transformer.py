@@ -12,6 +12,8 @@ column-parallel then row-parallel. One all-reduce per sublayer forward, one back
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +87,7 @@ class SelfAttention(nn.Module):
         h, std = cfg.hidden_size, cfg.init_std
         self.head_dim = h // cfg.num_attention_heads
         self.causal, self.dropout_p, self.rng = causal, cfg.attention_dropout, ctx.rng
+        self.tp_size = ctx.tp_size
         self.selective = cfg.activation_checkpointing == "selective"
         self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
                                         tp_group=ctx.tp_group, device=device)
@@ -107,10 +110,32 @@ class SelfAttention(nn.Module):
         """softmax(q k^T / sqrt(d)) v, with dropout drawn from this TP rank's RNG stream."""
         if z is not None:  # adaptive spans: the span mask acts after the softmax
             return self.adaptive_core(q, k, v, mask, z)
-        with self.rng.fork():
+        p = self.dropout_p if self.training else 0.0
+        compiling = torch.compiler.is_compiling()
+        if p and compiling and self.tp_size > 1:
+            # NOTE: compiled, SDPA's dropout would come from the default generator, the
+            # same on every TP rank; this rank's heads take their mask from its own stream
+            return self.math_core(q, k, v, mask, causal, p)
+        # TP=1: one rank's heads are all the heads, the default stream serves (and a
+        # compiled step then draws the masks of an eager one)
+        fork = self.rng.fork() if p and self.tp_size > 1 else contextlib.nullcontext()
+        with fork:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                dropout_p=self.dropout_p if self.training else 0.0)
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=p)
+
+    def math_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None, causal: bool, p: float) -> torch.Tensor:
+        """:meth:`core` written out (SDPA's masks: bool = may attend, float = added), the
+        probabilities dropped with :meth:`TPRNGTracker.dropout` (traceable)."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5
+        if causal and mask is None:  # [qlen, klen]
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [b, heads/tp, qlen, klen]
+        return torch.matmul(self.rng.dropout(probs, p), v)  # [b, heads/tp, qlen, d]
 
     def adaptive_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       bias: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -120,8 +145,7 @@ class SelfAttention(nn.Module):
         probs = torch.softmax(scores.float(), dim=-1)  # [b, heads/tp, qlen, klen]
         probs = probs * self.adaptive.mask(q.shape[2], k.shape[2], z, q.device)
         probs = (probs / (probs.sum(-1, keepdim=True) + 1e-8)).to(v.dtype)
-        with self.rng.fork():
-            probs = F.dropout(probs, self.dropout_p, self.training)
+        probs = self.rng.dropout(probs, self.dropout_p, self.training)
         return torch.matmul(probs, v)  # [b, heads/tp, qlen, d]
 
     def position_scores(self, q: torch.Tensor, v_bias: torch.Tensor, mlen: int) -> torch.Tensor:

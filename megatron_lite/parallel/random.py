@@ -11,6 +11,15 @@ Two streams, as in Megatron:
 
 :func:`checkpoint` recomputes a block in backward after restoring both streams to what
 they were in forward, so the recomputation draws exactly the same dropout masks.
+
+Under ``torch.compile`` the swap cannot be traced (dynamo breaks the graph at
+``get_rng_state`` after a random op, and inductor draws its own random numbers from
+seeds taken from the default generator). :meth:`TPRNGTracker.uniform` is the traceable
+form of a per-rank stream: a counter-based hash of (the element's index, a 32-bit key
+drawn from the *default* generator, this rank's seed). The default generator advances
+identically on every TP rank, so replicated regions stay in step, while the rank's seed
+makes the numbers its own; no state is mutated, so activation checkpointing and resume
+reproduce it from the default generator's state alone.
 """
 
 from __future__ import annotations
@@ -35,6 +44,31 @@ def _set_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mix (xor-shift / multiply rounds) of int64 values in
+    ``[0, 2**32)``. NOTE: multipliers below 2**31 keep every product under 2**63, so no
+    step relies on int64 overflow (undefined in the C++ inductor emits)."""
+    for mult, shift in ((0x7FEB352D, 15), (0x2C1B3C6D, 12), (0x297A2D39, 15)):
+        x = (x ^ (x >> 16)) * mult & _MASK32
+        x = x ^ (x >> shift)
+    return x
+
+
+def hash_uniform(shape, key: torch.Tensor, seed: int, device=None) -> torch.Tensor:
+    """fp32 uniforms in ``[0, 1)`` for every element of ``shape``: a pure function of the
+    element index, the int64 tensor ``key`` (``[1]``, a value in ``[0, 2**32)``) and the
+    python int ``seed``. Traceable by ``torch.compile`` (integer tensor ops only)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    idx = torch.arange(numel, device=device, dtype=torch.int64) & _MASK32
+    x = _mix32(_mix32(idx ^ key) ^ ((seed ^ (seed >> 32)) & _MASK32))
+    return ((x >> 8).to(torch.float32) * 2.0**-24).view(shape)
+
+
 def _fresh_state(device: torch.device, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -57,23 +91,53 @@ class TPRNGTracker:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self._states: dict[str, torch.Tensor] = {}
+        self._seeds: dict[str, int] = {}
 
     def add(self, name: str, seed: int) -> None:
         """Register a stream ``name`` seeded with ``seed`` (without touching the default one)."""
         if name in self._states:
             raise ValueError(f"RNG state {name!r} already exists")
         self._states[name] = _fresh_state(self.device, seed)
+        self._seeds[name] = seed
 
     def reset(self) -> None:
         """Forget every tracked state (modules holding this tracker keep working)."""
-        self._states = {}
+        self._states, self._seeds = {}, {}
+
+    def ensure(self, name: str = TP_REGION) -> None:
+        """Seed stream ``name`` if it is not yet (lazily, from the default stream: so TP=1
+        code works without setup). Call before ``torch.compile`` traces :meth:`uniform`."""
+        if name not in self._states:
+            self.add(name, int(torch.randint(0, 2**62, (1,)).item()))
+
+    def uniform(self, shape, device=None, name: str = TP_REGION) -> torch.Tensor:
+        """``[shape]`` fp32 uniforms of this rank's stream ``name``, traceable by
+        ``torch.compile`` (see the module docstring): one 32-bit key drawn from the
+        default generator per call, hashed with every element index and the stream's seed.
+        """
+        if name not in self._seeds:
+            raise RuntimeError(f"RNG stream {name!r} is not seeded: call ensure() first")
+        key = torch.randint(0, 2**32, (1,), device=device, dtype=torch.int64)
+        return hash_uniform(shape, key, self._seeds[name], device)
+
+    def dropout(self, x: torch.Tensor, p: float, training: bool = True,
+                name: str = TP_REGION) -> torch.Tensor:
+        """Dropout of ``x`` with this rank's stream ``name``: eager, ``F.dropout`` inside
+        :meth:`fork`; while ``torch.compile`` traces, a mask from :meth:`uniform`."""
+        if not training or p == 0.0:
+            return x
+        if not torch.compiler.is_compiling():
+            with self.fork(name):
+                return torch.nn.functional.dropout(x, p, True)
+        keep = self.uniform(x.shape, x.device, name) >= p
+        return x * keep.to(x.dtype) / (1.0 - p)
 
     def get_states(self) -> dict[str, torch.Tensor]:
         """A copy of every tracked state (for checkpoints)."""
         return {k: v.clone() for k, v in self._states.items()}
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        """Replace the tracked states (from :meth:`get_states`)."""
+        """Replace the tracked states (from :meth:`get_states`); the seeds stay."""
         self._states = {k: v.clone() for k, v in states.items()}
 
     @contextlib.contextmanager
@@ -83,10 +147,7 @@ class TPRNGTracker:
         An unseeded tracker (e.g. a bare module built outside a job) is seeded lazily
         from the current default stream, so TP=1 code works without setup.
         """
-        if name not in self._states:
-            self._states[name] = _fresh_state(
-                self.device, int(torch.randint(0, 2**62, (1,)).item())
-            )
+        self.ensure(name)
         outer = _get_state(self.device)
         _set_state(self.device, self._states[name])
         try:

@@ -27,6 +27,7 @@ from megatron_lite.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from megatron_lite.training.compile import compile_model
 from megatron_lite.training.interrupt import Interrupt
 from megatron_lite.training.metrics import (
     MetricsLogger,
@@ -68,6 +69,8 @@ class Trainer:
             t.micro_batch_size = 1  # until probed, below
         self.run = build_run(cfg, ctx, training=True)
         self.model, self.accum = self.run.model, self.run.accum
+        if t.compile:
+            compile_model(self.model, ctx)
         self.run_dir = Path(t.run_dir)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
