@@ -4,9 +4,10 @@
     python bench/train_step.py --quick    # fewer timed steps
 
 Table 1: forward + backward + AdamW of a tiny GPT-2 (6 layers, hidden 256, 4 heads,
-seq 256, batch 8, vocab 50257) for megatron-lite (TP=1), a plain single-file PyTorch
-GPT-2 (bench/plain_gpt.py) and transformers' GPT2LMHeadModel, in fp32 and bf16
-autocast. Implementations are timed round-robin and the median step is reported.
+seq 256, batch 8, vocab 50257) for megatron-lite (TP=1) eager and with
+``train.compile`` (its regions compiled), a plain single-file PyTorch GPT-2
+(bench/plain_gpt.py) and transformers' GPT2LMHeadModel, in fp32 and bf16 autocast.
+Implementations are timed round-robin and the median step is reported.
 
 Table 2: activation checkpointing none / selective / full on 12 layers at seq 512:
 step time, bytes autograd saved for backward (the activation memory), and peak RSS
@@ -33,8 +34,11 @@ from plain_gpt import PlainGPT  # noqa: E402
 
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.models import GPTModel  # noqa: E402
+from megatron_lite.parallel import ParallelContext  # noqa: E402
+from megatron_lite.training.compile import compile_model  # noqa: E402
 
 VOCAB = 50257
+IMPLS = ("megatron-lite", "megatron-lite+compile", "plain", "transformers")
 
 
 def model_flops(b: int, s: int, layers: int, h: int, vocab: int) -> float:
@@ -44,11 +48,14 @@ def model_flops(b: int, s: int, layers: int, h: int, vocab: int) -> float:
 
 def build(impl: str, layers: int, h: int, heads: int, seq: int, ckpt: str = "none"):
     torch.manual_seed(0)
-    if impl == "megatron-lite":
+    if impl.startswith("megatron-lite"):
         cfg = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=heads,
                           seq_length=seq, max_position_embeddings=seq, vocab_size=VOCAB,
                           activation_checkpointing=ckpt)
-        model = GPTModel(cfg)
+        ctx = ParallelContext()
+        model = GPTModel(cfg, ctx)
+        if impl.endswith("compile"):  # what train.compile=true does
+            compile_model(model, ctx)
         return model, lambda ids, labels: model(ids, labels)
     if impl == "plain":
         model = PlainGPT(VOCAB + 47, seq, h, heads, layers)  # padded to 50304 like ours
@@ -87,10 +94,10 @@ def throughput_table(timed_steps: int) -> list[dict]:
     rows = []
     for precision in ("fp32", "bf16"):
         steps = {impl: make_step(impl, precision, layers, h, heads, seq, batch)
-                 for impl in ("megatron-lite", "plain", "transformers")}
+                 for impl in IMPLS}
         times = {impl: [] for impl in steps}
-        for step in steps.values():  # warm-up
-            step(), step()
+        for step in steps.values():  # warm-up (and compilation)
+            step(), step(), step()
         for _ in range(timed_steps):  # round-robin: machine noise hits all alike
             for impl, step in steps.items():
                 t0 = time.perf_counter()
@@ -173,14 +180,15 @@ def main() -> None:
 
 def print_throughput(steps: int) -> None:
     print("GPT-2 6L h256 4 heads, seq 256, batch 8, vocab 50257: fwd + bwd + AdamW")
-    print(f"{'precision':<10}{'implementation':<16}{'step s':>8}{'tokens/s':>10}"
-          f"{'GFLOP/s':>9}{'vs plain':>10}{'vs HF':>7}")
+    print(f"{'precision':<10}{'implementation':<23}{'step s':>8}{'tokens/s':>10}"
+          f"{'GFLOP/s':>9}{'vs eager':>10}{'vs plain':>10}{'vs HF':>7}")
     rows = throughput_table(steps)
     for r in rows:
-        peers = {x["impl"]: x for x in rows if x["precision"] == r["precision"]}
-        print(f"{r['precision']:<10}{r['impl']:<16}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
-              f"{r['gflops']:>9.1f}{r['tokens_per_s'] / peers['plain']['tokens_per_s']:>9.2f}x"
-              f"{r['tokens_per_s'] / peers['transformers']['tokens_per_s']:>6.2f}x")
+        peers = {x["impl"]: x["tokens_per_s"] for x in rows if x["precision"] == r["precision"]}
+        tps = r["tokens_per_s"]
+        print(f"{r['precision']:<10}{r['impl']:<23}{r['step_s']:>8.3f}{tps:>10.0f}"
+              f"{r['gflops']:>9.1f}{tps / peers['megatron-lite']:>9.2f}x"
+              f"{tps / peers['plain']:>9.2f}x{tps / peers['transformers']:>6.2f}x")
 
 
 

@@ -185,7 +185,8 @@ class TrainConfig:
     memory_budget: str = ""  # micro_batch_size=auto: bytes to fit ("4GiB"; GPU: its memory)
     max_steps: int = 100  # optimizer steps of the run (and of the LR schedule)
     seed: int = 1234  # model init, data order, dropout
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over fp32 weights)
+    params_dtype: str = "fp32"  # bf16: Megatron's mixed precision (training/mixed.py)
     compile: bool = False  # torch.compile each sublayer and the GPT loss (training/compile.py)
     log_interval: int = 10  # steps between metrics lines
     eval_interval: int = 100  # steps between validations (0: none)
@@ -285,6 +286,10 @@ class Config:
             problems.append("parallel.ddp_bucket_mb and parallel.zero_bucket_elements must be > 0")
         if self.parallel.engine != "deepspeed" and self.parallel.zero_stage != 1:
             problems.append("parallel.zero_stage is for parallel.engine=deepspeed")
+        if t.params_dtype == "bf16" and (t.precision != "bf16"
+                                         or self.parallel.engine != "ddp"):
+            problems.append("train.params_dtype=bf16 needs train.precision=bf16 and "
+                            "parallel.engine=ddp (DeepSpeed's bf16 keeps its own masters)")
         if t.phase2_seq_length and m.arch != "bert":
             problems.append("train.phase2_seq_length is for model.arch=bert only")
         if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:
@@ -394,6 +399,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.engine": ("ddp", "deepspeed"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.params_dtype": ("fp32", "bf16"),
     "distill.method": ("minilm", "minilmv2"),
 }
 

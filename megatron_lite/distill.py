@@ -115,6 +115,9 @@ class Distiller(Trainer):
         if not cfg.distill.teacher:
             raise ConfigError("distill.teacher is not set (a run, a checkpoint or a Hugging "
                               "Face folder)")
+        if cfg.train.params_dtype != "fp32":
+            raise ConfigError("train.params_dtype=bf16 is not offered for distillation (the "
+                              "relations compare an fp32 teacher): use train.precision=bf16")
         if cfg.train.micro_batch_size == 0:
             raise ConfigError("train.micro_batch_size=auto is not offered for distillation "
                               "(the probe does not run the teacher): give a size")

@@ -69,6 +69,9 @@ def check_search(cfg: Config) -> None:
         problems.append("search.fraction must be in (0, 1] and search.window >= 1")
     if cfg.parallel.engine != "ddp":
         problems.append("the search runs on the ddp engine (parallel.engine=ddp)")
+    if cfg.train.params_dtype != "fp32":
+        problems.append("the search trains fp32 weights (train.params_dtype=fp32; "
+                        "train.precision=bf16 autocasts)")
     if cfg.model.mem_len > 0 or cfg.model.adaptive_span:
         problems.append("the search has no Transformer-XL memory (model.mem_len=0, no "
                         "adaptive span): search with relative positions, then train the "

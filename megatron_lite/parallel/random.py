@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 
 def _get_state(device: torch.device) -> torch.Tensor:
@@ -233,6 +234,11 @@ def checkpoint(run_function: Callable[..., Any], tracker: TPRNGTracker, *args: A
         tracker: the context's :class:`TPRNGTracker`.
         *args: tensor (or plain) arguments; gradients flow to the tensor ones.
     """
+    if torch.compiler.is_compiling():
+        # inside a compiled region (selective recompute of the attention core): the
+        # traceable checkpoint; the compiler's partitioner recomputes the region in the
+        # backward graph and keeps what random ops drew, so the masks are the forward's
+        return torch.utils.checkpoint.checkpoint(run_function, *args, use_reentrant=False)
     # NOTE: a reentrant checkpoint only runs its backward when its output needs grad;
     # a dummy leaf that requires grad guarantees that even when no input does (e.g. the
     # first block fed by a frozen embedding), so the block's parameters still get grads.

@@ -96,9 +96,10 @@ def try_micro_batch(trainer, size: int, budget: int | None) -> tuple[bool, int]:
                 with trainer._autocast():
                     loss = trainer.engine(**batch)
             loss.backward()
-        trainer.optimizer.step()
-        peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else \
-            _held_bytes(params, trainer.optimizer, saved)
+        with trainer._fp32(grads=True):  # params_dtype=bf16: masters and main grads
+            trainer.optimizer.step()
+            peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else \
+                _held_bytes(params, trainer.optimizer, saved)
         limit = budget if budget is not None else \
             torch.cuda.get_device_properties(ctx.device).total_memory
         fits = peak <= limit * (1 - MARGIN)
@@ -122,7 +123,8 @@ def probe_micro_batch(trainer) -> str:
     per_rank = t.global_batch_size // ctx.dp_size
     sizes = [b for b in range(1, per_rank + 1) if per_rank % b == 0]
     # kept on the CPU: a copy on the device would count in every candidate's peak
-    model_state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    with trainer._fp32():
+        model_state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
     optim_state = copy.deepcopy(trainer.optimizer.state_dict())  # empty before training
     rng = rng_state(ctx.rng)
     best, peaks, lo, hi = None, {}, 0, len(sizes) - 1
@@ -135,7 +137,8 @@ def probe_micro_batch(trainer) -> str:
             best, lo = sizes[mid], mid + 1
         else:
             hi = mid - 1
-    trainer.model.load_state_dict(model_state)
+    with trainer._fp32():
+        trainer.model.load_state_dict(model_state)
     trainer.optimizer.load_state_dict(optim_state)
     set_rng_state(ctx.rng, rng)
     if best is None:

@@ -35,6 +35,7 @@ from megatron_lite.training.metrics import (
     peak_flops,
     plot_spans,
 )
+from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
 from megatron_lite.training.probe import probe_micro_batch, resolve_global_batch
@@ -69,6 +70,8 @@ class Trainer:
             t.micro_batch_size = 1  # until probed, below
         self.run = build_run(cfg, ctx, training=True)
         self.model, self.accum = self.run.model, self.run.accum
+        # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
+        self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
         if t.compile:
             compile_model(self.model, ctx)
         self.run_dir = Path(t.run_dir)
@@ -123,7 +126,7 @@ class Trainer:
 
             zero = ZeroEngine(self.model, self.optimizer, cfg, ctx)
             return zero, zero
-        if ctx.dp_size > 1:
+        if ctx.dp_size > 1 and self.mixed is None:  # MainParams reduces its fp32 grads
             return None, DistributedDataParallel(
                 self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -139,7 +142,8 @@ class Trainer:
             return
         saved = read_meta(resolve_checkpoint(source))
         if t.finetune and not own:  # Megatron's --finetune: a new run from these weights
-            load_checkpoint(source, self.model, self.ctx)
+            with self._fp32():
+                load_checkpoint(source, self.model, self.ctx)
             if self.ctx.is_main:
                 print(f"fine-tuning from {source} (its step {saved['step']}): weights only; "
                       "fresh optimizer, step 0, this config's schedule", flush=True)
@@ -151,8 +155,9 @@ class Trainer:
                     "new run from its weights")
             raise ConfigError(f"{where} at step {saved['step']}, not before train.max_steps="
                               f"{t.max_steps}: nothing to train ({hint})")
-        meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
-                               **self._optimizer_or_zero())
+        with self._fp32():
+            meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
+                                   **self._optimizer_or_zero())
         saved = meta.get("rank_state", {}).get("memory")
         if self.memories is not None and saved is not None and len(saved) == self.accum:
             for memory, state in zip(self.memories, saved, strict=True):
@@ -188,6 +193,11 @@ class Trainer:
                    "optim.override_schedule=true follows the new one")
         if self.ctx.is_main:
             print(f"warning: {msg}", flush=True)
+
+    def _fp32(self, grads: bool = False):
+        """``train.params_dtype=bf16``: the fp32 masters (and main grads) in the parameters,
+        for what reads or writes the true weights (:meth:`MainParams.fp32`)."""
+        return self.mixed.fp32(grads) if self.mixed is not None else contextlib.nullcontext()
 
     def _optimizer_or_zero(self) -> dict:
         """What holds the optimizer state, as the checkpoint functions take it."""
@@ -227,8 +237,9 @@ class Trainer:
     # ----------------------------------------------------------------------- steps
 
     def _autocast(self):
-        """Autocast for the DDP engine; DeepSpeed's bf16 keeps the weights in bf16 instead."""
-        if self.zero is not None:
+        """Autocast for the DDP engine; DeepSpeed's bf16 and ``train.params_dtype=bf16``
+        keep the weights in bf16 instead."""
+        if self.zero is not None or self.mixed is not None:
             return contextlib.nullcontext()
         return autocast(self.cfg.train.precision, self.ctx.device)
 
@@ -336,17 +347,22 @@ class Trainer:
                 ((loss + self._span_penalty()) * (scale / self.accum)).backward()
             total += loss.detach().float()
             self._add_stats()
+        if self.mixed is not None:  # fp32 main grads: averaged over DP here (no DDP)
+            self.mixed.reduce_grads(self.ctx.dp_group, self.ctx.dp_size,
+                                    int(cfg.parallel.ddp_bucket_mb * 2**20))
         finite = True
-        if self.scaler is not None:
-            finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
-        grad_norm = clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite else math.nan
-        if finite:
-            self.optimizer.step()
-            for span in self.spans:  # z_h in [0, S] (ZeroEngine.clamp_ under ZeRO)
-                span.clamp_()
-        if self.scaler is not None:
-            self.scaler.update(finite)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._fp32(grads=True):
+            if self.scaler is not None:
+                finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
+            grad_norm = (clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite
+                         else math.nan)
+            if finite:
+                self.optimizer.step()
+                for span in self.spans:  # z_h in [0, S] (ZeroEngine.clamp_ under ZeRO)
+                    span.clamp_()
+            if self.scaler is not None:
+                self.scaler.update(finite)
+            self.optimizer.zero_grad(set_to_none=True)
         out = {"loss": self.run.dp_mean(total / self.accum), **self._step_log(), "lr": lr,
                "grad_norm": grad_norm, **span_log}
         if self.scaler is not None:
@@ -376,9 +392,10 @@ class Trainer:
             extra["deepspeed_loss_scaler"] = self.zero.loss_scaler_state()
         rank_state = {"memory": [m.state_dict() for m in self.memories]} \
             if self.memories is not None else None
-        return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg, extra,
-                               keep=self.cfg.train.keep_checkpoints, rank_state=rank_state,
-                               **self._optimizer_or_zero())
+        with self._fp32():
+            return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg,
+                                   extra, keep=self.cfg.train.keep_checkpoints,
+                                   rank_state=rank_state, **self._optimizer_or_zero())
 
     def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
         """Why this step is a divergence (a NaN/inf loss, a NaN/inf gradient norm of a step
@@ -409,7 +426,9 @@ class Trainer:
         if not (self.run_dir / "checkpoints" / "latest").is_file():
             raise TrainingDiverged(f"step {bad}: {reason}; no checkpoint to go back to (set "
                                    "train.save_interval)")
-        meta = load_checkpoint(self.run_dir, self.model, self.ctx, **self._optimizer_or_zero())
+        with self._fp32():
+            meta = load_checkpoint(self.run_dir, self.model, self.ctx,
+                                   **self._optimizer_or_zero())
         skipped = self.consumed - meta["consumed_samples"]
         self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
         self.lr_scale *= t.divergence_lr_scale

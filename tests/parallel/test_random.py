@@ -10,6 +10,7 @@ from megatron_lite.parallel import (
     TPRNGTracker,
     checkpoint,
 )
+from megatron_lite.parallel.random import hash_uniform
 from tests.distributed import gather_shards
 
 
@@ -116,3 +117,21 @@ def test_tracker_rejects_duplicate_names():
     tracker.add("a", 1)
     with pytest.raises(ValueError, match="already exists"):
         tracker.add("a", 2)
+
+
+def test_hash_uniform_is_uniform_and_uncorrelated():
+    n = 1 << 16
+    u = hash_uniform((n,), torch.tensor([123]), seed=5)
+    assert u.dtype == torch.float32 and 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=16, min=0.0, max=1.0)
+    chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum().item()
+    assert chi2 < 40, chi2  # 15 degrees of freedom: p < 1e-3 above ~37.7
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].abs().item()
+
+    assert corr(u[:-1], u[1:]) < 0.02  # neighbouring elements
+    assert corr(u, hash_uniform((n,), torch.tensor([124]), seed=5)) < 0.02  # next key
+    assert corr(u, hash_uniform((n,), torch.tensor([123]), seed=6)) < 0.02  # another rank
+    assert torch.equal(u, hash_uniform((n,), torch.tensor([123]), seed=5))  # a pure function
