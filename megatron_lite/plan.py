@@ -167,6 +167,8 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         w = 2 if t.precision != "fp32" else 4
         states = {"weights": w * p, "gradients": w * p if par.zero_stage == 1 else w * p / dp,
                   "optimizer": 12 * p / dp}
+    elif t.params_dtype == "bf16":  # bf16 weights, fp32 main grads and masters, no DDP
+        states = {"weights": 2 * p, "gradients": 4 * p, "masters": 4 * p, "optimizer": 8 * p}
     else:
         states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p}
         if dp > 1:
@@ -295,7 +297,8 @@ def report(out: dict) -> str:
              f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
              f"checkpointing {c['activation_checkpointing']}, {c['engine']}"
              f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
-    for key in ("weights", "gradients", "optimizer", "ddp_buckets", "activations", "temporary"):
+    for key in ("weights", "gradients", "masters", "optimizer", "ddp_buckets", "activations",
+                "temporary"):
         if key in mem:
             lines.append(f"  {key:<12} {_gib(mem[key]):>12}")
     lines.append(f"  {'total':<12} {_gib(mem['total']):>12}  of {_gib(out['device_memory'])} "

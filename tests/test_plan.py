@@ -18,6 +18,7 @@ from megatron_lite.plan import (
     measured_activation_bytes,
     parse_memory,
     plan,
+    report,
     suggest,
 )
 
@@ -110,6 +111,19 @@ def test_zero_partitions_optimizer_state_over_dp():
     assert z1["memory_per_rank"]["optimizer"] == int(12 * p / 8)  # bf16: fp32 masters + Adam
     assert z2["memory_per_rank"]["gradients"] == int(2 * p / 8)
     assert z2["memory_per_rank"]["total"] < z1["memory_per_rank"]["total"] < ddp["total"]
+
+
+def test_bf16_params_state_is_18_bytes_per_parameter():
+    """train.params_dtype=bf16: bf16 weight 2 + fp32 main grad 4 + master 4 + Adam 8, no DDP
+    buckets (the main grads are reduced in place)."""
+    cfg = load_config(ROOT / "configs/gpt2/1.5b.yaml", ["train.params_dtype=bf16"])
+    with torch.device("meta"):
+        out = plan(cfg, 2, 4, "h100")
+    p, mem = out["params_per_rank"], out["memory_per_rank"]
+    assert (mem["weights"], mem["gradients"], mem["masters"], mem["optimizer"]) == \
+        (2 * p, 4 * p, 4 * p, 8 * p)
+    assert "ddp_buckets" not in mem
+    assert "masters" in report(out)
 
 
 @pytest.mark.parametrize("text,value", [("80GiB", 80 * 2**30), ("80G", 80 * 2**30),
