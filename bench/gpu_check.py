@@ -1,0 +1,245 @@
+"""GPU readiness check: MFU, tokens/s and peak memory of the GPT-2 configs on one GPU.
+
+    bash bench/gpu_check.sh                          # one H100/H200-class GPU, <= 8 minutes
+    python bench/gpu_check.py --cpu --tiny           # the same code on tiny shapes (CI)
+    python bench/gpu_check.py --configs 124m --variants eager compile
+
+For each of configs/gpt2/{124m,355m,1.5b}.yaml at TP=1, bf16 (``train.precision=bf16``
+with ``train.params_dtype=bf16``, Megatron's mixed precision; causal attention through
+SDPA, which picks flash attention on the GPU), four variants: eager, ``train.compile``,
+and both again with full activation checkpointing. Each row is a real :class:`Trainer`
+on a random-token shard, one micro-batch per step: the median of the timed steps after
+the warm-up (compilation) ones; MFU is the model FLOPs of a step (Narayanan et al. 2021,
+recomputation not counted) over the step time and the device's dense bf16 peak from
+:data:`megatron_lite.devices.DEVICES`; peak memory is ``torch.cuda.max_memory_allocated``
+over the row, next to what ``python -m megatron_lite.plan`` predicts for it.
+
+With two or more GPUs it also times the TP=2 all-reduce of one layer's activation
+``[micro-batch, seq, hidden]`` in bf16 on two NCCL processes and the share of a step
+that Megatron's four per layer would take. ``--budget-s`` stops before a row that would
+start after it (a slow first GPU still reports the rows it finished). ``--cpu --tiny``
+runs every step of this on the CPU (gloo for the all-reduce) on 2-layer, hidden-64
+shapes so the check cannot rot between GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_lite.config import load_config  # noqa: E402
+from megatron_lite.data.indexed import IndexedDatasetWriter  # noqa: E402
+from megatron_lite.devices import DEVICES  # noqa: E402
+from megatron_lite.parallel import init_parallel  # noqa: E402
+from megatron_lite.plan import plan  # noqa: E402
+from megatron_lite.training.metrics import model_flops_per_step, peak_flops  # noqa: E402
+
+CONFIGS = ("124m", "355m", "1.5b")
+# name -> (train.compile, model.activation_checkpointing)
+VARIANTS = {"eager": (False, "none"), "compile": (True, "none"),
+            "eager+ckpt": (False, "full"), "compile+ckpt": (True, "full")}
+MICRO_BATCH = {"124m": 8, "355m": 8, "1.5b": 2}  # 1.5b: fits 80 GB without checkpointing
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.seq_length=64", "model.max_position_embeddings=64", "model.vocab_size=512"]
+
+
+def random_shard(prefix: Path, vocab: int, tokens: int) -> Path:
+    """Documents of 1000 random token ids below ``vocab`` (timing needs no real text)."""
+    rng = np.random.default_rng(0)
+    writer = IndexedDatasetWriter(prefix)
+    for _ in range(max(tokens // 1000, 4)):
+        writer.add_document([rng.integers(0, vocab, 1000)])
+    writer.finalize()
+    return prefix
+
+
+def overrides_for(name: str, variant: str, args, shard: Path, run_dir: Path) -> list[str]:
+    compile_, ckpt = VARIANTS[variant]
+    mb = 2 if args.tiny else MICRO_BATCH[name]
+    return [
+        *(TINY if args.tiny else []),
+        "parallel.tensor_parallel_size=1", f"model.activation_checkpointing={ckpt}",
+        f"train.compile={str(compile_).lower()}",
+        "train.precision=bf16", "train.params_dtype=bf16",
+        f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
+        f"train.max_steps={args.warmup + args.steps}", "train.eval_interval=0",
+        f"data.data_path={shard}", "log.tensorboard=false", f"train.run_dir={run_dir}",
+    ]
+
+
+def measure(cfg_path: Path, overrides: list[str], ctx, warmup: int, steps: int) -> dict:
+    """One row: build a Trainer, run ``warmup`` then ``steps`` timed optimizer steps."""
+    from megatron_lite.training.trainer import Trainer
+
+    cuda = ctx.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()  # each row compiles its own model from scratch
+    cfg = load_config(cfg_path, overrides)
+    predicted = plan(cfg, 1, 1, "h100" if cuda else "cpu")["memory_per_rank"]["total"]
+    trainer = Trainer(cfg, ctx)
+    tick = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step()
+    sync()
+    first = time.perf_counter() - tick
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        loss = float(trainer.train_step()["loss"])  # .item(): waits for the step
+        sync()
+        times.append(time.perf_counter() - tick)
+    m, t = trainer.cfg.model, trainer.cfg.train
+    step_s = statistics.median(times)
+    flops = model_flops_per_step(m, t.global_batch_size, m.seq_length)
+    peak = peak_flops(ctx.device, "bf16") if cuda else DEVICES["cpu"].bf16
+    row = {"layers": m.num_layers, "step_s": step_s,
+           "params": sum(p.numel() for p in trainer.model.parameters()),
+           "tokens_per_s": t.global_batch_size * m.seq_length / step_s,
+           "mfu": flops / step_s / peak if peak else None, "warmup_s": first, "loss": loss,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "planned_gib": predicted / 2**30}
+    del trainer
+    gc.collect()
+    return row
+
+
+def _allreduce_worker(rank: int, port: int, backend: str, shapes: list, out: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        for name, shape in shapes:
+            x = torch.randn(shape, dtype=torch.bfloat16, device=device)
+            times = []
+            for i in range(25):
+                if backend == "nccl":
+                    torch.cuda.synchronize()
+                tick = time.perf_counter()
+                dist.all_reduce(x)
+                if backend == "nccl":
+                    torch.cuda.synchronize()
+                if i >= 5:  # the first ones set up the communicator
+                    times.append(time.perf_counter() - tick)
+            if rank == 0:
+                out[name] = statistics.median(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def tp2_allreduce(shapes: list, backend: str) -> dict:
+    """Median seconds of one bf16 all-reduce per shape, between two processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_allreduce_worker, args=(port, backend, shapes, out), nprocs=2)
+        return dict(out)
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (with --tiny: CI)")
+    ap.add_argument("--tiny", action="store_true", help="2-layer hidden-64 shapes")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no row after this many seconds")
+    args = ap.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; use --cpu --tiny for the dry run", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    ctx = init_parallel(1, backend="gloo" if args.cpu else None, env={})
+    if args.cpu:
+        name = f"CPU ({os.cpu_count()} cores)"
+    else:
+        name = torch.cuda.get_device_name(ctx.device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = peak_flops(ctx.device, "bf16") if not args.cpu else DEVICES["cpu"].bf16
+    peak_text = "unknown device: no MFU" if peak is None else \
+        f"{peak / 1e12:.0f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.0f} GFLOP/s"
+    print(f"device: {name}, torch {torch.__version__}, bf16 peak {peak_text}; "
+          f"median of {args.steps} "
+          f"steps after {args.warmup}{'; tiny shapes' if args.tiny else ''}", flush=True)
+    print(f"{'config':<7}{'variant':<14}{'params':>8}{'micro-batch':>12}{'step s':>9}"
+          f"{'tokens/s':>10}{'MFU':>7}{'peak GiB':>10}{'planned':>9}{'warm-up s':>11}",
+          flush=True)
+    rows, eager = 0, {}  # config -> (layers, eager step s), for the TP=2 share
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = 512 if args.tiny else 50257
+        shard = random_shard(Path(tmp) / "random", vocab, 400_000 if not args.tiny else 4000)
+        for cfg_name in args.configs:
+            for variant in args.variants:
+                if time.perf_counter() - start > args.budget_s:
+                    print(f"{cfg_name:<7}{variant:<14} skipped: past --budget-s "
+                          f"{args.budget_s:.0f}", flush=True)
+                    continue
+                overrides = overrides_for(cfg_name, variant, args, shard, Path(tmp) / "run")
+                mb = int(overrides[[o.split("=")[0] for o in overrides]
+                                   .index("train.micro_batch_size")].split("=")[1])
+                try:
+                    r = measure(ROOT / "configs" / "gpt2" / f"{cfg_name}.yaml", overrides,
+                                ctx, args.warmup, args.steps)
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    print(f"{cfg_name:<7}{variant:<14} out of memory", flush=True)
+                    continue
+                rows += 1
+                if variant == "eager":
+                    eager[cfg_name] = (r["layers"], r["step_s"])
+                print(f"{cfg_name:<7}{variant:<14}{r['params'] / 1e6:>7.1f}M{mb:>12}"
+                      f"{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}"
+                      f"{_fmt(r['mfu'], '.2f'):>7}{_fmt(r['peak_gib'], '.2f'):>10}"
+                      f"{r['planned_gib']:>9.2f}{r['warmup_s']:>11.1f}", flush=True)
+    gpus = torch.cuda.device_count() if not args.cpu else 0
+    if args.cpu or gpus >= 2:
+        h = {"124m": 768, "355m": 1024, "1.5b": 1600}
+        shapes = [(n, (2, 64, 64) if args.tiny else (MICRO_BATCH[n], 1024, h[n]))
+                  for n in args.configs]
+        times = tp2_allreduce(shapes, "gloo" if args.cpu else "nccl")
+        print("TP=2 all-reduce of one layer's activation (bf16), 2 processes:")
+        for n, shape in shapes:
+            mib = np.prod(shape) * 2 / 2**20
+            share = ""
+            if n in eager:  # Megatron's f and g: 2 forward + 2 backward per layer
+                layers, step_s = eager[n]
+                share = (f"; x {4 * layers} per step = {4 * layers * times[n] * 1e3:.1f} ms, "
+                         f"{4 * layers * times[n] / step_s:.2f} of the TP=1 eager step")
+            print(f"  {n:<6}[{', '.join(map(str, shape))}] {mib:6.1f} MiB: "
+                  f"{times[n] * 1e3:8.3f} ms{share}")
+    else:
+        print(f"TP=2 all-reduce: skipped ({gpus} GPU{'s' if gpus != 1 else ''})")
+    print(f"gpu_check: {rows} rows in {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
