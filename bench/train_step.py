@@ -1,15 +1,25 @@
-"""Training-step throughput and activation-checkpointing memory on this machine.
+"""Training-step throughput, bf16 memory per parameter and activation checkpointing.
 
-    python bench/train_step.py            # both tables (about 3 minutes on 2 cores)
+    python bench/train_step.py            # all three tables (about 5 minutes on 2 cores)
     python bench/train_step.py --quick    # fewer timed steps
+    python bench/train_step.py --table throughput|memory|checkpoint
 
 Table 1: forward + backward + AdamW of a tiny GPT-2 (6 layers, hidden 256, 4 heads,
 seq 256, batch 8, vocab 50257) for megatron-lite (TP=1) eager and with
 ``train.compile`` (its regions compiled), a plain single-file PyTorch GPT-2
-(bench/plain_gpt.py) and transformers' GPT2LMHeadModel, in fp32 and bf16 autocast.
-Implementations are timed round-robin and the median step is reported.
+(bench/plain_gpt.py) and transformers' GPT2LMHeadModel, in fp32 and bf16 autocast,
+and in bf16 megatron-lite with ``train.params_dtype=bf16`` too. Implementations are
+timed round-robin and the median step is reported, with the fraction of this CPU's
+matmul peak (square matmuls, measured first). A CPU without native bf16 matmuls
+(AVX2 only) has its bf16 rows skipped: they would time a fallback, not the model.
+A profiled eager step then says how much of it compile could fuse at all (what is
+neither a matmul nor a dropout draw).
 
-Table 2: activation checkpointing none / selective / full on 12 layers at seq 512:
+Table 2: bf16 autocast against ``train.params_dtype=bf16``: bytes per parameter of the
+training state, counted from the tensors after a step, and activation bytes autograd
+saves in a forward (parameters excluded), in total and inside the transformer layers.
+
+Table 3: activation checkpointing none / selective / full on 12 layers at seq 512:
 step time, bytes autograd saved for backward (the activation memory), and peak RSS
 growth of a fresh process over a step.
 """
@@ -28,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_gpt import PlainGPT  # noqa: E402
@@ -36,9 +47,12 @@ from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.models import GPTModel  # noqa: E402
 from megatron_lite.parallel import ParallelContext  # noqa: E402
 from megatron_lite.training.compile import compile_model  # noqa: E402
+from megatron_lite.training.mixed import MainParams  # noqa: E402
 
 VOCAB = 50257
 IMPLS = ("megatron-lite", "megatron-lite+compile", "plain", "transformers")
+# train.params_dtype=bf16 (Megatron's mixed precision), bf16 rows only
+PARAMS_IMPLS = ("megatron-lite bf16-params", "megatron-lite bf16-params+compile")
 
 
 def model_flops(b: int, s: int, layers: int, h: int, vocab: int) -> float:
@@ -54,47 +68,98 @@ def build(impl: str, layers: int, h: int, heads: int, seq: int, ckpt: str = "non
                           activation_checkpointing=ckpt)
         ctx = ParallelContext()
         model = GPTModel(cfg, ctx)
+        mixed = MainParams(model) if "bf16-params" in impl else None  # as the Trainer does
         if impl.endswith("compile"):  # what train.compile=true does
             compile_model(model, ctx)
-        return model, lambda ids, labels: model(ids, labels)
+        return model, lambda ids, labels: model(ids, labels), mixed
     if impl == "plain":
         model = PlainGPT(VOCAB + 47, seq, h, heads, layers)  # padded to 50304 like ours
-        return model, lambda ids, labels: model(ids, labels)
+        return model, lambda ids, labels: model(ids, labels), None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=h, n_head=heads, n_positions=seq,
                                   vocab_size=VOCAB)
     model = transformers.GPT2LMHeadModel(cfg)
-    return model, lambda ids, labels: model(input_ids=ids, labels=ids).loss
+    return model, lambda ids, labels: model(input_ids=ids, labels=ids).loss, None
 
 
-def make_step(impl, precision, layers, h, heads, seq, batch, ckpt="none"):
-    model, loss_fn = build(impl, layers, h, heads, seq, ckpt)
+def make_step(impl, precision, layers, h, heads, seq, batch, ckpt="none", parts=None):
+    """A function running one training step; ``parts`` (a dict) receives the model,
+    optimizer, inputs and MainParams, for the memory table."""
+    model, loss_fn, mixed = build(impl, layers, h, heads, seq, ckpt)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
     labels = torch.roll(ids, -1, 1)  # megatron-lite and plain take shifted labels
+    autocast = precision == "bf16" and mixed is None
+    masters = (lambda: mixed.fp32(grads=True)) if mixed is not None else contextlib.nullcontext
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(ids, labels)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with masters():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    if parts is not None:
+        parts.update(model=model, opt=opt, ids=ids, labels=labels, mixed=mixed,
+                     loss_fn=loss_fn, autocast=autocast)
     return step
 
 
-def throughput_table(timed_steps: int) -> list[dict]:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of the best of ``reps`` square ``n x n`` matmuls: this CPU's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+RNG_OPS = ("aten::bernoulli_", "aten::uniform_", "aten::rand")
+
+
+def step_profile(layers=6, h=256, heads=4, seq=256, batch=8) -> dict:
+    """Where an eager fp32 step of the throughput model spends its CPU time (self time of
+    one profiled step): matmuls, dropout's random draws, and everything else, the part
+    that ``torch.compile`` can fuse."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step("megatron-lite", "fp32", layers, h, heads, seq, batch)
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
+             for name, ops in (("matmul", MATMUL_OPS), ("rng", RNG_OPS))}
+    share["other"] = 1 - share["matmul"] - share["rng"]
+    return share
+
+
+def bf16_native(peaks: dict) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX): an AVX2-only CPU runs
+    bf16 matmuls through a slow fallback, hundreds of times below fp32, and its bf16 rows
+    would time that fallback, not megatron-lite."""
+    return peaks["bf16"] >= 0.5 * peaks["fp32"]
+
+
+def throughput_table(timed_steps: int, precisions=("fp32", "bf16")) -> list[dict]:
     layers, h, heads, seq, batch = 6, 256, 4, 256, 8
     flops = model_flops(batch, seq, layers, h, VOCAB)
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
+        impls = IMPLS + (PARAMS_IMPLS if precision == "bf16" else ())
         steps = {impl: make_step(impl, precision, layers, h, heads, seq, batch)
-                 for impl in IMPLS}
+                 for impl in impls}
         times = {impl: [] for impl in steps}
         for step in steps.values():  # warm-up (and compilation)
             step(), step(), step()
@@ -111,19 +176,62 @@ def throughput_table(timed_steps: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def saved_bytes():
-    """Count the bytes autograd keeps for backward (each storage once)."""
-    seen, total = set(), [0]
+def saved_bytes(model: nn.Module | None = None):
+    """Count the bytes autograd keeps for backward (each storage once); with ``model``,
+    not its parameters (saved, but no extra memory) and also those saved inside
+    ``model.transformer``'s forward (``total["layers"]``)."""
+    seen, total, inside = set(), {"all": 0, "layers": 0}, [False]
+    if model is not None:
+        seen.update(p.untyped_storage().data_ptr() for p in model.parameters())
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
+            total["all"] += storage.nbytes()
+            total["layers"] += storage.nbytes() if inside[0] else 0
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
+    hooks = [] if model is None else [
+        model.transformer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        model.transformer.register_forward_hook(lambda *_: inside.__setitem__(0, False))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield total
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def memory_table(batch: int) -> list[dict]:
+    """bf16 autocast vs train.params_dtype=bf16 on the throughput model: the bytes per
+    parameter of the training state (weights, gradients, masters, Adam moments, counted
+    from the tensors after a step) and of the activations autograd saves in a forward."""
+    layers, h, heads, seq = 6, 256, 4, 256
+    rows = []
+    for impl in ("megatron-lite", "megatron-lite bf16-params"):
+        parts: dict = {}
+        step = make_step(impl, "bf16", layers, h, heads, seq, batch, parts=parts)
+        step()
+        model, mixed = parts["model"], parts["mixed"]
+        params = list(model.parameters())
+        n = sum(p.numel() for p in params)
+        state = sum(p.numel() * p.element_size() for p in params)
+        if mixed is None:  # fp32 gradients, alive from backward to the step
+            state += sum(p.numel() * 4 for p in params)
+        else:  # fp32 main grads and masters
+            state += sum(p.main_grad.numel() * 4 for p in params) + \
+                sum(m.numel() * 4 for m in mixed.masters)
+        state += sum(v.numel() * v.element_size() for st in parts["opt"].state.values()
+                     for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        with saved_bytes(model) as saved:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=parts["autocast"]):
+                loss = parts["loss_fn"](parts["ids"], parts["labels"])
+        del loss
+        rows.append({"impl": impl, "params": n, "state_b": state / n,
+                     "act_mib": saved["all"] / 2**20, "layers_mib": saved["layers"] / 2**20,
+                     "total_b": (state + saved["all"]) / n})
+    return rows
 
 
 def checkpoint_child(mode: str, timed_steps: int) -> dict:
@@ -139,12 +247,12 @@ def checkpoint_child(mode: str, timed_steps: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    model, loss_fn = build("megatron-lite", layers, h, heads, seq, mode)
+    model, loss_fn, _ = build("megatron-lite", layers, h, heads, seq, mode)
     ids = torch.randint(0, VOCAB, (batch, seq))
     with saved_bytes() as total:
         loss = loss_fn(ids, ids)
     del loss
-    return {"mode": mode, "step_s": statistics.median(times), "saved_mib": total[0] / 2**20,
+    return {"mode": mode, "step_s": statistics.median(times), "saved_mib": total["all"] / 2**20,
             "peak_growth_mib": peak / 2**20}
 
 
@@ -162,7 +270,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed steps instead of 7")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--table", choices=("all", "throughput", "checkpoint"), default="all")
+    parser.add_argument("--table", choices=("all", "throughput", "memory", "checkpoint"),
+                        default="all")
     parser.add_argument("--ckpt-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 7)
@@ -172,24 +281,58 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; median of {steps} steps\n")
+    measured = peaks()
     if args.table in ("all", "throughput"):
-        print_throughput(steps)
+        print_throughput(steps, measured)
+    if args.table in ("all", "memory"):
+        print_memory(measured)
     if args.table in ("all", "checkpoint"):
         print_checkpointing(steps)
 
 
-def print_throughput(steps: int) -> None:
+def peaks() -> dict:
+    out = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512)}
+    if bf16_native(out):  # NOTE: a slow fallback at 2048^3 would take minutes
+        out["bf16"] = matmul_peak(torch.bfloat16)
+    return out
+
+
+def print_throughput(steps: int, peaks: dict) -> None:
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    precisions = ("fp32", "bf16") if bf16_native(peaks) else ("fp32",)
+    if len(precisions) == 1:
+        print("bf16 rows skipped: this CPU has no native bf16 matmul (AVX2 only; bf16 runs "
+              f"at {peaks['bf16'] / peaks['fp32']:.3f} of fp32)")
     print("GPT-2 6L h256 4 heads, seq 256, batch 8, vocab 50257: fwd + bwd + AdamW")
-    print(f"{'precision':<10}{'implementation':<23}{'step s':>8}{'tokens/s':>10}"
-          f"{'GFLOP/s':>9}{'vs eager':>10}{'vs plain':>10}{'vs HF':>7}")
-    rows = throughput_table(steps)
+    print(f"{'precision':<10}{'implementation':<35}{'step s':>8}{'tokens/s':>10}"
+          f"{'GFLOP/s':>9}{'of peak':>8}{'vs eager':>10}{'vs plain':>10}{'vs HF':>7}")
+    rows = throughput_table(steps, precisions)
     for r in rows:
         peers = {x["impl"]: x["tokens_per_s"] for x in rows if x["precision"] == r["precision"]}
         tps = r["tokens_per_s"]
-        print(f"{r['precision']:<10}{r['impl']:<23}{r['step_s']:>8.3f}{tps:>10.0f}"
-              f"{r['gflops']:>9.1f}{tps / peers['megatron-lite']:>9.2f}x"
+        print(f"{r['precision']:<10}{r['impl']:<35}{r['step_s']:>8.3f}{tps:>10.0f}"
+              f"{r['gflops']:>9.1f}{r['gflops'] * 1e9 / peaks[r['precision']]:>8.2f}"
+              f"{tps / peers['megatron-lite']:>9.2f}x"
               f"{tps / peers['plain']:>9.2f}x{tps / peers['transformers']:>6.2f}x")
+    share = step_profile()
+    print(f"eager fp32 step, self CPU time: {share['matmul']:.0%} matmuls, {share['rng']:.0%} "
+          f"dropout draws (kept eager under compile), {share['other']:.0%} the rest: compile "
+          f"can gain at most {1 / (1 - share['other']):.2f}x by fusing all of the rest away")
 
+
+def print_memory(peaks: dict) -> None:
+    # NOTE: bytes do not depend on speed; without native bf16 a batch of 1 keeps this short
+    batch = 8 if bf16_native(peaks) else 1
+    print(f"\nbf16 memory per parameter, the throughput model at batch {batch} (weights + "
+          "grads + masters + Adam; activations saved in a forward)")
+    print(f"{'implementation':<35}{'state B/param':>14}{'activations MiB':>17}"
+          f"{'of which layers':>17}{'total B/param':>15}")
+    for r in memory_table(batch):
+        print(f"{r['impl']:<35}{r['state_b']:>14.1f}{r['act_mib']:>17.0f}"
+              f"{r['layers_mib']:>17.0f}{r['total_b']:>15.1f}")
+    print("(parameters not counted; autocast's bf16 weight copies are; the rest of the "
+          "activations: the embedding and the output layer's logits and fp32 softmax)")
 
 
 def print_checkpointing(steps: int) -> None:
