@@ -15,7 +15,7 @@ IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host
 CMD ?= python -m megatron_lite.train --help
 
-.PHONY: help setup demo demo-bert test lint bench results docker-build docker-run slurm-test clean
+.PHONY: help setup demo demo-bert test lint bench gpu-check results docker-build docker-run slurm-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/search.py
 	$(PY) bench/plan_check.py
 	$(PY) bench/distill.py
+
+gpu-check: setup  ## on a GPU machine: MFU, tokens/s, peak memory of GPT-2 124M/355M/1.5B (<= 8 min)
+	PYTHON=$(PY) bash bench/gpu_check.sh
 
 results: setup  ## every paper experiment, one after another (~2.2 h) -> docs/results.md, docs/img/
 	$(PY) bench/experiments/run_all.py

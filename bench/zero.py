@@ -2,6 +2,7 @@
 
     python bench/zero.py             # GPT 8L h1024 (109M parameters), DP=2 (~2.5 min here)
     python bench/zero.py --dp 4      # more ranks: ZeRO's share of the state shrinks as 1/DP
+    python bench/zero.py --breakdown # also one step's phases, memory copies and collectives
 
 Each engine trains the same model for a few steps on two (or --dp) gloo processes over a
 random-token shard. Reported per rank: the median step time, and the growth of RSS from
@@ -16,6 +17,7 @@ the reduced gradients but keeps a reduction bucket).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -54,7 +56,40 @@ def random_shard(prefix: Path) -> Path:
     return prefix
 
 
-def _worker(ctx, overrides, out_dir):
+COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter",
+               "_reduce_scatter", "broadcast", "reduce_")
+
+
+COPIES = ("aten::copy_", "aten::cat")  # gradients into flat buffers, buckets, partitions
+
+
+def _timed(phases: dict, name: str, fn):
+    """``fn``, adding its wall time to ``phases[name]``."""
+    def wrapper(*args, **kwargs):
+        tick = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - tick
+    return wrapper
+
+
+def _instrument(trainer) -> dict:
+    """Time the step's phases: forward, backward (under DDP its overlapped all-reduces;
+    under ZeRO DeepSpeed's gradient reduction, which runs in backward hooks and at its
+    end), and the optimizer step (under ZeRO: the partition's Adam and the all-gather of
+    the updated weights). Under DDP, backward is the step minus the other two."""
+    phases: dict = {}
+    trainer._forward = _timed(phases, "forward", trainer._forward)
+    if trainer.zero is not None:
+        trainer.zero.backward = _timed(phases, "backward", trainer.zero.backward)
+        trainer.zero.step = _timed(phases, "step", trainer.zero.step)
+    else:
+        trainer.optimizer.step = _timed(phases, "step", trainer.optimizer.step)
+    return phases
+
+
+def _worker(ctx, overrides, out_dir, breakdown=False):
     from megatron_lite.training.trainer import Trainer
 
     if "deepspeed" in " ".join(overrides):
@@ -63,16 +98,28 @@ def _worker(ctx, overrides, out_dir):
         import_deepspeed(ctx.device)  # imported before the baseline, like torch
     base = rss_mib()
     trainer = Trainer(load_config(None, overrides), ctx)
-    times = []
-    for _ in range(trainer.cfg.train.max_steps):
-        tick = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - tick)
+    times, per_step, comm = [], [], {}
+    for i in range(trainer.cfg.train.max_steps):
+        phases = _instrument(trainer) if breakdown and i == 1 else None
+        profile = torch.profiler.profile() if phases is not None else contextlib.nullcontext()
+        with profile as prof:
+            tick = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - tick)
+        if phases is not None:  # the second step: one step's phases and collectives
+            if trainer.zero is None:
+                phases["backward"] = times[-1] - phases["forward"] - phases["step"]
+            per_step.append({k: phases[k] for k in ("forward", "backward", "step")})
+            per_step[-1]["copies"] = sum(e.self_cpu_time_total for e in prof.key_averages()
+                                         if e.key in COPIES) / 1e6
+            for e in prof.key_averages():
+                if any(c in e.key.lower() for c in COLLECTIVES) and "::" in e.key:
+                    comm[e.key] = {"calls": e.count, "s": e.cpu_time_total / 1e6}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     params = sum(p.numel() for p in trainer.model.parameters())
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps({
         "step_s": statistics.median(times[1:]), "end_mib": rss_mib() - base,
-        "peak_mib": peak - base, "params": params}))
+        "peak_mib": peak - base, "params": params, "phases": per_step, "comm": comm}))
 
 
 def main() -> None:
@@ -85,6 +132,8 @@ def main() -> None:
                     choices=["ddp", "zero-1", "zero-2"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more overrides for every engine (parallel.ddp_bucket_mb=100, ...)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time one step's phases and the collectives in it (rank 0)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -104,14 +153,16 @@ def main() -> None:
               f"fp32, TP=1 x DP={args.dp}, {args.steps} timed steps, 1 thread per rank")
         print(f"{'engine':8} {'step s':>7}   RSS growth MiB/rank: {'end':>5} {'x ddp':>6} "
               f"{'peak':>6} {'x ddp':>6}")
-        ddp = None
+        ddp, breakdown = None, {}
         if args.set:
             print(f"with {' '.join(args.set)}")
         for name, extra in ((n, engines[n] + args.set) for n in args.engines):
             out = Path(tmp) / name
             out.mkdir()
-            run_distributed(_worker, args.dp, common + extra, str(out), tp_size=1)
+            run_distributed(_worker, args.dp, common + extra, str(out), args.breakdown,
+                            tp_size=1)
             ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+            breakdown[name] = ranks[0]
             step = statistics.median(r["step_s"] for r in ranks)
             end = max(r["end_mib"] for r in ranks)
             peak = max(r["peak_mib"] for r in ranks)
@@ -121,6 +172,24 @@ def main() -> None:
         params = ranks[0]["params"]
         print(f"({params / 1e6:.1f}M parameters: 20 B/param = {20 * params / 2**20:.0f} MiB, "
               f"4 + 4 + 12/{args.dp} B/param = {(8 + 12 / args.dp) * params / 2**20:.0f} MiB)")
+        if args.breakdown:
+            print_breakdown(breakdown)
+
+
+def print_breakdown(ranks: dict) -> None:
+    """One step of rank 0 per engine: phase times, the time of memory copies in the step
+    (``aten::copy_`` and ``aten::cat`` self time, wherever they run), then each
+    collective's calls and the profiler's CPU time of its op (on gloo that is the
+    enqueue; the transfer runs on gloo's own threads, so a wait shows in the phases)."""
+    print("\none step's phases on rank 0, s (the profiler on: a little slower than above)")
+    print(f"{'engine':8} {'forward':>8} {'backward':>9} {'opt step':>9} {'copies':>7}   "
+          "collectives (calls, s)")
+    for name, r in ranks.items():
+        ph = r["phases"][0]
+        comm = ", ".join(f"{k.split('::')[-1]} {v['calls']}x {v['s']:.2f}"
+                         for k, v in sorted(r["comm"].items(), key=lambda kv: -kv[1]["s"]))
+        print(f"{name:8} {ph['forward']:8.2f} {ph['backward']:9.2f} {ph['step']:9.2f} "
+              f"{ph['copies']:7.2f}   {comm or '-'}")
 
 
 if __name__ == "__main__":
