@@ -58,8 +58,6 @@ def random_shard(prefix: Path) -> Path:
 
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter",
                "_reduce_scatter", "broadcast", "reduce_")
-
-
 COPIES = ("aten::copy_", "aten::cat")  # gradients into flat buffers, buckets, partitions
 
 
@@ -99,22 +97,27 @@ def _worker(ctx, overrides, out_dir, breakdown=False):
     base = rss_mib()
     trainer = Trainer(load_config(None, overrides), ctx)
     times, per_step, comm = [], [], {}
-    for i in range(trainer.cfg.train.max_steps):
-        phases = _instrument(trainer) if breakdown and i == 1 else None
+    last = trainer.cfg.train.max_steps - 1
+    for i in range(last + 1):
+        # --breakdown: one more step after the timed ones, instrumented and profiled
+        phases = _instrument(trainer) if breakdown and i == last else None
         profile = torch.profiler.profile() if phases is not None else contextlib.nullcontext()
         with profile as prof:
             tick = time.perf_counter()
             trainer.train_step()
-            times.append(time.perf_counter() - tick)
-        if phases is not None:  # the second step: one step's phases and collectives
-            if trainer.zero is None:
-                phases["backward"] = times[-1] - phases["forward"] - phases["step"]
-            per_step.append({k: phases[k] for k in ("forward", "backward", "step")})
-            per_step[-1]["copies"] = sum(e.self_cpu_time_total for e in prof.key_averages()
-                                         if e.key in COPIES) / 1e6
-            for e in prof.key_averages():
-                if any(c in e.key.lower() for c in COLLECTIVES) and "::" in e.key:
-                    comm[e.key] = {"calls": e.count, "s": e.cpu_time_total / 1e6}
+            took = time.perf_counter() - tick
+        if phases is None:
+            times.append(took)
+            continue
+        if trainer.zero is None:
+            phases["backward"] = took - phases["forward"] - phases["step"]
+        per_step.append({k: phases[k] for k in ("forward", "backward", "step")})
+        events = prof.key_averages()
+        per_step[-1]["copies"] = sum(e.self_cpu_time_total for e in events
+                                     if e.key in COPIES) / 1e6
+        for e in events:
+            if any(c in e.key.lower() for c in COLLECTIVES) and "::" in e.key:
+                comm[e.key] = {"calls": e.count, "s": e.cpu_time_total / 1e6}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     params = sum(p.numel() for p in trainer.model.parameters())
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps({
@@ -144,7 +147,7 @@ def main() -> None:
                   "model.max_position_embeddings=128", f"model.vocab_size={VOCAB}",
                   "model.hidden_dropout=0", "model.attention_dropout=0",
                   "train.micro_batch_size=2", f"train.global_batch_size={2 * args.dp}",
-                  f"train.max_steps={args.steps + 1}", "train.eval_interval=0",
+                  f"train.max_steps={args.steps + 1 + args.breakdown}", "train.eval_interval=0",
                   f"data.data_path={prefix}", "log.tensorboard=false",
                   f"train.run_dir={tmp}/run"]
         engines = {"ddp": [], "zero-1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
@@ -181,7 +184,7 @@ def print_breakdown(ranks: dict) -> None:
     (``aten::copy_`` and ``aten::cat`` self time, wherever they run), then each
     collective's calls and the profiler's CPU time of its op (on gloo that is the
     enqueue; the transfer runs on gloo's own threads, so a wait shows in the phases)."""
-    print("\none step's phases on rank 0, s (the profiler on: a little slower than above)")
+    print("\none more step's phases on rank 0, s (the profiler on: a little slower than above)")
     print(f"{'engine':8} {'forward':>8} {'backward':>9} {'opt step':>9} {'copies':>7}   "
           "collectives (calls, s)")
     for name, r in ranks.items():
