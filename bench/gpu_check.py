@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import socket
 import statistics
@@ -158,6 +159,24 @@ def tp2_allreduce(shapes: list, backend: str) -> dict:
         return dict(out)
 
 
+def significant(x: float, digits: int = 4) -> str:
+    """``x`` in positional notation with ``digits`` significant digits (0.009123 ->
+    '0.009123', 1234.5 -> '1234', 12.345 -> '12.35'): a printed step time keeps the same
+    relative precision however fast the step, so tokens/s and MFU recompute from it."""
+    if x <= 0 or not math.isfinite(x):
+        return f"{x:.{digits}f}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(x)))
+    return f"{x:.{decimals}f}"
+
+
+def format_row(cfg_name: str, variant: str, mb: int, r: dict) -> str:
+    """One table row; the step time in milliseconds to 4 significant digits."""
+    return (f"{cfg_name:<7}{variant:<14}{r['params'] / 1e6:>7.1f}M{mb:>12}"
+            f"{significant(r['step_s'] * 1e3):>9}{r['tokens_per_s']:>10.0f}"
+            f"{_fmt(r['mfu'], '.2f'):>7}{_fmt(r['peak_gib'], '.2f'):>10}"
+            f"{r['planned_gib']:>9.2f}{r['warmup_s']:>11.1f}")
+
+
 def _fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -189,7 +208,7 @@ def main(argv=None) -> int:
     print(f"device: {name}, torch {torch.__version__}, bf16 peak {peak_text}; "
           f"median of {args.steps} "
           f"steps after {args.warmup}{'; tiny shapes' if args.tiny else ''}", flush=True)
-    print(f"{'config':<7}{'variant':<14}{'params':>8}{'micro-batch':>12}{'step s':>9}"
+    print(f"{'config':<7}{'variant':<14}{'params':>8}{'micro-batch':>12}{'step ms':>9}"
           f"{'tokens/s':>10}{'MFU':>7}{'peak GiB':>10}{'planned':>9}{'warm-up s':>11}",
           flush=True)
     rows, eager = 0, {}  # config -> (layers, eager step s), for the TP=2 share
@@ -215,10 +234,7 @@ def main(argv=None) -> int:
                 rows += 1
                 if variant == "eager":
                     eager[cfg_name] = (r["layers"], r["step_s"])
-                print(f"{cfg_name:<7}{variant:<14}{r['params'] / 1e6:>7.1f}M{mb:>12}"
-                      f"{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}"
-                      f"{_fmt(r['mfu'], '.2f'):>7}{_fmt(r['peak_gib'], '.2f'):>10}"
-                      f"{r['planned_gib']:>9.2f}{r['warmup_s']:>11.1f}", flush=True)
+                print(format_row(cfg_name, variant, mb, r), flush=True)
     gpus = torch.cuda.device_count() if not args.cpu else 0
     if args.cpu or gpus >= 2:
         h = {"124m": 768, "355m": 1024, "1.5b": 1600}
@@ -234,7 +250,7 @@ def main(argv=None) -> int:
                 share = (f"; x {4 * layers} per step = {4 * layers * times[n] * 1e3:.1f} ms, "
                          f"{4 * layers * times[n] / step_s:.2f} of the TP=1 eager step")
             print(f"  {n:<6}[{', '.join(map(str, shape))}] {mib:6.1f} MiB: "
-                  f"{times[n] * 1e3:8.3f} ms{share}")
+                  f"{significant(times[n] * 1e3):>8} ms{share}")
     else:
         print(f"TP=2 all-reduce: skipped ({gpus} GPU{'s' if gpus != 1 else ''})")
     print(f"gpu_check: {rows} rows in {time.perf_counter() - start:.0f} s", flush=True)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_lite.config import load_config
 from megatron_lite.devices import DEVICES
 from megatron_lite.plan import count_parameters
@@ -13,10 +15,34 @@ from megatron_lite.training.metrics import model_flops_per_step
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu_check import TINY  # noqa: E402
+from gpu_check import TINY, format_row  # noqa: E402
 
 ROW = re.compile(r"^124m\s+(\S+)\s+([\d.]+)M\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+n/a\s+"
                  r"([\d.]+)\s+([\d.]+)$")
+
+
+def check_row_arithmetic(step_s: float, tps: int, mfu: float, flops: float) -> None:
+    """tokens/s and MFU recompute from the printed step time (4 significant digits, so at
+    most 0.05 % off) within their own printed rounding."""
+    expected_tps = 128 / step_s  # the micro-batch's 2 x 64 tokens over the step
+    assert abs(tps - expected_tps) <= 1 + expected_tps * 1e-3
+    expected_mfu = flops / step_s / DEVICES["cpu"].bf16
+    assert abs(mfu - expected_mfu) <= 0.005 + expected_mfu * 1e-3
+
+
+@pytest.mark.parametrize("step_s", [3e-5, 9.1234e-4, 0.0091234, 0.0094999, 0.5, 12.3456])
+def test_printed_row_recomputes_at_any_step_time(step_s):
+    """A fake step of any speed: the printed figures agree with each other (a step time
+    rounded to 0.001 s had made a 9 ms step's tokens/s look 5 % off)."""
+    flops = 1.7e9
+    r = {"params": 124.4e6, "step_s": step_s, "tokens_per_s": 128 / step_s,
+         "mfu": flops / step_s / DEVICES["cpu"].bf16, "peak_gib": None, "planned_gib": 1.0,
+         "warmup_s": 3.0}
+    m = ROW.match(format_row("124m", "eager", 2, r))
+    assert m, format_row("124m", "eager", 2, r)
+    _, _, _, printed_ms, tps, mfu, _, _ = m.groups()
+    assert abs(float(printed_ms) / 1e3 - step_s) <= step_s * 5e-4
+    check_row_arithmetic(float(printed_ms) / 1e3, int(tps), float(mfu), flops)
 
 
 def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
@@ -32,10 +58,8 @@ def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
     for _, m_params, mb, step_s, tps, mfu, _, _ in rows:
         assert float(m_params) == round(params / 1e6, 1)
         assert int(mb) == 2
-        # tokens/s is the micro-batch's 2 x 64 tokens over the step (printed rounded)
-        assert abs(int(tps) - 128 / float(step_s)) <= 1 + 128 / float(step_s) * 0.02
-        flops = model_flops_per_step(cfg.model, 2, 64)
-        assert abs(float(mfu) - flops / float(step_s) / DEVICES["cpu"].bf16) <= 0.006
+        check_row_arithmetic(float(step_s) / 1e3, int(tps), float(mfu),
+                             model_flops_per_step(cfg.model, 2, 64))
     share = re.search(r"\[2, 64, 64\]\s+0\.0 MiB:\s+([\d.]+) ms; x 8 per step", out.stdout)
     assert share and float(share.group(1)) > 0, out.stdout
     assert "gpu_check: 4 rows" in out.stdout
