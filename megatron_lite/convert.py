@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, tokenizer_from_config
-from megatron_lite.training.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    load_checkpoint,
-    resolve_checkpoint,
-)
 
 
 def _hf_model(hf_dir: Path):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.models import build_model
@@ -41,7 +42,6 @@ from megatron_lite.models.relations import minilm_losses, minilmv2_losses
 from megatron_lite.models.transformer import SelfAttention
 from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.training.trainer import Trainer
 
 
@@ -185,7 +185,7 @@ def finished(cfg: Config) -> bool:
     latest = Path(cfg.train.run_dir) / "checkpoints" / "latest"
     if not latest.is_file():
         return False
-    from megatron_lite.training.checkpoint import read_meta
+    from megatron_lite.checkpoint import read_meta
 
     return read_meta(resolve_checkpoint(cfg.train.run_dir))["step"] >= cfg.train.max_steps
 

@@ -29,11 +29,11 @@ import json
 import sys
 
 from megatron_lite import tasks
+from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import parallel_session, read_launch_env
 from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def main(argv=None) -> int:

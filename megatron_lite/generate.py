@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel, KVCache
@@ -27,7 +28,6 @@ from megatron_lite.parallel import (
     read_launch_env,
 )
 from megatron_lite.run import build_run, names_tokenizer
-from megatron_lite.training.checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, temperature: float,

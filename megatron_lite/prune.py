@@ -26,17 +26,17 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.cli import parse_args, run_cli
-from megatron_lite.config import Config, ConfigError, layer_units, load_config, save_config
-from megatron_lite.files import written_dir
-from megatron_lite.parallel import ParallelContext, load_full_state_dict
-from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import (
+from megatron_lite.checkpoint import (
     CheckpointError,
     load_file,
     read_meta,
     resolve_checkpoint,
 )
+from megatron_lite.cli import parse_args, run_cli
+from megatron_lite.config import Config, ConfigError, layer_units, load_config, save_config
+from megatron_lite.files import written_dir
+from megatron_lite.parallel import ParallelContext, load_full_state_dict
+from megatron_lite.run import build_run
 
 _SUBLAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 

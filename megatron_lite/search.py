@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_lite.checkpoint import load_checkpoint, save_checkpoint
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.files import atomic_path, atomic_write
@@ -45,7 +46,6 @@ from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.supernet import SuperTransformer
 from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_lite.training.metrics import MetricsLogger
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import autocast

@@ -19,7 +19,8 @@ import time
 
 from common import OUT, arguments, demo_data, evaluate, machine, train, write_section
 
-from megatron_lite.training.checkpoint import average_checkpoints, list_checkpoints
+from megatron_lite.checkpoint import list_checkpoints
+from megatron_lite.checkpoint.average import average_checkpoints
 
 LASTS = (1, 2, 3, 5, 8)
 ITERS = 20

@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from megatron_lite.checkpoint import load_checkpoint  # noqa: E402
 from megatron_lite.config import Config, load_config  # noqa: E402
 from megatron_lite.files import atomic_write  # noqa: E402
 from megatron_lite.parallel import ParallelContext  # noqa: E402
 from megatron_lite.run import build_run  # noqa: E402
-from megatron_lite.training.checkpoint import load_checkpoint  # noqa: E402
 from megatron_lite.training.trainer import Trainer  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"

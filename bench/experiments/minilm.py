@@ -23,11 +23,11 @@ from pathlib import Path
 
 from common import OUT, ROOT, arguments, demo_data, machine, write_section
 
+from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.config import load_config
 from megatron_lite.distill import Distiller
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
-from megatron_lite.training.checkpoint import load_checkpoint
 from megatron_lite.training.trainer import Trainer
 
 STUDENT = {"model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4}

@@ -14,6 +14,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_lite.checkpoint import (
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.models import set_layerdrop_key
 from megatron_lite.models.adaptive_span import span_modules
@@ -21,12 +27,6 @@ from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.run import bert_metrics, build_run
-from megatron_lite.training.checkpoint import (
-    load_checkpoint,
-    read_meta,
-    resolve_checkpoint,
-    save_checkpoint,
-)
 from megatron_lite.training.compile import compile_model
 from megatron_lite.training.interrupt import Interrupt
 from megatron_lite.training.metrics import (

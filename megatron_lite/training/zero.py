@@ -26,17 +26,17 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import Config, ConfigError
-from megatron_lite.parallel import ParallelContext
-from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.parallel.state_dict import gather_like, shard_like
-from megatron_lite.training.optim_state import (
+from megatron_lite.checkpoint.optim_state import (
     gather_param_state,
     group_hyperparameters,
     load_group_hyperparameters,
     shard_param_state,
     step_on_device,
 )
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.comm import all_reduce
+from megatron_lite.parallel.state_dict import gather_like, shard_like
 
 
 def import_deepspeed(device: torch.device):

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import main as checkpoint_main
+from megatron_lite.checkpoint import load_checkpoint
+from megatron_lite.checkpoint.commands import main as checkpoint_main
+from megatron_lite.checkpoint.optim_state import full_optimizer_state
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.parallel import ParallelContext, full_state_dict, gather_from_tp_region
 from megatron_lite.train import main as train_main
-from megatron_lite.training.checkpoint import load_checkpoint
-from megatron_lite.training.optim_state import full_optimizer_state
 from megatron_lite.training.trainer import Trainer
 from tests.training.conftest import gpt_yaml, tiny_overrides
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lite.checkpoint import resolve_checkpoint
 from megatron_lite.config import load_config
-from megatron_lite.training.checkpoint import resolve_checkpoint
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
 from tests.training.conftest import tiny_overrides

@@ -225,7 +225,7 @@ def test_a_hugging_face_teacher_and_a_student_transformers_reads(teacher_run, gp
                          str(tmp_path / "hf")]) == 0
     cfg = load_config(tmp_path / "student/config.yaml")
     ours = build_model(cfg.model, ParallelContext())
-    from megatron_lite.training.checkpoint import load_checkpoint
+    from megatron_lite.checkpoint import load_checkpoint
 
     load_checkpoint(tmp_path / "student", ours, ParallelContext())
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from megatron_lite.checkpoint import load_file
 from megatron_lite.config import ConfigError, ModelConfig, load_config
 from megatron_lite.models import GPTModel
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.training.checkpoint import load_file
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.trainer import Trainer
 from tests.training.conftest import tiny_overrides

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.evaluate import main as evaluate_main
@@ -14,7 +15,6 @@ from megatron_lite.models import build_model
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.prune import main as prune_main
 from megatron_lite.train import main as train_main
-from megatron_lite.training.checkpoint import load_checkpoint
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import gather_full, max_dev
 from tests.training.conftest import gpt_yaml, tiny_overrides

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lite.checkpoint import read_meta
 from megatron_lite.train import main as train_main
-from megatron_lite.training.checkpoint import read_meta
 from megatron_lite.training.schedule import learning_rate
 from tests.training.conftest import gpt_yaml, tiny_overrides
 

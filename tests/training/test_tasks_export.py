@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.data.tokenizer import build_tokenizer
@@ -23,7 +24,6 @@ from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.tasks import lambada, wikitext, windows
 from megatron_lite.train import main as train_main
-from megatron_lite.training.checkpoint import load_checkpoint
 from preprocessing.__main__ import main as preprocess_main
 from tests.training.conftest import gpt_yaml, tiny_overrides
 

@@ -10,11 +10,11 @@ loads like any other checkpoint (``evaluate``, ``generate``, ``convert --to-hf``
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from megatron_lite.checkpoint.average import average_checkpoints
+from megatron_lite.checkpoint.format import list_checkpoints
 from megatron_lite.cli import run_cli
-from megatron_lite.training.checkpoint import average_checkpoints, list_checkpoints
 
 
 def main(argv=None) -> int:
@@ -37,6 +37,3 @@ def main(argv=None) -> int:
 
     return run_cli(body)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_lite.checkpoint.optim_state import full_optimizer_state, load_full_optimizer_state
 from megatron_lite.config import Config, save_config
-from megatron_lite.files import atomic_write, publish, temp_name, written_dir
+from megatron_lite.files import atomic_write, publish, temp_name
 from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
 from megatron_lite.parallel.random import rng_state, set_rng_state
-from megatron_lite.training.optim_state import full_optimizer_state, load_full_optimizer_state
 
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -198,30 +198,6 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
                   "Transformer-XL memory starts empty), so the continuation is not bitwise "
                   "identical", flush=True)
     return meta
-
-
-def average_checkpoints(paths: list[Path], out: Path) -> Path:
-    """Average the model parameters of several checkpoints into a new one (no optimizer)."""
-    if not paths:
-        raise CheckpointError("nothing to average")
-    total = None
-    for p in paths:
-        state = load_file(p / "model.pt")
-        if total is None:
-            total = {k: v.double().clone() for k, v in state.items()}
-        else:
-            if state.keys() != total.keys():
-                raise CheckpointError(f"{p}/model.pt: parameters differ from {paths[0]}")
-            for k, v in state.items():
-                total[k] += v.double()
-    averaged = {k: (v / len(paths)).to(state[k].dtype) for k, v in total.items()}  # last's
-    meta = read_meta(paths[-1])
-    meta.update(averaged_from=[str(p) for p in paths])
-    with written_dir(out) as tmp:
-        torch.save(averaged, tmp / "model.pt")
-        shutil.copy(paths[-1] / "config.yaml", tmp / "config.yaml")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
