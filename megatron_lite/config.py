@@ -82,8 +82,10 @@ class ModelConfig:
     attention_dropout: float = 0.1  # dropout on attention probabilities
     init_std: float = 0.02  # N(0, std) init; residual output layers / sqrt(2N)
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
+    normalization: str = "layernorm"  # the norm part (megatron_lite/models/norms.py)
     layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
-    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2 "gelu_new") | gelu (exact, BERT)
+    activation: str = "gelu_tanh"  # the MLP part: gelu_tanh (GPT-2 "gelu_new") | gelu (BERT)
+    attention_core: str = "sdpa"  # sdpa (flash/fused where available) | math (written out)
     # residual sublayers bottom to top: s = self-attention, f = feed-forward;
     # empty = "sf" * num_layers (ordinary layers). At most one of these three orders:
     sublayer_pattern: str = ""  # e.g. "sfsfsf"; empty: "sf" * num_layers
@@ -261,6 +263,7 @@ class Config:
         # which keys a file or an override set, and where ("section.key" -> "FILE" or
         # "override 'k=v'"): not part of the tree, for messages and explicit-value checks
         self.explicit: dict[str, str] = {}
+        self.resolved = False  # set by megatron_lite.resolve.resolve_config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,8 +271,10 @@ class Config:
     def problems(self) -> list[str]:
         """Every value choice or combination that cannot work, one message each.
 
-        The parallel layout (TP x DP over a world size) is checked by
-        :func:`megatron_lite.run.check_config`, which adds these.
+        The model's parts (position scheme, attention core, normalization, MLP) check
+        their own keys (:mod:`megatron_lite.models.registry`), and the parallel layout
+        (TP x DP over a world size) is checked by :func:`megatron_lite.resolve.check_config`,
+        which adds both to these.
         """
         problems = []
         for key, allowed in CHOICES.items():
@@ -297,10 +302,8 @@ class Config:
         if t.phase2_seq_length and t.phase2_seq_length > m.max_position_embeddings:
             problems.append(f"train.phase2_seq_length={t.phase2_seq_length} exceeds "
                             f"model.max_position_embeddings={m.max_position_embeddings}")
-        problems += _xl_problems(self)
-        if m.seq_length > m.max_position_embeddings and m.position_embedding == "learned":
-            problems.append(f"model.seq_length={m.seq_length} exceeds "
-                            f"model.max_position_embeddings={m.max_position_embeddings}")
+        if self.data.ordering == "consecutive" and m.arch != "gpt":
+            problems.append("data.ordering=consecutive is for GPT only")
         return problems
 
     def validate(self) -> Config:
@@ -308,43 +311,6 @@ class Config:
         if problems := self.problems():
             raise ConfigError("; ".join(problems))
         return self
-
-
-def _xl_problems(cfg: Config) -> list[str]:
-    """Transformer-XL settings that cannot work (see megatron_lite/models/relative.py)."""
-    m, problems = cfg.model, []
-    if m.position_embedding == "relative":
-        if m.arch != "gpt":
-            problems.append("model.position_embedding=relative is for GPT only (model.arch=gpt)")
-        if m.layernorm_order != "pre":
-            problems.append("model.position_embedding=relative is built pre-LN "
-                            "(model.layernorm_order=pre)")
-    if m.clamp_len > 0 and m.position_embedding != "relative":
-        problems.append(f"model.clamp_len={m.clamp_len} caps relative distances: it needs "
-                        "model.position_embedding=relative")
-    if m.mem_len < 0 or m.clamp_len < 0:
-        problems.append("model.mem_len and model.clamp_len must be >= 0")
-    if m.mem_len > 0 and m.position_embedding != "relative":
-        problems.append(f"model.mem_len={m.mem_len} needs model.position_embedding=relative "
-                        "(absolute positions cannot be continued across segments)")
-    if m.adaptive_span:
-        if m.position_embedding != "relative":
-            problems.append("model.adaptive_span needs model.position_embedding=relative "
-                            "(the span reaches back into Transformer-XL's memory)")
-        if m.attn_span <= 0:
-            problems.append("model.adaptive_span needs model.attn_span > 0 (the largest span)")
-        elif m.adaptive_span_ramp >= m.attn_span or m.adaptive_span_ramp <= 0:
-            problems.append(f"model.adaptive_span_ramp={m.adaptive_span_ramp} must be in (0, "
-                            f"model.attn_span={m.attn_span})")
-        if m.mem_len and m.mem_len != m.attn_span:
-            problems.append(f"model.mem_len={m.mem_len} with model.attn_span={m.attn_span}: the "
-                            "memory must hold the largest span (leave mem_len 0 to set it)")
-        if not 0.0 <= m.adaptive_span_init <= 1.0:
-            problems.append(f"model.adaptive_span_init={m.adaptive_span_init} is a fraction "
-                            "of model.attn_span, in [0, 1]")
-    if cfg.data.ordering == "consecutive" and m.arch != "gpt":
-        problems.append("data.ordering=consecutive is for GPT only")
-    return problems
 
 
 def _order_problems(m: ModelConfig) -> list[str]:
@@ -391,11 +357,9 @@ def _order_problems(m: ModelConfig) -> list[str]:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.layerdrop_granularity": ("layer", "sublayer"),
-    "model.position_embedding": ("learned", "relative"),
     "data.ordering": ("shuffled", "consecutive"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
-    "model.activation": ("gelu_tanh", "gelu"),
     "parallel.engine": ("ddp", "deepspeed"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),

@@ -32,7 +32,8 @@ from megatron_lite.config import Config, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.run import build_run, tokenizer_from_config
+from megatron_lite.resolve import tokenizer_from_config
+from megatron_lite.run import build_run
 
 
 def _hf_model(hf_dir: Path):

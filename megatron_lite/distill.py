@@ -38,8 +38,8 @@ from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.models import build_model
+from megatron_lite.models.attention import SelfAttention
 from megatron_lite.models.relations import minilm_losses, minilmv2_losses
-from megatron_lite.models.transformer import SelfAttention
 from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.training.trainer import Trainer

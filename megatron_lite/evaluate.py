@@ -34,6 +34,7 @@ from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import parallel_session, read_launch_env
 from megatron_lite.run import build_run
+from megatron_lite.training.evaluation import evaluate
 
 
 def main(argv=None) -> int:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
                 result = {"step": step, **tasks.lambada(run, a.input)}
                 result.pop("predictions")
             else:
-                result = {"split": a.split, "step": step, **run.evaluate(a.split, a.iters)}
+                result = {"split": a.split, "step": step, **evaluate(run, a.split, a.iters)}
             if ctx.is_main:
                 print(json.dumps(result))
 

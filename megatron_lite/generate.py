@@ -20,14 +20,14 @@ from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import GPTModel, KVCache
-from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelContext,
     gather_from_tp_region,
     parallel_session,
     read_launch_env,
 )
-from megatron_lite.run import build_run, names_tokenizer
+from megatron_lite.resolve import names_tokenizer
+from megatron_lite.run import build_run
 
 
 def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, temperature: float,
@@ -58,25 +58,25 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
     cached keys/values of the earlier ones. Past ``max_position_embeddings`` the context
     is the last window of tokens, recomputed at every step (as without the cache).
 
-    A relative-position (Transformer-XL) model caches with its memory instead: the last
-    ``mem_len`` (else ``max_position_embeddings``) positions of every attention
-    sublayer's input, carried forever; without the cache each step recomputes the last
-    ``that + 1`` tokens (the same tokens while nothing has been dropped from the memory).
+    A model whose position scheme carries a memory (Transformer-XL) caches with it
+    instead (:meth:`PositionScheme.decoding_memory`: the last ``mem_len``, else
+    ``max_position_embeddings``, positions of every attention sublayer's input, carried
+    forever); without the cache each step recomputes the last ``that + 1`` tokens (the
+    same tokens while nothing has been dropped from the memory).
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
-    relative = model.cfg.position_embedding == "relative"
     window = model.cfg.max_position_embeddings
-    if relative:
-        context = model.cfg.mem_len or window
-        window = context + 1
+    memory = model.positions.decoding_memory(window)
+    if memory is not None:
+        window = memory.mem_len + 1
     vocab = model.cfg.vocab_size
     cache = None
     for _ in range(max_new_tokens):
-        if relative and use_cache:
+        if memory is not None and use_cache:
             if cache is None:
-                cache = Memory(context)
+                cache = memory
                 x = torch.tensor([ids], device=ctx.device)
             else:
                 x = torch.tensor([ids[-1:]], device=ctx.device)

@@ -41,20 +41,23 @@ device's peak and adds the TP and DP all-reduces at link bandwidth with no overl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
-import re
 import sys
-from collections.abc import Iterator
 
 import torch
 
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.devices import DEVICES, host_memory
+from megatron_lite.memory import parse_memory as memory_size
+from megatron_lite.memory import saved_tensor_bytes
+from megatron_lite.models import build_model, model_problems
+from megatron_lite.parallel import ParallelContext
+from megatron_lite.resolve import resolve_global_batch
 from megatron_lite.training.metrics import model_flops_per_step
+from megatron_lite.training.precision import autocast
 
 GiB = 2**30
 MFU = 0.4  # assumed model FLOPs utilization of the step-time estimate
@@ -75,16 +78,12 @@ class PlanError(ValueError):
 
 
 def parse_memory(text: str) -> int:
-    """``80GiB``, ``80G`` (binary, as nvidia-smi and docker mean it), ``80GB`` (decimal),
-    ``81920M``, ``1T`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
-    if not match or not match.group(2) and match.group(3):
+    """``--device`` as a memory size (:func:`megatron_lite.memory.parse_memory`)."""
+    try:
+        return memory_size(text)
+    except ValueError:
         raise PlanError(f"--device {text!r}: not a device ({', '.join(DEVICES)}) or a memory "
-                        "size like 80GiB, 80G, 80GB, 81920M")
-    value, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
-    power = "KMGT".index(unit) + 1 if unit else 0
-    base = 1000 if suffix.upper() == "B" else 1024  # GB decimal; G, GiB binary
-    return int(value * base**power)
+                        "size like 80GiB, 80G, 80GB, 81920M") from None
 
 
 def device_spec(name: str) -> dict:
@@ -106,9 +105,6 @@ def _padded(vocab: int, multiple: int) -> int:
 def count_parameters(cfg: Config, tp: int) -> dict:
     """Total parameters at TP ``tp`` (vocab padded for it), per TP rank, and the word
     embedding's share, from the model built on the meta device."""
-    from megatron_lite.models import build_model
-    from megatron_lite.parallel import ParallelContext
-
     m = cfg.model
     model = build_model(m, ParallelContext(), device="meta")
     vocab_tp = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp)
@@ -336,14 +332,12 @@ def main(argv=None) -> int:
 
     def body() -> None:
         cfg = load_config(a.config, a.overrides)
-        if problems := cfg.problems():
+        if problems := cfg.problems() + model_problems(cfg):  # the layout: below
             raise ConfigError("; ".join(problems))
         tp = a.tp or cfg.parallel.tensor_parallel_size
         if tp < 1 or a.dp < 1:
             raise PlanError("--tp and --dp must be >= 1")
         cfg.parallel.tensor_parallel_size = tp
-        from megatron_lite.training.probe import resolve_global_batch
-
         resolve_global_batch(cfg, a.dp)  # train.global_batch_tokens -> samples
         if cfg.train.micro_batch_size == 0:  # auto: plan micro-batch 1, report the largest
             cfg.train.micro_batch_size = 1
@@ -360,29 +354,10 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-@contextlib.contextmanager
-def saved_tensor_bytes(model) -> Iterator[dict[int, int]]:
-    """Count what autograd saves for backward inside the block: ``{storage pointer: bytes}``
-    of every distinct storage, the model's parameters removed at the end."""
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield saved
-    for p in model.parameters():
-        saved.pop(p.untyped_storage().data_ptr(), None)
-
-
 def measured_activation_bytes(model, batch: dict, precision: str, device) -> int:
     """The bytes autograd keeps for backward after one forward of ``batch`` (every
     distinct storage saved, parameters excluded): what :func:`activation_bytes` predicts
     without the recomputation peak. Collective when the model is tensor parallel."""
-    from megatron_lite.training.precision import autocast
-
     model.train()
     with saved_tensor_bytes(model) as saved:
         with autocast(precision, device):

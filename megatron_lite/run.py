@@ -6,19 +6,17 @@
 
 Every command builds through here (train, evaluate, generate, and the commands that
 build models without training), so a model, its data and its batches are made the same
-way everywhere. The :class:`~megatron_lite.training.trainer.Trainer` adds what only
-training needs: the optimizer, the engine (DDP or DeepSpeed ZeRO), checkpoints and the
-loop. Nothing here writes a file except the datasets' index caches.
+way everywhere; the config is resolved first (:mod:`megatron_lite.resolve`). The
+:class:`~megatron_lite.training.trainer.Trainer` adds what only training needs: the
+optimizer, the engine (DDP or DeepSpeed ZeRO), checkpoints and the loop; evaluation is
+:mod:`megatron_lite.training.evaluation`. Nothing here writes a file except the datasets'
+index caches.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import math
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,48 +27,12 @@ from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
-from megatron_lite.data.stream import ConsecutiveGPTDataset, TokenStream
-from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.data.stream import ConsecutiveGPTDataset
+from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.models import build_model
-from megatron_lite.models.relative import Memory
-from megatron_lite.parallel import (
-    ParallelConfigError,
-    ParallelContext,
-    validate_parallel_config,
-    vocab_parallel_cross_entropy,
-)
+from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.training.precision import autocast
-
-
-def names_tokenizer(cfg: Config) -> bool:
-    """Whether ``data.*`` names a tokenizer (a type and its files)."""
-    d = cfg.data
-    return bool(d.tokenizer_type and (d.vocab_file or d.tokenizer_model))
-
-
-def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
-    """The tokenizer named in ``data.*``, or None when the config names none."""
-    d = cfg.data
-    if not names_tokenizer(cfg):
-        return None
-    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
-
-
-def check_config(cfg: Config, world_size: int) -> None:
-    """The config's own checks plus the TP x DP layout over ``world_size``: one
-    :class:`ConfigError` naming every problem."""
-    problems = cfg.problems()
-    m, t = cfg.model, cfg.train
-    try:
-        validate_parallel_config(
-            world_size, cfg.parallel.tensor_parallel_size, hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
-            global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
-    except ParallelConfigError as err:
-        problems.append(str(err))
-    if problems:
-        raise ConfigError("; ".join(problems))
+from megatron_lite.resolve import resolve_config
 
 
 def error_sync(ctx: ParallelContext) -> Callable[[str | None], str | None]:
@@ -100,6 +62,7 @@ class Run:
     model: nn.Module
     train_data: object | None = None
     valid_data: object | None = None
+    notes: list[str] = field(default_factory=list)  # what resolving the config decided
 
     @property
     def accum(self) -> int:
@@ -181,127 +144,16 @@ class Run:
         """The mean of a scalar over the DP group (every rank gets it)."""
         return (all_reduce(value.detach().clone(), self.ctx.dp_group) / self.ctx.dp_size).item()
 
-    # ----------------------------------------------------------------------- evaluation
-
-    @torch.no_grad()
-    def evaluate_stream(self, split: str = "valid", max_tokens: int | None = None,
-                        precision=None) -> dict:
-        """Transformer-XL's evaluation: the split's token stream (or its first
-        ``max_tokens`` targets) in consecutive segments of ``model.seq_length``, every
-        target predicted exactly once, the memory (``model.mem_len``) carried from segment
-        to segment. The stream is cut into ``micro_batch_size x DP`` lanes (each starts
-        without memory). Returns loss, perplexity, targets and tokens/s. A model with learned
-        positions can be read this way too (each segment alone): the baseline of the
-        Transformer-XL comparison."""
-        precision = precision or (lambda: autocast(self.cfg.train.precision, self.ctx.device))
-        cfg, ctx, model = self.cfg, self.ctx, self.model
-        indexed = IndexedDataset(cfg.data.data_path)
-        index = {"train": 0, "valid": 1, "test": 2}[split]
-        stream = TokenStream(indexed, split_ranges(indexed.num_documents, cfg.data.split)[index],
-                             split)
-        total = stream.num_tokens - 1  # every token after the first is a target
-        if max_tokens:
-            total = min(total, max_tokens)
-        mb, seg = cfg.train.micro_batch_size, cfg.model.seq_length
-        lanes = mb * ctx.dp_size
-        lane = -(-total // lanes)  # targets per lane (the last lane may hold fewer)
-        inputs = np.zeros((mb, lane), dtype=np.int64)
-        labels = np.full((mb, lane), -100, dtype=np.int64)
-        for row in range(mb):  # this DP rank's lanes
-            start = (ctx.dp_rank * mb + row) * lane
-            n = max(0, min(lane, total - start))
-            if n:
-                tokens = stream.read(start, n + 1)
-                inputs[row, :n], labels[row, :n] = tokens[:-1], tokens[1:]
-        inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
-        # a learned-position model reads each segment alone (positions 0..seg-1)
-        memory = Memory(cfg.model.mem_len) if cfg.model.position_embedding == "relative" else None
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, targets
-        tick = time.perf_counter()
-        for start in range(0, lane, seg):
-            ids = inputs[:, start:start + seg].to(ctx.device)
-            target = labels[:, start:start + seg].to(ctx.device)
-            with precision():
-                logits = model(ids, memory=memory)  # [mb, seg, V/tp]
-            sums[0] += vocab_parallel_cross_entropy(logits.float(), target, ctx.tp_group,
-                                                    vocab_size=cfg.model.vocab_size,
-                                                    reduction="sum").double()
-            sums[1] += (target != -100).sum()
-        loss_sum, count = all_reduce(sums, ctx.dp_group).tolist()
-        seconds = time.perf_counter() - tick
-        loss = loss_sum / max(count, 1)
-        return {"tokens": int(count), "segment": seg, "mem_len": cfg.model.mem_len,
-                "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "tokens_per_sec": count / seconds}
-
-    @torch.no_grad()
-    def evaluate(self, split: str = "valid", iters: int | None = None,
-                 precision: Callable[[], contextlib.AbstractContextManager] | None = None
-                 ) -> dict:
-        """Metrics of the model on ``iters`` global batches (default ``eval_iters``) of a
-        split, the same samples at every TP/DP layout; ``global_batches`` and ``samples``
-        say how much was read.
-
-        GPT: ``loss`` and ``perplexity``. BERT: ``loss`` (MLM + NSP, what training
-        minimizes), ``mlm_loss``, ``nsp_loss``, ``mlm_accuracy`` on the masked positions
-        and ``nsp_accuracy`` (:meth:`BertModel.stats`). Leaves the model in eval mode.
-
-        Args:
-            split: ``valid`` or ``train``.
-            iters: global batches to read.
-            precision: the autocast context to run in (default: ``train.precision``'s).
-        """
-        cfg, ctx, model = self.cfg, self.ctx, self.model
-        precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
-        if cfg.model.position_embedding == "relative":  # None: the whole split
-            t = cfg.train
-            return self.evaluate_stream(
-                split, iters and iters * t.global_batch_size * cfg.model.seq_length, precision)
-        iters = iters or cfg.train.eval_iters
-        data = self.valid_data if split == "valid" else self.train_data
-        if data is None:
-            raise IndexedDataError(f"the {split} split is empty")
-        bert = cfg.model.arch == "bert"
-        model.eval()
-        # loss sum, micro-batches, samples, then BERT's stats summed over micro-batches
-        sums = torch.zeros(3 + 6 * bert, dtype=torch.float64, device=ctx.device)
-        for batch in itertools.islice(self.batches(data), iters * self.accum):
-            batch = self.to_device(batch)
-            with precision():
-                loss = model(**batch)
-            sums[:3] += torch.stack([loss.detach().double(), sums.new_tensor(1.0),
-                                     sums.new_tensor(float(len(batch["input_ids"])))])
-            if bert:
-                sums[3:] += model.last_stats
-        sums = all_reduce(sums, ctx.dp_group).tolist()
-        loss, micro = sums[0] / sums[1], sums[1]
-        out = {"global_batches": iters, "samples": int(sums[2]), "loss": loss}
-        if bert:
-            return {**out, **bert_metrics(sums[3:], micro)}
-        return {**out, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def bert_metrics(stats, micro_batches: float) -> dict:
-    """``mlm_loss``, ``nsp_loss`` (means over micro-batches), ``mlm_accuracy`` and
-    ``nsp_accuracy`` from :meth:`BertModel.stats` summed over ``micro_batches``."""
-    mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n = stats
-    return {"mlm_loss": mlm_loss / micro_batches, "nsp_loss": nsp_loss / micro_batches,
-            "mlm_accuracy": mlm_ok / max(mlm_n, 1), "nsp_accuracy": nsp_ok / max(nsp_n, 1)}
-
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
               data: bool = True, make_model: Callable | None = None) -> Run:
-    """Check ``cfg`` against ``ctx``'s grid, then build tokenizer, model and datasets.
-
-    Sets ``model.vocab_size`` from the tokenizer when ``data`` names tokenizer files (a
-    file or override that set another value is an error),
-    ``model.sublayer_pattern`` to the order a sandwich or PAR key chose, and seeds ``ctx``
-    with ``train.seed`` before the model is drawn (so a model is the same at every TP
-    size). Raises one-line ``ValueError``s (config, layout, data, tokenizer).
+    """Resolve ``cfg`` for ``ctx``'s grid (:func:`megatron_lite.resolve.resolve_config`,
+    once), then build tokenizer, model and datasets. Seeds ``ctx`` with ``train.seed``
+    before the model is drawn (so a model is the same at every TP size). Raises one-line
+    ``ValueError``s (config, layout, data, tokenizer).
 
     Args:
-        cfg: the resolved config (changed in place: the tokenizer's vocab size).
+        cfg: the config (resolved in place if it was not).
         ctx: the parallel context of this job.
         training: for a training run the validation split is built only when the run
             evaluates (``train.eval_interval``); otherwise whenever ``eval_iters`` > 0.
@@ -309,28 +161,10 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
         make_model: ``make_model(model_cfg, ctx, device)`` instead of ``build_model`` (the
             PAR search's supernet), drawn after the same seeding.
     """
-    tokenizer = tokenizer_from_config(cfg)
-    if tokenizer is not None:
-        where = cfg.explicit.get("model.vocab_size")
-        if where and cfg.model.vocab_size != tokenizer.vocab_size:
-            raise ConfigError(
-                f"{where}: model.vocab_size={cfg.model.vocab_size} but the tokenizer "
-                f"({cfg.data.vocab_file or cfg.data.tokenizer_model}) has "
-                f"{tokenizer.vocab_size} tokens: leave model.vocab_size out (it is the "
-                "tokenizer's) or use the tokenizer it was meant for")
-        cfg.model.vocab_size = tokenizer.vocab_size
-    check_config(cfg, ctx.world_size)
-    m = cfg.model
-    if (m.sandwich_coefficient or m.par_ratio) and not m.sublayer_pattern:
-        m.sublayer_pattern = m.pattern  # written into config.yaml: later commands rebuild it
-    if m.adaptive_span and not m.mem_len:
-        m.mem_len = m.attn_span  # the memory holds the largest span
-    if cfg.parallel.tensor_parallel_size != ctx.tp_size:
-        raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
-                          f" but the job was started with TP={ctx.tp_size}")
+    tokenizer, run_notes = resolve_config(cfg, ctx)
     ctx.seed(cfg.train.seed)
     model = (make_model or build_model)(cfg.model, ctx, device=ctx.device)
-    run = Run(cfg, ctx, tokenizer, model)
+    run = Run(cfg, ctx, tokenizer, model, notes=run_notes)
     if data:
         validation = not training or cfg.train.eval_interval > 0
         run.train_data, run.valid_data = run.datasets(validation=validation)

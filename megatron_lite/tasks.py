@@ -162,9 +162,7 @@ def lambada(run, path: str | Path, progress: bool = True) -> dict:
     _check_gpt(run)
     cfg, ctx, model = run.cfg, run.ctx, run.model
     path = Path(path)
-    items, skipped = lambada_items(path, run.tokenizer, cfg.model.max_position_embeddings
-                                   if cfg.model.position_embedding == "learned"
-                                   else cfg.model.seq_length)
+    items, skipped = lambada_items(path, run.tokenizer, model.positions.context_limit())
     mb = cfg.train.micro_batch_size
     indices = list(range(ctx.dp_rank, len(items), ctx.dp_size))
     correct = torch.zeros(len(items), dtype=torch.float64, device=ctx.device)

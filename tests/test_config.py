@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_lite.config import Config, ConfigError, load_config, save_config
-from megatron_lite.run import check_config
+from megatron_lite.resolve import check_config
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -29,6 +29,7 @@ from megatron_lite.config import Config, load_config  # noqa: E402
 from megatron_lite.files import atomic_write  # noqa: E402
 from megatron_lite.parallel import ParallelContext  # noqa: E402
 from megatron_lite.run import build_run  # noqa: E402
+from megatron_lite.training import evaluation  # noqa: E402
 from megatron_lite.training.trainer import Trainer  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
@@ -153,7 +154,7 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20,
     ctx = ParallelContext()
     run = build_run(cfg, ctx, training=False)
     load_checkpoint(ckpt or run_dir, run.model, ctx)
-    return run.evaluate("valid", iters)
+    return evaluation.evaluate(run, "valid", iters)
 
 
 def stream_eval(run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -163,7 +164,7 @@ def stream_eval(run_dir: Path, overrides: list[str] | None = None) -> dict:
     ctx = ParallelContext()
     run = build_run(cfg, ctx, data=False)
     load_checkpoint(run_dir, run.model, ctx)
-    return run.evaluate_stream("valid")
+    return evaluation.evaluate_stream(run, "valid")
 
 
 def save_figure(fig, name: str) -> Path:

@@ -28,6 +28,7 @@ from megatron_lite.config import load_config
 from megatron_lite.distill import Distiller
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
+from megatron_lite.training import evaluation
 from megatron_lite.training.trainer import Trainer
 
 STUDENT = {"model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4}
@@ -73,9 +74,9 @@ def evaluate(run_dir: Path) -> dict:
     ctx = ParallelContext()
     r = build_run(cfg, ctx, training=False)
     load_checkpoint(run_dir, r.model, ctx)
-    out = r.evaluate("valid", ITERS)
+    out = evaluation.evaluate(r, "valid", ITERS)
     tick = time.perf_counter()
-    r.evaluate("valid", ITERS)
+    evaluation.evaluate(r, "valid", ITERS)
     out["eval_seconds"] = time.perf_counter() - tick
     return out
 

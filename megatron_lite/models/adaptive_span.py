@@ -19,7 +19,9 @@ import math
 import torch
 from torch import nn
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import Config, ModelConfig
+from megatron_lite.models.attention import AttentionCore
+from megatron_lite.models.registry import ATTENTION_CORES
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import MAX, all_gather, all_reduce
 from megatron_lite.parallel.layers import mark_tp
@@ -34,16 +36,44 @@ def span_mask(distance: torch.Tensor, z: torch.Tensor, ramp: int) -> torch.Tenso
     return ((ramp + z - distance) / ramp).clamp(0.0, 1.0)
 
 
-class AdaptiveSpan(nn.Module):
-    """The spans of one attention sublayer's heads (this TP rank's ``heads/tp``).
+@ATTENTION_CORES.register("adaptive_span")
+class AdaptiveSpan(AttentionCore):
+    """The attention core of ``model.adaptive_span=true``: the spans of one attention
+    sublayer's heads (this TP rank's ``heads/tp``) and attention through their masks.
 
     Args:
         cfg: ``attn_span``, ``adaptive_span_ramp``, ``adaptive_span_init``.
         ctx: the parallel context (the heads are split over its TP group).
     """
 
+    attr = "adaptive"  # SelfAttention.adaptive (the state-dict name of the spans)
+
+    @classmethod
+    def problems(cls, cfg: Config) -> list[str]:
+        m, problems = cfg.model, []
+        if m.position_embedding != "relative":
+            problems.append("model.adaptive_span needs model.position_embedding=relative "
+                            "(the span reaches back into Transformer-XL's memory)")
+        if m.attn_span <= 0:
+            problems.append("model.adaptive_span needs model.attn_span > 0 (the largest span)")
+        elif m.adaptive_span_ramp >= m.attn_span or m.adaptive_span_ramp <= 0:
+            problems.append(f"model.adaptive_span_ramp={m.adaptive_span_ramp} must be in (0, "
+                            f"model.attn_span={m.attn_span})")
+        if m.mem_len and m.mem_len != m.attn_span:
+            problems.append(f"model.mem_len={m.mem_len} with model.attn_span={m.attn_span}: the "
+                            "memory must hold the largest span (leave mem_len 0 to set it)")
+        if not 0.0 <= m.adaptive_span_init <= 1.0:
+            problems.append(f"model.adaptive_span_init={m.adaptive_span_init} is a fraction "
+                            "of model.attn_span, in [0, 1]")
+        return problems
+
+    @classmethod
+    def resolve(cls, m: ModelConfig) -> None:
+        if not m.mem_len:
+            m.mem_len = m.attn_span  # the memory holds the largest span
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
-        super().__init__()
+        super().__init__(cfg, ctx, device)
         local = divide(cfg.num_attention_heads, group_size(ctx.tp_group),
                        "model.num_attention_heads")
         self.span, self.ramp, self.tp_group = cfg.attn_span, cfg.adaptive_span_ramp, ctx.tp_group
@@ -66,6 +96,25 @@ class AdaptiveSpan(nn.Module):
         j = torch.arange(klen, device=device)[None, :]
         distance = (i - j).float()  # negative (future) keys are masked causally elsewhere
         return span_mask(distance[None], z[:, None, None], self.ramp)
+
+    def inputs(self) -> torch.Tensor:
+        """The spans, computed before the sublayer (see :meth:`AttentionCore.inputs`)."""
+        return self.z()
+
+    def forward(self, q, k, v, bias, causal, z=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + bias), times the heads' span masks (spans ``z``),
+        renormalised (as the author code: ``a * m / (sum(a * m) + 1e-8)``), dropout, times v.
+        ``bias`` holds the relative position scores and the causal mask (``-inf``)."""
+        z = self.z() if z is None else z
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5 + bias
+        probs = torch.softmax(scores.float(), dim=-1)  # [b, heads/tp, qlen, klen]
+        probs = probs * self.mask(q.shape[2], k.shape[2], z, q.device)
+        probs = (probs / (probs.sum(-1, keepdim=True) + 1e-8)).to(v.dtype)
+        probs = self.rng.dropout(probs, self.dropout_p, self.training)
+        return torch.matmul(probs, v)  # [b, heads/tp, qlen, d]
+
+    def memory_needed(self, mlen: int) -> int:
+        return self.keep(mlen)
 
     @torch.no_grad()
     def keep(self, mlen: int) -> int:

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.transformer import (
-    Transformer,
-    activation_fn,
-    embedding,
-    word_embedding,
-)
+from megatron_lite.models.embeddings import embedding, word_embedding
+from megatron_lite.models.mlp import activation_fn
+from megatron_lite.models.norms import norm
+from megatron_lite.models.positions import position_scheme
+from megatron_lite.models.transformer import Transformer
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
@@ -54,15 +53,15 @@ class BertModel(nn.Module):
         self.last_stats: torch.Tensor | None = None  # of the last forward with labels
         self.word = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.word.num_embeddings
-        self.position = embedding(cfg.max_position_embeddings, h, std, device)
+        self.positions = position_scheme(cfg)
+        self.position = self.positions.input_table(device)
         self.tokentype = embedding(cfg.num_tokentypes, h, std, device)
-        self.embed_ln = (nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)
-                         if cfg.layernorm_order == "post" else None)
+        self.embed_ln = norm(cfg, device) if cfg.layernorm_order == "post" else None
         self.transformer = Transformer(cfg, ctx, causal=False, device=device)
         # masked-LM head: dense + act + LayerNorm, then the tied, vocab-parallel decoder
         self.act = activation_fn(cfg.activation)
         self.lm_dense = _dense(h, h, std, device)
-        self.lm_ln = nn.LayerNorm(h, eps=cfg.layernorm_epsilon, device=device)
+        self.lm_ln = norm(cfg, device)
         self.lm_bias = nn.Parameter(torch.zeros(self.word.weight.shape[0], device=device))
         mark_tp(self.lm_bias, 0, vocab_dim=0)
         # next-sentence head on [CLS]
@@ -81,11 +80,10 @@ class BertModel(nn.Module):
             mlm_labels: ``[b, s]`` original ids at masked positions, ``-100`` elsewhere.
             nsp_labels: ``[b]``, 0 = B follows A, 1 = B is random.
         """
-        s = input_ids.shape[1]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        pos = torch.arange(s, device=input_ids.device)
-        x = self.word(input_ids) + self.position(pos) + self.tokentype(token_type_ids)  # [b, s, h]
+        x = self.positions.embed(self.position, self.word(input_ids))
+        x = x + self.tokentype(token_type_ids)  # [b, s, h]
         if self.embed_ln is not None:
             x = self.embed_ln(x)
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
@@ -135,3 +133,11 @@ class BertModel(nn.Module):
         if nsp_labels is not None:
             parts["nsp"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+
+def bert_metrics(stats, micro_batches: float) -> dict:
+    """``mlm_loss``, ``nsp_loss`` (means over micro-batches), ``mlm_accuracy`` and
+    ``nsp_accuracy`` from :meth:`BertModel.stats` summed over ``micro_batches``."""
+    mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n = stats
+    return {"mlm_loss": mlm_loss / micro_batches, "nsp_loss": nsp_loss / micro_batches,
+            "mlm_accuracy": mlm_ok / max(mlm_n, 1), "nsp_accuracy": nsp_ok / max(nsp_n, 1)}

@@ -1,4 +1,4 @@
-"""GPT-2: token + learned position embeddings, a causal pre-LN stack, tied output layer."""
+"""GPT-2: token embeddings (+ the position scheme's), a causal stack, tied output layer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.relative import Memory
-from megatron_lite.models.transformer import KVCache, Transformer, embedding, word_embedding
+from megatron_lite.models.attention import KVCache
+from megatron_lite.models.embeddings import word_embedding
+from megatron_lite.models.positions import position_scheme
+from megatron_lite.models.transformer import Transformer
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
@@ -31,13 +33,12 @@ class GPTModel(nn.Module):
         self.cfg, self.tp_group = cfg, ctx.tp_group
         self.wte = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.wte.num_embeddings
-        # relative positions (Transformer-XL): no absolute position embedding
-        self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std,
-                             device) if cfg.position_embedding == "learned" else None
+        self.positions = position_scheme(cfg)
+        self.wpe = self.positions.input_table(device)  # learned positions; else None
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, memory: Memory | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, memory=None) -> torch.Tensor:
         """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
 
         Args:
@@ -46,24 +47,11 @@ class GPTModel(nn.Module):
                 convention: the dataset shifts), ``-100`` where no loss is wanted.
             cache: a :class:`KVCache` for incremental decoding: ``input_ids`` continue the
                 cached positions, and their keys/values are added to it.
-            memory: relative positions only: a :class:`Memory` of the previous segments,
-                which ``input_ids`` continue; it is updated with this segment.
+            memory: a position scheme that carries one only (Transformer-XL): the memory
+                of the previous segments (:meth:`PositionScheme.new_memory`), which
+                ``input_ids`` continue; it is updated with this segment.
         """
-        s = input_ids.shape[1]
-        if self.wpe is None:
-            if cache is not None:
-                raise ValueError("model.position_embedding=relative caches with a Memory "
-                                 "(memory=...), not a KVCache")
-            x = self.wte(input_ids)  # [b, s, h]
-        else:
-            if memory is not None:
-                raise ValueError("a memory needs model.position_embedding=relative")
-            start = cache.length if cache is not None else 0
-            if start + s > self.cfg.max_position_embeddings:
-                raise ValueError(f"{start + s} positions exceed model.max_position_embeddings="
-                                 f"{self.cfg.max_position_embeddings}")
-            pos = torch.arange(start, start + s, device=input_ids.device)
-            x = self.wte(input_ids) + self.wpe(pos)  # [b, s, h]
+        x = self.positions.embed(self.wpe, self.wte(input_ids), cache, memory)  # [b, s, h]
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h]
         return self.logits(x) if labels is None else self.loss(x, labels)

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_lite.parallel import ParallelContext
+from megatron_lite.config import Config
+from megatron_lite.models.positions import PositionScheme, Segment
+from megatron_lite.models.registry import POSITIONS
+from megatron_lite.parallel import ColumnParallelLinear, ParallelContext
 from megatron_lite.parallel.layers import init_shard_, mark_tp, normal_init
 from megatron_lite.parallel.state import group_size
 from megatron_lite.parallel.utils import divide
@@ -118,3 +121,113 @@ class Memory:
         self.mem_len = state["mem_len"]
         self.layers = {int(k): v.to(device) for k, v in state["layers"].items()}
         self._staged = {}
+
+
+class _MemorySegment(Segment):
+    """One forward of a relative-position stack: each attention sublayer gets ``u``, ``v``
+    and its memory, and its input is staged as the next segment's memory (also when
+    LayerDrop skips it: every memory covers the same past)."""
+
+    def __init__(self, rel: RelativeBiases, memory: Memory | None):
+        self.rel, self.memory = rel, memory
+
+    def inputs(self, index, layer, x):
+        if getattr(layer, "kind", "s") != "s":
+            return ()
+        mem = None
+        if self.memory is not None:
+            mem = self.memory.get(index)
+            self.memory.stage(index, x)
+        return self.rel.u, self.rel.v, mem
+
+    def close(self):
+        if self.memory is not None:
+            self.memory.commit()
+
+
+@POSITIONS.register("relative")
+class RelativePositions(PositionScheme):
+    """Transformer-XL's relative positions and segment memory (see the module docstring)."""
+
+    carries_memory = True
+    requires = {"mem_len": "absolute positions cannot be continued across segments",
+                "clamp_len": "it caps relative distances"}
+
+    @classmethod
+    def problems(cls, cfg: Config) -> list[str]:
+        m, problems = cfg.model, []
+        if m.arch != "gpt":
+            problems.append("model.position_embedding=relative is for GPT only (model.arch=gpt)")
+        if m.layernorm_order != "pre":
+            problems.append("model.position_embedding=relative is built pre-LN "
+                            "(model.layernorm_order=pre)")
+        if m.mem_len < 0 or m.clamp_len < 0:
+            problems.append("model.mem_len and model.clamp_len must be >= 0")
+        return problems
+
+    def embed(self, table, x, cache=None, memory=None):
+        if cache is not None:
+            raise ValueError("model.position_embedding=relative caches with a Memory "
+                             "(memory=...), not a KVCache")
+        return x
+
+    def attention_flops(self, seq: int) -> float:
+        """Per token of the segment (adaptive span's trimming not counted): the
+        projections, the memory's Q/K/V too, W_R over every distance, then the content
+        scores, position scores and context."""
+        h, mem = self.cfg.hidden_size, self.cfg.mem_len
+        klen = seq + mem
+        return 8 * h * h + 6 * h * h * mem / seq + 2 * h * h * klen / seq + 6 * klen * h
+
+    def stack_module(self, ctx, device=None):
+        m = self.cfg
+        return RelativeBiases(m.num_attention_heads, m.hidden_size // m.num_attention_heads,
+                              m.init_std, ctx, device)
+
+    def segment(self, stack, memory=None):
+        return _MemorySegment(getattr(stack, self.stack_attr), memory)
+
+    def new_memory(self) -> Memory:
+        return Memory(self.cfg.mem_len)
+
+    def decoding_memory(self, window: int) -> Memory:
+        return Memory(self.cfg.mem_len or window)
+
+    def attention_modules(self, attn, ctx, device=None):
+        # W_R projects the distance encodings, split by heads like Q
+        attn.r_proj = ColumnParallelLinear(self.cfg.hidden_size, self.cfg.hidden_size,
+                                           bias=False, init_method=normal_init(self.cfg.init_std),
+                                           tp_group=ctx.tp_group, device=device)
+
+    def attention_input(self, x, attn, pos):
+        """``[memory, x]`` (the memory trimmed to what the core still reaches) and
+        ``(u, v, qlen)``."""
+        u, v, mem = pos
+        if mem is not None:
+            mem = mem[:, mem.shape[1] - attn.attention_core.memory_needed(mem.shape[1]):]
+        src = x if mem is None else torch.cat([mem.to(x.dtype), x], dim=1)
+        return src, (u, v, x.shape[1])
+
+    def attend(self, attn, q, k, v, mask, cache, index, *pos):
+        """``(q_i + u) k_j + (q_i + v) W_R R_{i-j}``: the queries are the last ``qlen`` of
+        the ``[memory, segment]`` positions; the position scores (``-inf`` in the future)
+        go to the core as an additive mask."""
+        u, bias_v, qlen = pos
+        s = q.shape[2]
+        q = q[:, :, s - qlen:]  # [b, heads/tp, qlen, d]
+        scores = position_scores(attn, q, bias_v, s - qlen, self.cfg.clamp_len)
+        return q + u[None, :, None, :], k, v, scores, False
+
+
+def position_scores(attn, q: torch.Tensor, v_bias: torch.Tensor, mlen: int,
+                    clamp_len: int) -> torch.Tensor:
+    """``(q_i + v) . W_R R_{i-j} / sqrt(d)`` for queries ``[b, heads/tp, qlen, d]`` against
+    ``mlen + qlen`` keys, ``-inf`` where key ``j`` is in the future of query ``i``."""
+    b, heads, qlen, d = q.shape
+    klen = mlen + qlen
+    r = relative_encoding(qlen, mlen, attn.r_proj.in_features, clamp_len, q.device)  # [klen, h]
+    r = attn.r_proj(r.to(attn.r_proj.weight.dtype)).view(klen, heads, d)  # [klen, H/tp, d]
+    raw = torch.matmul(q + v_bias[None, :, None, :], r.permute(1, 2, 0))  # by distance
+    scores = raw.gather(-1, shift_index(qlen, mlen, q.device).expand(b, heads, qlen, klen))
+    allowed = torch.ones(qlen, klen, dtype=torch.bool, device=q.device).tril(mlen)
+    return (scores / d ** 0.5).masked_fill(~allowed, float("-inf"))

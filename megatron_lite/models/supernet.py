@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.relative import Memory, RelativeBiases
+from megatron_lite.models.norms import norm
+from megatron_lite.models.positions import position_scheme
 from megatron_lite.models.transformer import Sublayer
 from megatron_lite.parallel import ParallelContext
 
@@ -65,10 +66,11 @@ class SuperTransformer(nn.Module):
         self.ffn = nn.ModuleList(Sublayer("f", sized, ctx, True, device) if "f" in branches
                                  else nn.Identity() for _ in range(blocks))
         self.alpha = nn.Parameter(torch.zeros(blocks, len(branches), device=device))
-        self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device)
-        self.rel = RelativeBiases(cfg.num_attention_heads,
-                                  cfg.hidden_size // cfg.num_attention_heads, cfg.init_std,
-                                  ctx, device) if cfg.position_embedding == "relative" else None
+        self.final_ln = norm(cfg, device)
+        self.positions = position_scheme(cfg)
+        shared = self.positions.stack_module(ctx, device)  # e.g. Transformer-XL's u, v
+        if shared is not None:
+            self.add_module(self.positions.stack_attr, shared)
         self.tau, self.hard, self.seed = 1.0, False, 0
         self.key: tuple[int, ...] | None = None  # (step, micro-batch), set before a forward
 
@@ -82,27 +84,23 @@ class SuperTransformer(nn.Module):
         return gumbel_softmax(self.alpha, self.tau, gen, self.hard)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None,
-                memory: Memory | None = None) -> torch.Tensor:
+                memory=None) -> torch.Tensor:
         if cache is not None:
             raise ValueError("the search supernet has no KV cache (generate with found.yaml)")
         w = self.weights()
-        u, v = (self.rel.u, self.rel.v) if self.rel is not None else (None, None)
+        segment = self.positions.segment(self, memory)
         for b, (attn, ffn) in enumerate(zip(self.attn, self.ffn, strict=True)):
             out = 0.0
             for k, branch in enumerate(self.branches):
                 if branch == "s":
-                    mem = None
-                    if memory is not None:
-                        mem = memory.get(b)
-                        memory.stage(b, x)
-                    out = out + w[b, k] * attn(x, mask, None, b, u, v, mem)
+                    pos = segment.inputs(b, attn, x)
+                    out = out + w[b, k] * attn(x, mask, None, b, None, *pos)
                 elif branch == "f":
                     out = out + w[b, k] * ffn(x)
                 else:
                     out = out + w[b, k] * x
             x = out  # [b, s, h]
-        if memory is not None:
-            memory.commit()
+        segment.close()
         return self.final_ln(x)
 
     def pattern(self) -> str:

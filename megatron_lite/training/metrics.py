@@ -10,6 +10,7 @@ import torch
 
 from megatron_lite.devices import device_for_cuda_name
 from megatron_lite.files import atomic_path, atomic_write
+from megatron_lite.models.positions import position_scheme
 
 
 def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
@@ -32,12 +33,8 @@ def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
     skipped ones too (the expected cost is lower by about ``p``).
     """
     h, pattern, vocab = cfg.hidden_size, cfg.pattern, cfg.vocab_size
-    attention, ffn = 8 * h * h + 4 * seq * h, 4 * h * cfg.ffn_size
-    if cfg.position_embedding == "relative":  # Transformer-XL, per token of the segment:
-        mem, klen = cfg.mem_len, seq + cfg.mem_len  # (adaptive span's trimming not counted)
-        attention = (8 * h * h + 6 * h * h * mem / seq  # projections, memory's Q/K/V too
-                     + 2 * h * h * klen / seq  # W_R over every distance
-                     + 6 * klen * h)  # content scores, position scores, context
+    # the attention's depends on the position scheme (Transformer-XL's memory, W_R)
+    attention, ffn = position_scheme(cfg).attention_flops(seq), 4 * h * cfg.ffn_size
     per_token = pattern.count("s") * attention + pattern.count("f") * ffn + 2 * h * vocab
     return 3 * global_batch * seq * per_token
 

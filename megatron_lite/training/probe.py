@@ -23,42 +23,19 @@ import copy
 
 import torch
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import ConfigError
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
+from megatron_lite.memory import parse_memory, saved_tensor_bytes
 from megatron_lite.parallel.comm import MIN, all_reduce
 from megatron_lite.parallel.random import rng_state, set_rng_state
-from megatron_lite.plan import saved_tensor_bytes
 
 MARGIN = 0.1
 
 
-def resolve_global_batch(cfg: Config, dp: int) -> str | None:
-    """``train.global_batch_tokens`` -> ``global_batch_size`` samples (in place); returns
-    the line that says so, or None when it is not set."""
-    t, m = cfg.train, cfg.model
-    if not t.global_batch_tokens:
-        return None
-    tokens = t.global_batch_tokens
-    size_from = cfg.explicit.get("train.global_batch_size")
-    tokens_from = cfg.explicit.get("train.global_batch_tokens", "")
-    # a command-line global_batch_tokens replaces a config file's global_batch_size (the
-    # later, more specific source wins); both from the same kind of source is ambiguous
-    if size_from and (size_from.startswith("override") or not tokens_from.startswith("override")):
-        raise ConfigError(f"{size_from}: train.global_batch_size "
-                          "and train.global_batch_tokens both set: give one")
-    unit = (t.micro_batch_size or 1) * dp
-    samples = max(round(tokens / m.seq_length / unit), 1) * unit
-    t.global_batch_size, t.global_batch_tokens = samples, 0  # config.yaml: samples only
-    return (f"train.global_batch_tokens={tokens}: global_batch_size={samples} "
-            f"samples = {samples * m.seq_length} tokens of {m.seq_length}")
-
-
 def parse_budget(text: str) -> int:
-    from megatron_lite.plan import PlanError, parse_memory
-
     try:
         return parse_memory(text)
-    except PlanError:
+    except ValueError:
         raise ConfigError(f"train.memory_budget={text!r}: a size like 4GiB, 4G, 4096M") from None
 
 

@@ -23,11 +23,14 @@ from megatron_lite.checkpoint import (
 from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.models import set_layerdrop_key
 from megatron_lite.models.adaptive_span import span_modules
+from megatron_lite.models.bert import bert_metrics
 from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.run import bert_metrics, build_run
+from megatron_lite.resolve import resolve_global_batch
+from megatron_lite.run import build_run
 from megatron_lite.training.compile import compile_model
+from megatron_lite.training.evaluation import evaluate
 from megatron_lite.training.interrupt import Interrupt
 from megatron_lite.training.metrics import (
     MetricsLogger,
@@ -38,7 +41,7 @@ from megatron_lite.training.metrics import (
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
-from megatron_lite.training.probe import probe_micro_batch, resolve_global_batch
+from megatron_lite.training.probe import probe_micro_batch
 from megatron_lite.training.schedule import schedule_of, scheduled_lr
 
 
@@ -375,7 +378,8 @@ class Trainer:
         NSP) and its parts and accuracies. Empty without a validation split."""
         if self.run.valid_data is None:
             return {}
-        result = self.run.evaluate("valid", self.cfg.train.eval_iters, precision=self._autocast)
+        result = evaluate(self.run, "valid", self.cfg.train.eval_iters,
+                          precision=self._autocast)
         keys = ("loss", "perplexity", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
         out = {f"val_{k}": result[k] for k in keys if k in result}
         if "val_perplexity" in out:

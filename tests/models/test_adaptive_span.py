@@ -9,6 +9,7 @@ from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import build_model
 from megatron_lite.models.adaptive_span import AdaptiveSpan, span_mask, span_modules
 from megatron_lite.models.relative import Memory
+from megatron_lite.resolve import check_config
 from tests.distributed import gather_full, max_dev
 from tests.models.test_models_tp import VOCAB, tiny_cfg
 
@@ -114,7 +115,7 @@ def test_heads_of_different_spans_at_tp(distributed, tp):
 ])
 def test_bad_configs(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides).validate()
+        check_config(load_config(None, overrides))
     assert message in str(err.value)
 
 

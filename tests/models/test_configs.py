@@ -9,7 +9,7 @@ import torch
 
 from megatron_lite.config import load_config
 from megatron_lite.models import build_model
-from megatron_lite.run import check_config
+from megatron_lite.resolve import check_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/*/*.yaml"))
 

@@ -56,7 +56,7 @@ def test_relative_attention_equals_the_dense_formula(mlen, clamp):
     model = build_model(xl_cfg(clamp_len=clamp)).eval()
     attn, rel = model.transformer.layers[0].attn, model.transformer.rel
     h_all = torch.randn(2, mlen + 6, 32, requires_grad=True)
-    got = attn(h_all, qlen=6, u=rel.u, v=rel.v)
+    got = attn(h_all, None, None, 0, None, rel.u, rel.v, 6)  # (u, v, qlen): the XL inputs
     want = dense_attention(attn, rel.u, rel.v, h_all, 6, clamp)
     assert max_dev(got, want) <= 1e-5
     g = torch.randn_like(got)
@@ -130,6 +130,7 @@ def test_relative_with_memory_matches_dense_at_tp(distributed, tp):
 
 def test_errors_for_what_xl_does_not_cover():
     from megatron_lite.config import ConfigError, load_config
+    from megatron_lite.resolve import check_config
 
     for overrides, message in [
         (["model.arch=bert", "model.position_embedding=relative"], "GPT only"),
@@ -138,7 +139,7 @@ def test_errors_for_what_xl_does_not_cover():
         (["model.clamp_len=8"], "needs model.position_embedding=relative"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides).validate()
+            check_config(load_config(None, overrides))
     pytest.importorskip("transformers")
     from megatron_lite.models.hf import to_hf
 

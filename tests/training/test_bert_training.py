@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron_lite.config import load_config
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
+from megatron_lite.training.evaluation import evaluate
 from megatron_lite.training.trainer import Trainer
 
 
@@ -48,7 +49,7 @@ def test_bert_evaluate_metrics(sentence_shard, wordpiece_file, tmp_path):
         f"data.data_path={sentence_shard}", "data.tokenizer_type=BertWordPieceLowerCase",
         f"data.vocab_file={wordpiece_file}"])
     run = build_run(cfg, ParallelContext(), training=False)
-    result = run.evaluate("valid", 3)
+    result = evaluate(run, "valid", 3)
     assert result["global_batches"] == 3 and result["samples"] == 24
     vocab = cfg.model.vocab_size
     losses, model_losses, mlm_losses, nsp_losses = [], [], [], []

@@ -1,0 +1,38 @@
+"""Memory sizes and what autograd keeps: shared by the planner and the micro-batch probe."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+
+
+def parse_memory(text: str) -> int:
+    """``80GiB``, ``80G`` (binary, as nvidia-smi and docker mean it), ``80GB`` (decimal),
+    ``81920M``, ``1T`` -> bytes; ``ValueError`` for anything else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
+    if not match or not match.group(2) and match.group(3):
+        raise ValueError(f"{text!r} is not a memory size like 80GiB, 80G, 80GB, 81920M")
+    value, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    base = 1000 if suffix.upper() == "B" else 1024  # GB decimal; G, GiB binary
+    return int(value * base**power)
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(model) -> Iterator[dict[int, int]]:
+    """Count what autograd saves for backward inside the block: ``{storage pointer: bytes}``
+    of every distinct storage, the model's parameters removed at the end."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+    for p in model.parameters():
+        saved.pop(p.untyped_storage().data_ptr(), None)
