@@ -51,12 +51,12 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 	$(PY) bench/zero.py
 	$(PY) bench/tp_collectives.py
 	$(PY) bench/generate.py
-	$(PY) bench/layerdrop.py
-	$(PY) bench/xl_eval.py
-	$(PY) bench/adaptive_span.py
-	$(PY) bench/search.py
+	$(PY) bench/layerdrop_speed.py
+	$(PY) bench/xl_speed.py
+	$(PY) bench/adaptive_span_speed.py
+	$(PY) bench/par_search_speed.py
 	$(PY) bench/plan_check.py
-	$(PY) bench/distill.py
+	$(PY) bench/distill_speed.py
 
 gpu-check: setup  ## on a GPU machine: MFU, tokens/s, peak memory of GPT-2 124M/355M/1.5B (<= 8 min)
 	PYTHON=$(PY) bash bench/gpu_check.sh

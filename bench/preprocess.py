@@ -40,6 +40,7 @@ from megatron_lite.data.tokenizer import build_tokenizer  # noqa: E402
 from preprocessing import dedup, executors, stages  # noqa: E402
 from preprocessing.__main__ import main as preprocess_main  # noqa: E402
 from preprocessing.__main__ import parse_args  # noqa: E402
+from preprocessing.plan import cleanup, make_plan  # noqa: E402
 from preprocessing.stdlib_corpus import iter_documents  # noqa: E402
 from preprocessing.train_tokenizer import train  # noqa: E402
 
@@ -155,7 +156,7 @@ def staged_run(files: list[Path], vocab: Path, merges: Path, prefix: Path, *extr
     stages.run_task = traced if trace else real
     try:
         t0 = time.perf_counter()
-        plan, _, ours = executors.make_plan(opts)
+        plan, _, ours = make_plan(opts)
         executors.run_stages(plan, say=lambda *a: None)
         seconds = time.perf_counter() - t0
         work = Path(plan.work) / "text"
@@ -163,7 +164,7 @@ def staged_run(files: list[Path], vocab: Path, merges: Path, prefix: Path, *extr
                  for st in stages.STAGES}
         stored = sum(s["stored"] for s in stages.task_stats(plan, "text", "prepare"))
         stats = stages.finalize(plan)[0]
-        executors.cleanup(plan)
+        cleanup(plan)
         shutil.rmtree(plan.work)
     finally:
         stages.run_task = real

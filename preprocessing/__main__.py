@@ -12,9 +12,10 @@ import sys
 
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
-from preprocessing.executors import summary_line
-from preprocessing.pipeline import Options, run_pipeline
+from preprocessing.executors import run
+from preprocessing.plan import Options
 from preprocessing.readers import TXT_DOCS, InputError
+from preprocessing.stages import summary_line
 
 
 def parse_args(argv=None) -> Options:
@@ -96,7 +97,7 @@ def parse_args(argv=None) -> Options:
 def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
-        for s in run_pipeline(opts):
+        for s in run(opts):
             print(summary_line(s))
             if s["first_errors"]:
                 print(f"warning: skipped input, first at {s['first_errors'][0]}", file=sys.stderr)

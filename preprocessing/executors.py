@@ -1,4 +1,5 @@
-"""Run the stages of :mod:`preprocessing.stages` on HF datatrove's executors.
+"""Run the stages of :mod:`preprocessing.stages` on HF datatrove's executors: :func:`run`
+is what ``python -m preprocessing`` does with its options.
 
 Only datatrove's executors are used (not its MinHash steps): each stage is a pipeline of
 one callable, run as ``tasks`` tasks by ``LocalPipelineExecutor`` (processes on this
@@ -7,10 +8,11 @@ previous one). Both skip tasks that completed in an earlier run, so rerunning th
 command after a kill continues; our tasks are idempotent, so a task killed after writing
 its folder but before datatrove marked it done is simply redone.
 
-The work folder holds the stages' data (``KEY/STAGE/TASK/``), datatrove's logs and
-completion marks (``logs/KEY/STAGE/``) and ``options.json``: a rerun with other inputs or
-options on the same folder is refused (it would mix two runs). After a successful
-finalize the stages' data and completion marks are deleted; the logs stay.
+The work folder (claimed by :func:`preprocessing.plan.make_plan`) holds the stages' data
+(``KEY/STAGE/TASK/``), datatrove's logs and completion marks (``logs/KEY/STAGE/``) and
+``options.json``: a rerun with other inputs or options on the same folder is refused (it
+would mix two runs). After a successful finalize the stages' data and completion marks
+are deleted (:func:`preprocessing.plan.cleanup`); the logs stay.
 
 Tested with datatrove 0.10.1 (pinned in pyproject.toml): :func:`_quiet_datatrove`
 replaces its per-task console logger, the one internal it touches.
@@ -19,7 +21,6 @@ replaces its per-task console logger, the one internal it touches.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,13 +29,10 @@ from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 
-from megatron_lite.data.tokenizer import build_tokenizer
-from megatron_lite.files import atomic_write
 from preprocessing import stages
-from preprocessing.readers import InputError, expand_inputs
-from preprocessing.stages import Plan
+from preprocessing.plan import Options, Plan, cleanup, logs_dir, make_plan, stage_list
+from preprocessing.readers import InputError
 
-MAX_DEFAULT_TASKS = 512
 SLURM_DEFAULTS = {"partition": None, "time": "24:00:00", "cpus_per_task": 1,
                   "mem_per_cpu_gb": 2, "qos": None, "sbatch_args": {}}
 
@@ -90,103 +88,11 @@ class _QuietLocal(LocalPipelineExecutor):
         return super()._run_for_rank(rank, local_rank, node_rank)
 
 
-# --------------------------------------------------------------------------- the plan
-
-def _file_id(path) -> list:
-    st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _fingerprint(opts, files: list[Path], recipe: dict, shards: int) -> dict:
-    tokenizer = {k: _file_id(v) if isinstance(v, str) and os.path.isfile(v) else v
-                 for k, v in sorted(recipe.items())}
-    return {"files": [_file_id(f) for f in files], "tokenizer": tokenizer, "shards": shards,
-            **{k: getattr(opts, k) for k in (
-                "output_prefix", "json_keys", "txt_docs", "append_eod", "split_sentences",
-                "min_tokens", "dedup_threshold", "dedup", "write_duplicates", "strict",
-                "max_bucket")}}
-
-
-def _work_dir(opts) -> tuple[Path, bool]:
-    """The work folder and whether it is the hidden default one (ours to delete)."""
-    if opts.work_dir:
-        return Path(opts.work_dir).resolve(), False
-    prefix = Path(opts.output_prefix).resolve()
-    if opts.executor is None:
-        return prefix.with_name(f".{prefix.name}.work"), True
-    return prefix.with_name(f"{prefix.name}.work"), False
-
-
-def _claim(work: Path, fingerprint: dict, ours: bool) -> bool:
-    """Create or reuse ``work``; returns whether earlier work is continued."""
-    marker = work / "options.json"
-    if marker.exists():
-        if json.loads(marker.read_text()) == fingerprint:
-            return any((work / k).exists() for k in fingerprint["json_keys"])
-        if not ours:
-            raise InputError(f"--work-dir {work} holds a run with other inputs or options "
-                             f"({marker}); use another --work-dir or delete it")
-        shutil.rmtree(work)
-    elif work.is_dir() and any(p.name != "logs" for p in work.iterdir()):
-        # not a folder of ours (ours hold options.json, or only logs after a finished run)
-        raise InputError(f"--work-dir {work} is not empty and was not made by "
-                         "python -m preprocessing; give an empty or new folder")
-    work.mkdir(parents=True, exist_ok=True)
-    with atomic_write(marker) as f:
-        f.write(json.dumps(fingerprint, indent=1) + "\n")
-    return False
-
-
-def make_plan(opts) -> tuple[Plan, bool, bool]:
-    """The plan of a run, its work folder claimed; (plan, continued, default work dir)."""
-    files = expand_inputs(opts.inputs)
-    tok = build_tokenizer(opts.tokenizer_type, opts.vocab_file, opts.merge_file,
-                          opts.tokenizer_model)
-    if opts.append_eod and tok.eod is None:
-        raise InputError(f"--append-eod: {opts.tokenizer_type} has no end-of-document token")
-    if opts.executor is None:
-        shards = 1
-    else:
-        shards = opts.tasks or min(len(files), MAX_DEFAULT_TASKS)
-    work, ours = _work_dir(opts)
-    continued = _claim(work, _fingerprint(opts, files, tok.recipe, shards), ours)
-    plan = Plan(opts=opts, files=[str(f.resolve()) for f in files], work=str(work),
-                shards=shards, pool_workers=opts.workers if opts.executor is None else 1,
-                progress=opts.progress and opts.executor is None, started=time.time())
-    return plan, continued, ours
-
-
-def stage_list(plan: Plan) -> list[tuple[str | None, str, int]]:
-    """(key, stage, tasks) in the order they run."""
-    out = []
-    for key in plan.opts.json_keys:
-        out.append((key, "prepare", plan.shards))
-        if plan.opts.dedup:
-            out += [(key, "candidates", plan.tasks), (key, "verify", plan.tasks),
-                    (key, "components", 1), (key, "write", plan.shards)]
-    return out + [(None, "finalize", 1)]
-
-
-def _logs(plan: Plan, key: str | None, stage: str) -> str:
-    return str(Path(plan.work) / "logs" / (key or "all") / stage)
-
-
-def cleanup(plan: Plan) -> None:
-    """After a successful finalize: drop the completion marks, the options and then the
-    stages' data (in that order, so a kill half-way leaves a folder a rerun redoes, never
-    marks without their data); keep the logs."""
-    work = Path(plan.work)
-    for key in plan.opts.json_keys:
-        for marks in (work / "logs" / key).glob("*/completions"):
-            shutil.rmtree(marks, ignore_errors=True)
-    (work / "options.json").unlink(missing_ok=True)
-    for key in plan.opts.json_keys:
-        shutil.rmtree(work / key, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- running
 
-def run(opts) -> list[dict]:
+def run(opts: Options) -> list[dict]:
+    """Run the pipeline for every JSON key; returns the stats of each (none when the
+    stages were submitted to SLURM and run later)."""
     plan, continued, ours = make_plan(opts)
     if opts.executor == "slurm":
         submit_slurm(plan, opts)
@@ -219,7 +125,7 @@ def run_stages(plan: Plan, say=print) -> None:
         t0 = time.monotonic()
         executor = _QuietLocal(pipeline=[_Step(plan, key, stage)], tasks=tasks,
                          workers=max(1, min(workers, tasks)),
-                         logging_dir=_logs(plan, key, stage), skip_completed=True)
+                         logging_dir=logs_dir(plan, key, stage), skip_completed=True)
         before = tasks - len(executor.get_incomplete_ranks())
         executor.run()
         say(progress_line(plan, key, stage, tasks, before, time.monotonic() - t0))
@@ -251,7 +157,7 @@ def progress_line(plan: Plan, key: str, stage: str, tasks: int, before: int,
     return f"{head}, {what} ({seconds:.1f}s)"
 
 
-def submit_slurm(plan: Plan, opts) -> None:
+def submit_slurm(plan: Plan, opts: Options) -> None:
     """One job array per stage, each depending on the previous (afterok); prints the job
     ids. The outputs appear when the finalize job ends."""
     cfg = {**SLURM_DEFAULTS, **{k: v for k, v in opts.slurm.items() if v is not None}}
@@ -265,7 +171,7 @@ def submit_slurm(plan: Plan, opts) -> None:
             pipeline=[_Step(plan, key, stage)], tasks=tasks, time=cfg["time"],
             partition=cfg["partition"], cpus_per_task=cfg["cpus_per_task"],
             mem_per_cpu_gb=cfg["mem_per_cpu_gb"], qos=cfg["qos"] or "",
-            job_name=f"preprocess-{stage}", logging_dir=_logs(plan, key, stage),
+            job_name=f"preprocess-{stage}", logging_dir=logs_dir(plan, key, stage),
             depends=prev, skip_completed=stage != "finalize", mail_type="NONE",
             env_command=f'export PATH="{bin_dir}:$PATH"', sbatch_args=cfg["sbatch_args"])
         chain.append((key, stage, tasks, prev))
@@ -290,19 +196,3 @@ def submit_slurm(plan: Plan, opts) -> None:
     outputs = ", ".join(f"{plan.final_prefix(k)}.bin/.idx" for k in opts.json_keys)
     print(f"submitted; follow with: squeue -j {','.join(ids)}; logs under {plan.work}/logs; "
           f"{outputs} appear when job {chain[-1][3].job_id} (finalize) ends")
-
-
-def finalize_and_report(plan: Plan) -> list[dict]:
-    """The finalize stage as a SLURM job runs it: outputs, cleanup, a summary line."""
-    results = stages.finalize(plan)
-    cleanup(plan)
-    for s in results:
-        print(summary_line(s))
-    return results
-
-
-def summary_line(s: dict) -> str:
-    return (f"{s['output_prefix']}: {s['documents_written']} documents, "
-            f"{s['tokens_written']} tokens ({s['documents_read']} read, "
-            f"{sum(s['skipped'].values())} skipped, {s['too_short']} too short, "
-            f"{s['duplicates_removed']} near-duplicates removed) in {s['seconds']:.1f}s")

@@ -38,7 +38,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,54 +46,14 @@ from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetWriter, bes
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.files import atomic_write, fsync_path, written_dir
 from preprocessing import dedup
+from preprocessing.plan import Plan, cleanup
 from preprocessing.readers import InputError, read_documents
+from preprocessing.workers import OrderedPool
 
 MAX_ERRORS_LISTED = 5
 CHUNK_DOCS = 64
 ROW = dedup.ROWS + 2  # band key words, shard, index
 STAGES = ("prepare", "candidates", "verify", "components", "write")
-
-
-@dataclass
-class Plan:
-    """Everything a task needs, picklable (an executor ships it to its workers/jobs)."""
-
-    opts: object  # pipeline.Options
-    files: list[str]
-    work: str
-    shards: int  # prepare/write tasks, and the tasks of candidates and verify
-    pool_workers: int = 1  # tokenizer processes inside one prepare task
-    progress: bool = False  # a tqdm bar in the prepare task (single-task runs)
-    started: float = 0.0  # time.time() when the run was planned (for stats' seconds)
-
-    @property
-    def tasks(self) -> int:
-        """Candidates and verify tasks: one per shard."""
-        return self.shards
-
-    @property
-    def key_ranges(self) -> int:
-        """Per band, the candidates' split of the 32-bit key space: one per shard, so a
-        candidates item holds about one shard's rows of one band."""
-        return self.shards
-
-    def dir(self, key: str, stage: str, task: int | None = None) -> Path:
-        path = Path(self.work) / key / stage
-        return path if task is None else path / f"{task:05d}"
-
-    def shard_files(self, shard: int) -> list[str]:
-        n = len(self.files)
-        return self.files[shard * n // self.shards:(shard + 1) * n // self.shards]
-
-    def level(self) -> str:
-        return "sentence" if self.opts.split_sentences else "document"
-
-    def final_prefix(self, key: str) -> Path:
-        return Path(f"{self.opts.output_prefix}_{key}_{self.level()}")
-
-    def stats_name(self, key: str) -> str:
-        base = Path(self.opts.output_prefix).name
-        return f"{base}.stats.json" if len(self.opts.json_keys) == 1 else f"{base}_{key}.stats.json"
 
 
 def _load_json(path: Path):
@@ -118,8 +77,6 @@ def task_stats(plan: Plan, key: str, stage: str) -> list[dict]:
 
 def prepare(plan: Plan, key: str, shard: int) -> None:
     from tqdm import tqdm
-
-    from preprocessing.pipeline import OrderedPool
 
     opts = plan.opts
     tok = build_tokenizer(opts.tokenizer_type, opts.vocab_file, opts.merge_file,
@@ -523,6 +480,23 @@ def _nothing_left(plan: Plan, key: str, s: dict) -> str:
             "no output written")
 
 
+def finalize_and_report(plan: Plan) -> list[dict]:
+    """The finalize stage as a SLURM job runs it: outputs, cleanup, a summary line."""
+    results = finalize(plan)
+    cleanup(plan)
+    for s in results:
+        print(summary_line(s))
+    return results
+
+
+def summary_line(s: dict) -> str:
+    """The line ``python -m preprocessing`` prints for each key it wrote."""
+    return (f"{s['output_prefix']}: {s['documents_written']} documents, "
+            f"{s['tokens_written']} tokens ({s['documents_read']} read, "
+            f"{sum(s['skipped'].values())} skipped, {s['too_short']} too short, "
+            f"{s['duplicates_removed']} near-duplicates removed) in {s['seconds']:.1f}s")
+
+
 def run_task(plan: Plan, key: str | None, stage: str, rank: int, world: int) -> None:
     """One task of one stage (what an executor calls)."""
     if stage == "prepare":
@@ -536,8 +510,6 @@ def run_task(plan: Plan, key: str | None, stage: str, rank: int, world: int) -> 
     elif stage == "write":
         write(plan, key, rank)
     elif stage == "finalize":
-        from preprocessing.executors import finalize_and_report
-
         finalize_and_report(plan)
     else:
         raise ValueError(f"unknown stage {stage!r}")

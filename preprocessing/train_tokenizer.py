@@ -19,7 +19,7 @@ from pathlib import Path
 
 from megatron_lite.data.tokenizer import BERT_SPECIALS, GPT2_EOD
 from megatron_lite.files import publish
-from preprocessing.pipeline import normalize
+from preprocessing.normalize import normalize
 from preprocessing.readers import InputError, expand_inputs, read_documents
 
 

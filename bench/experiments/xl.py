@@ -77,7 +77,7 @@ the whole validation stream ({tokens} targets, 8 lanes) in consecutive segments 
 {chr(10).join(rows)}
 
 {claim} Measured: {verdict} (the paper's expectation: both). Best C: {best_c:.1f}.
-`python bench/xl_eval.py` measures the evaluation speed claim (XL against a vanilla
+`python bench/xl_speed.py` measures the evaluation speed claim (XL against a vanilla
 sliding window over the same 512 positions), see the README.
 
 ![training loss and evaluation memory](img/xl.png)

@@ -8,7 +8,7 @@ import pytest
 from megatron_lite.data import IndexedDataset
 from megatron_lite.data.tokenizer import build_tokenizer
 from preprocessing.__main__ import main
-from preprocessing.pipeline import normalize
+from preprocessing.normalize import normalize
 from tests.conftest import mutate
 
 
@@ -153,7 +153,7 @@ def test_fatal_input_is_one_clear_error_and_no_output(tmp_path, bpe_files, capsy
 
 def test_interrupted_run_leaves_no_output_and_a_rerun_finishes(tmp_path, bpe_files,
                                                                corpus_file, monkeypatch, capsys):
-    from preprocessing.pipeline import OrderedPool
+    from preprocessing.workers import OrderedPool
 
     calls = []
     original = OrderedPool.submit

@@ -9,7 +9,7 @@ import pytest
 from preprocessing import stages
 from preprocessing.__main__ import main
 from preprocessing.dedup import NearDuplicateIndex, as32, jaccard, minhash, shingle_hashes
-from preprocessing.pipeline import normalize
+from preprocessing.normalize import normalize
 from tests.conftest import mutate
 from tests.preprocessing.test_pipeline import _args
 

@@ -1,6 +1,6 @@
 """What one PAR supernet step costs: about the sum of its branches.
 
-    python bench/search.py        # about a minute on 2 cores
+    python bench/par_search_speed.py        # about a minute on 2 cores
 
 GPT, hidden 256, 4 heads, seq 256, batch 8, vocab 8192, TP=1, fp32, fwd + bwd: the
 supernet of 12 mixed blocks (attention + feed-forward + identity each) against a plain

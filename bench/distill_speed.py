@@ -1,6 +1,6 @@
 """What distillation costs: a MiniLM / MiniLMv2 step against the student's plain step.
 
-    python bench/distill.py        # about a minute on 2 cores
+    python bench/distill_speed.py        # about a minute on 2 cores
 
 Teacher: GPT 6 layers, h 256, 8 heads; student: 3 layers, h 128, 8 heads; seq 128,
 batch 8, vocab 8192, fp32, TP=1, AdamW on the student. Median of the timed steps. The

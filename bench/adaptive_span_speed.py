@@ -1,6 +1,6 @@
 """Adaptive attention span saves compute: step time and attention memory at S = 1024.
 
-    python bench/adaptive_span.py        # about 10 seconds on 2 cores
+    python bench/adaptive_span_speed.py        # about 10 seconds on 2 cores
 
 A Transformer-XL GPT (4 layers, hidden 256, 4 heads, segment 128, memory 1024, batch 4,
 TP=1, fp32, random weights) with a fixed full span (plain relative attention over the

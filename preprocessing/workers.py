@@ -1,11 +1,11 @@
-"""The preprocessing pipeline: read -> normalize -> tokenize -> filter -> dedup -> shards.
+"""The prepare stage's tokenizer workers and the pool that runs them.
 
-The work runs as the stages of :mod:`preprocessing.stages` (prepare, candidates, verify,
-components, write, finalize) on an executor (:mod:`preprocessing.executors`): without
-``--executor``, one task per stage in this process, with ``--workers`` tokenizer
-processes; with ``--executor local|slurm``, ``--tasks`` shards on datatrove's executors.
-The output is byte-identical for any executor, task and worker count. This module holds
-the options and the tokenizer workers the prepare stage uses.
+A worker takes a chunk of documents and returns, per document, its token sequences
+(normalized text; one sequence per sentence with ``--split-sentences``) and, with dedup,
+its shingles and MinHash signature. :class:`OrderedPool` runs chunks on ``workers``
+spawned processes (in this process for one worker) with a bounded look-ahead and yields
+the results in the order the chunks were submitted; :func:`preprocessing.stages.prepare`
+feeds it.
 """
 
 from __future__ import annotations
@@ -13,60 +13,20 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import os
-import re
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
 from preprocessing import dedup
+from preprocessing.normalize import normalize
 from preprocessing.sentences import split_sentences
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def normalize(text: str) -> str:
-    """Unicode NFC, control characters removed (newlines and tabs kept)."""
-    return _CONTROL.sub("", unicodedata.normalize("NFC", text))
-
-
-@dataclass
-class Options:
-    inputs: list[str]
-    output_prefix: str
-    tokenizer_type: str
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    tokenizer_model: str | None = None
-    json_keys: list[str] = field(default_factory=lambda: ["text"])
-    txt_docs: str = "file"  # a .txt file is one document, or one per blank-line block
-    append_eod: bool = False
-    split_sentences: bool = False
-    min_tokens: int = 128
-    dedup_threshold: float = 0.7
-    dedup: bool = True
-    workers: int = 1
-    strict: bool = False
-    write_duplicates: bool = False
-    progress: bool = True
-    max_bucket: int = 5000  # most different documents one LSH bucket may hold
-    executor: str | None = None  # None (this process), "local" or "slurm"
-    tasks: int | None = None  # shards (default: one per input file, at most 512)
-    work_dir: str | None = None
-    slurm: dict = field(default_factory=dict)  # partition, time, cpus_per_task, ...
-
-
-def run_pipeline(opts: Options) -> list[dict]:
-    """Run the pipeline for every JSON key; returns the stats of each (none when the
-    stages were submitted to SLURM and run later)."""
-    from preprocessing.executors import run
-
-    return run(opts)
 
 
 @dataclass
 class Processed:
+    """One document's token sequences, and for dedup its MinHash signature and shingles."""
+
     sequences: list[np.ndarray]
     num_tokens: int
     signature: np.ndarray | None = None

@@ -1,7 +1,7 @@
 """Transformer-XL's evaluation speed claim (Dai et al. 2019: up to 1,800x faster than a
 vanilla model re-reading its whole window for every new token), on this machine.
 
-    python bench/xl_eval.py            # about 2 minutes on 2 cores
+    python bench/xl_speed.py            # about 2 minutes on 2 cores
 
 Both models: 4 layers, hidden 256, 4 heads, vocab 8192, TP=1, fp32, random weights
 (speed only). XL: segments of 64 tokens with a memory of 448, so every token sees up to
