@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
+
+from megatron_lite.config import Config
 
 
 def _rank() -> int:
@@ -62,12 +67,6 @@ def config_keys_help() -> str:
     """Every config section and key with its default and meaning, read from the
     dataclasses of :mod:`megatron_lite.config` (the trailing ``# comment`` of a field, else
     the comment just above it)."""
-    import dataclasses
-    import inspect
-    import re
-
-    from megatron_lite.config import Config
-
     lines = ["config keys (section.key=value; YAML: section: {key: value}):"]
     for section in dataclasses.fields(Config):
         cls = section.type if isinstance(section.type, type) else type(

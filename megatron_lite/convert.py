@@ -31,6 +31,7 @@ from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
+from megatron_lite.models.hf import config_from_hf, hf_to_full_state, to_hf
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.resolve import tokenizer_from_config
 from megatron_lite.run import build_run
@@ -53,8 +54,6 @@ def _hf_model(hf_dir: Path):
 
 def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     """Write a megatron-lite checkpoint folder holding an HF model's weights."""
-    from megatron_lite.models.hf import config_from_hf, hf_to_full_state
-
     hf = _hf_model(hf_dir)
     cfg = Config()
     cfg.model = config_from_hf(hf.config)
@@ -120,8 +119,6 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     tokenizer. A tokenizer that does not fit the checkpoint's vocabulary is an error
     before anything is written.
     """
-    from megatron_lite.models.hf import to_hf
-
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
     cfg.parallel.tensor_parallel_size = 1  # one process builds the full model

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.data.bert_dataset import BertDataset
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
@@ -95,8 +96,6 @@ class Run:
         # every DP size
         sizes = (t.max_steps * t.global_batch_size, t.eval_iters * t.global_batch_size)
         if cfg.model.arch == "bert":
-            from megatron_lite.data.bert_dataset import BertDataset
-
             tokens, continuation = self._bert_tokens()
             make = lambda rng, n, name: BertDataset(  # noqa: E731
                 indexed, rng, seq, n, t.seed, tokens, cfg.data, name=name,

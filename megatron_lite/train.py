@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_lite.cli import config_keys_help, parse_args, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import parallel_session
+from megatron_lite.training.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_config(a.config, a.overrides)
         with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
-            from megatron_lite.training.trainer import Trainer
-
             trainer = Trainer(cfg, ctx)
             trainer.fit()
             saved = trainer.run_dir / "checkpoints" / f"step_{trainer.step:08d}"
