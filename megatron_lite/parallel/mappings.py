@@ -33,7 +33,7 @@ copy. Why that is safe here:
   autograd also routes elsewhere, such as the gradient of a sum's two inputs, would be
   wrong; no such consumer follows ``copy_to``.)
 
-``INPLACE = False`` restores the copies (for ``bench/tp_collectives.py``).
+(``bench/tp_collectives.py`` measures this against reducing copies.)
 
 Under ``torch.compile`` (``train.compile``) the all-reduces are traced as functional
 collectives (``torch.distributed._functional_collectives``): they return a new tensor,
@@ -48,17 +48,13 @@ import torch.distributed._functional_collectives as funcol
 from megatron_lite.parallel.comm import all_gather, all_reduce
 from megatron_lite.parallel.state import group_rank, group_size
 
-INPLACE = True
-
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ``group``: in place when ``x`` is contiguous and ``INPLACE`` (see above)."""
+    """Sum over ``group``: in place when ``x`` is contiguous (see above)."""
     if group_size(group) == 1:
         return x
     if torch.compiler.is_compiling():
         return funcol.all_reduce(x, "sum", group)
-    if not INPLACE:
-        return all_reduce(x.contiguous().clone(), group)
     return all_reduce(x.contiguous(), group)
 
 
@@ -85,8 +81,7 @@ class _CopyToTPRegion(torch.autograd.Function):
 class _ReduceFromTPRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        if INPLACE and x.is_contiguous() and group_size(group) > 1 \
-                and not torch.compiler.is_compiling():
+        if x.is_contiguous() and group_size(group) > 1 and not torch.compiler.is_compiling():
             ctx.mark_dirty(x)
         return _all_reduce(x, group)
 

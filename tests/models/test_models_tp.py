@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.examples.tp_block import count_all_reduces
 from megatron_lite.models import build_model
 from megatron_lite.parallel import full_state_dict
-from megatron_lite.parallel.demo import count_all_reduces
 from tests.distributed import gather_full, max_dev
 
 TOL = 1e-5

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from megatron_lite.examples.tp_block import TOL, compare
 from megatron_lite.parallel import (
     copy_to_tp_region,
     gather_from_tp_region,
     reduce_from_tp_region,
     scatter_to_tp_region,
 )
-from megatron_lite.parallel.demo import TOL, compare
 
 
 def _check(ctx) -> None:

@@ -1,6 +1,6 @@
 """A tensor-parallel transformer block against its dense twin.
 
-    torchrun --nproc_per_node 2 -m megatron_lite.parallel.demo
+    torchrun --nproc_per_node 2 -m megatron_lite.examples.tp_block
 
 Builds one pre-LN transformer block (attention split by heads, column- then
 row-parallel MLP) at TP = world size, a plain single-process PyTorch twin holding the
