@@ -1,4 +1,5 @@
-"""What every command line shares: override parsing, and one ``error:`` line (exit code 2)."""
+"""What every command line shares: override parsing, one ``error:`` line (exit code 2),
+and the shell of the commands that run a config (:func:`config_command`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from megatron_lite.config import Config
+import torch.distributed as dist
+
+from megatron_lite.config import Config, load_config
+from megatron_lite.parallel import ParallelContext, parallel_session
 
 
 def _rank() -> int:
@@ -84,3 +90,42 @@ def config_keys_help() -> str:
             meaning = meanings.get(f.name, "")
             lines.append(f"{text:<46} {meaning}".rstrip())
     return "\n".join(lines)
+
+
+def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext], int | None],
+                   argv: list[str] | None = None, *, config_help: str,
+                   overrides_help: str = "section.key=value", epilog: str | None = None) -> int:
+    """The shell of a command that runs a config (train, search, distill): ``CONFIG
+    [section.key=value ...]`` parsed (overrides anywhere), the config loaded, a parallel
+    session of ``parallel.tensor_parallel_size`` opened around ``body(cfg, ctx)``, and
+    every user error one line (:func:`run_cli`). Returns the exit code."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    a = parse_args(p, argv)
+
+    def run() -> int | None:
+        cfg = load_config(a.config, a.overrides)
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
+            return body(cfg, ctx)
+
+    return run_cli(run)
+
+
+def end_of_run(ctx: ParallelContext, run_dir: Path, step: int, interrupted: str | None,
+               done: str) -> int:
+    """The last line of a training command and its exit code: interrupted by a signal
+    (``interrupted`` names it; exit 128 + its number, every rank together), else
+    ``done: RUN_DIR at step N (done)``."""
+    if interrupted:
+        if ctx.is_main:
+            print(f"interrupted at step {step} ({interrupted}): saved "
+                  f"{Path(run_dir) / 'checkpoints' / f'step_{step:08d}'}; rerun the same "
+                  "command to resume", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.barrier()  # exit together: a launcher may kill the rest at the first
+        return 128 + signal.Signals[interrupted]
+    if ctx.is_main:
+        print(f"done: {run_dir} at step {step} ({done})", flush=True)
+    return 0

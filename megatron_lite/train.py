@@ -13,48 +13,24 @@ from another run's weights (fresh optimizer, step 0).
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 
-import torch.distributed as dist
-
-from megatron_lite.cli import config_keys_help, parse_args, run_cli
-from megatron_lite.config import load_config
-from megatron_lite.parallel import parallel_session
+from megatron_lite.cli import config_command, config_keys_help, end_of_run
 from megatron_lite.training.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_lite.train", description=__doc__,
-                                epilog=config_keys_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="a YAML config (configs/gpt2/*.yaml, configs/bert/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    a = parse_args(p, argv)
+    def body(cfg, ctx) -> int:
+        trainer = Trainer(cfg, ctx)
+        trainer.fit()
+        written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
+                                    trainer.run_dir / "loss.png") if p.exists()]
+        return end_of_run(ctx, trainer.run_dir, trainer.step, trainer.interrupted,
+                          ", ".join([*written, f"checkpoints/step_{trainer.step:08d}"]))
 
-    def body() -> None:
-        cfg = load_config(a.config, a.overrides)
-        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
-            trainer = Trainer(cfg, ctx)
-            trainer.fit()
-            saved = trainer.run_dir / "checkpoints" / f"step_{trainer.step:08d}"
-            if trainer.interrupted:
-                if ctx.is_main:
-                    print(f"interrupted at step {trainer.step} ({trainer.interrupted}): saved "
-                          f"{saved}; rerun the same command to resume", file=sys.stderr,
-                          flush=True)
-                if dist.is_initialized():
-                    dist.barrier()  # exit together: a launcher may kill the rest at the first
-                return 128 + signal.Signals[trainer.interrupted]
-            if ctx.is_main:
-                written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
-                                            trainer.run_dir / "loss.png") if p.exists()]
-                print(f"done: {trainer.run_dir} at step {trainer.step} "
-                      f"({', '.join([*written, f'checkpoints/{saved.name}'])})")
-            return 0
-
-    return run_cli(body)
+    return config_command("python -m megatron_lite.train", __doc__, body, argv,
+                          config_help="a YAML config (configs/gpt2/*.yaml, configs/bert/*.yaml)",
+                          epilog=config_keys_help())
 
 
 if __name__ == "__main__":
