@@ -10,6 +10,7 @@ the wrong type is one error that names the file (or override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -276,7 +277,7 @@ class Config:
         (TP x DP over a world size) is checked by :func:`megatron_lite.resolve.check_config`,
         which adds both to these.
         """
-        problems = []
+        problems = _value_problems(self)
         for key, allowed in CHOICES.items():
             value = _get(self, key)
             if value not in allowed:
@@ -313,6 +314,43 @@ class Config:
         return self
 
 
+# sizes that must be >= 1 (a model of no layers, or a batch of no samples, is a typo)
+POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
+            "model.seq_length", "model.max_position_embeddings", "model.vocab_size",
+            "model.make_vocab_size_divisible_by", "model.num_tokentypes",
+            "train.global_batch_size")
+NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.max_steps",
+                "train.log_interval", "train.eval_interval", "train.eval_iters",
+                "train.save_interval", "train.keep_checkpoints", "train.exit_after",
+                "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
+                "optim.warmup_steps", "optim.adam_eps")
+FRACTIONS = ("model.hidden_dropout", "model.attention_dropout")  # in [0, 1)
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    """Floats that are not finite, sizes that are not positive, probabilities not in [0, 1)."""
+    problems = []
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{section.name}.{f.name}={value} must be a finite number")
+    for key in POSITIVE:
+        if (value := _get(cfg, key)) < 1:
+            problems.append(f"{key}={value} must be >= 1")
+    for key in NON_NEGATIVE:
+        if (value := _get(cfg, key)) < 0:
+            problems.append(f"{key}={value} must be >= 0")
+    if cfg.model.ffn_hidden_size is not None and cfg.model.ffn_hidden_size < 1:
+        problems.append(f"model.ffn_hidden_size={cfg.model.ffn_hidden_size} must be >= 1 "
+                        "(or left out: 4 x hidden_size)")
+    for key in FRACTIONS:
+        if not 0.0 <= (value := _get(cfg, key)) < 1.0:
+            problems.append(f"{key}={value} must be in [0, 1)")
+    return problems
+
+
 def _order_problems(m: ModelConfig) -> list[str]:
     """Sublayer order, LayerDrop and layers_to_keep settings that cannot work."""
     problems = []
@@ -335,13 +373,13 @@ def _order_problems(m: ModelConfig) -> list[str]:
                                 f"{value} give different orders: give one")
     except ConfigError as err:
         return problems + [str(err)]
-    if not pattern or set(pattern) - {"s", "f"}:
+    if (not pattern and (m.sublayer_pattern or m.num_layers >= 1)) or set(pattern) - {"s", "f"}:
         problems.append(f"model.sublayer_pattern={m.sublayer_pattern!r} may only hold "
                         "'s' (self-attention) and 'f' (feed-forward)")
     if not 0.0 <= m.layerdrop < 1.0:
         problems.append(f"model.layerdrop={m.layerdrop} must be in [0, 1)")
     try:
-        kept, units = m.kept_layers, len(layer_units(pattern))
+        kept, units = m.kept_layers, -(-len(pattern) // 2)  # len(layer_units(pattern))
     except ConfigError as err:
         return problems + [str(err)]
     if kept is not None:

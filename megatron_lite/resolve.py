@@ -9,7 +9,8 @@ what a run saves as ``config.yaml`` is what it ran with. Resolving:
 2. turns ``train.global_batch_tokens`` into samples, a multiple of micro-batch x DP;
 3. takes ``model.vocab_size`` from the tokenizer named in ``data.*``;
 4. checks everything at once (:func:`check_config`: the sections, the model's parts,
-   the TP x DP layout over the world size): one error naming every problem;
+   the TP x DP layout over the world size): one error naming every problem; and that
+   the model's state fits the device before anything is allocated (:func:`check_fits`);
 5. writes out what a key implied: the sublayer pattern of a sandwich or PAR key, and
    what each model part derives from its keys (:meth:`Part.resolve`: the memory an
    adaptive span needs).
@@ -21,8 +22,14 @@ saves ``config.yaml`` or trains a step; until then it reads 1.
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from megatron_lite.config import Config, ConfigError, resolve_paths
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.devices import host_memory
+from megatron_lite.memory import estimate_parameters
 from megatron_lite.models import model_problems
 from megatron_lite.models.registry import resolve_parts
 from megatron_lite.parallel import ParallelConfigError, ParallelContext, validate_parallel_config
@@ -79,10 +86,32 @@ def resolve_global_batch(cfg: Config, dp: int) -> str | None:
             f"samples = {samples * m.seq_length} tokens of {m.seq_length}")
 
 
-def resolve_config(cfg: Config, ctx: ParallelContext) -> tuple[Tokenizer | None, list[str]]:
+def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: int) -> None:
+    """Refuse, before anything is allocated, a model whose state cannot fit this rank's
+    device (its memory; a CPU's host memory shared by the ranks on it): one line with
+    the estimate (:func:`megatron_lite.memory.estimate_parameters`)."""
+    tp = cfg.parallel.tensor_parallel_size
+    params = estimate_parameters(cfg.model, tp)
+    need = params / tp * bytes_per_param
+    if ctx.device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(ctx.device).total_memory, "GPU"
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        have, where = host_memory() / max(local, 1), f"host memory / {local} local ranks"
+    if need > have:
+        raise ConfigError(
+            f"the model has about {params / 1e9:.3g}B parameters: {need / 2**30:.1f} GiB of "
+            f"state per rank at TP={tp} ({bytes_per_param} B/param), more than this rank's "
+            f"{have / 2**30:.1f} GiB ({where}); python -m megatron_lite.plan CONFIG --tp N "
+            "says what fits")
+
+
+def resolve_config(cfg: Config, ctx: ParallelContext,
+                   bytes_per_param: int = 4) -> tuple[Tokenizer | None, list[str]]:
     """Resolve ``cfg`` for ``ctx``'s layout, in place (see the module docstring): returns
     the tokenizer it names (or None) and the lines worth telling the user. A config
-    resolved before is only checked against the layout again."""
+    resolved before is only checked against the layout again. ``bytes_per_param``: what
+    the command holds per parameter (4: weights; training: weights, gradients, Adam)."""
     if cfg.resolved:  # the same tokenizer; nothing changes
         check_config(cfg, ctx.world_size)
         _check_job(cfg, ctx)
@@ -100,6 +129,7 @@ def resolve_config(cfg: Config, ctx: ParallelContext) -> tuple[Tokenizer | None,
                 "tokenizer's) or use the tokenizer it was meant for")
         cfg.model.vocab_size = tokenizer.vocab_size
     check_config(cfg, ctx.world_size)
+    check_fits(cfg, ctx, bytes_per_param)
     m = cfg.model
     if (m.sandwich_coefficient or m.par_ratio) and not m.sublayer_pattern:
         m.sublayer_pattern = m.pattern  # written into config.yaml: later commands rebuild it

@@ -70,3 +70,39 @@ def test_config_does_not_import_the_parallel_core():
             "print(any(m.startswith('megatron_lite.parallel') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number"),
+    ("model.num_layers=0", "model.num_layers=0 must be >= 1"),
+    ("model.seq_length=0", "model.seq_length=0 must be >= 1"),
+    ("model.hidden_size=-8", "model.hidden_size=-8 must be >= 1"),
+    ("model.attention_dropout=1.0", "model.attention_dropout=1.0 must be in [0, 1)"),
+    ("train.eval_iters=-1", "train.eval_iters=-1 must be >= 0"),
+])
+def test_values_that_cannot_work_are_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_config(load_config(None, [override]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "sublayer_pattern" not in str(err.value)  # num_layers=0 is said once
+
+
+def test_parameter_estimate_equals_the_built_models_count():
+    from megatron_lite.memory import estimate_parameters
+    from megatron_lite.plan import count_parameters
+
+    for name in ("gpt2/124m", "bert/base", "gpt2/tiny-cpu"):
+        for tp in (1, 8):
+            cfg = load_config(f"configs/{name}.yaml")
+            assert estimate_parameters(cfg.model, tp) == count_parameters(cfg, tp)["total"]
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built():
+    from megatron_lite.parallel import ParallelContext
+    from megatron_lite.run import build_run
+
+    cfg = load_config(None, ["model.num_layers=10000000", "model.vocab_size=1000"])
+    with pytest.raises(ConfigError, match=r"about .*B parameters: .* GiB of state per rank "
+                                          r"at TP=1 \(16 B/param\), more than"):
+        build_run(cfg, ParallelContext(), data=True)  # would take minutes to allocate
