@@ -2,11 +2,18 @@ import json
 import random
 
 import pytest
+import torch
 
 from preprocessing.__main__ import main as preprocess_main
 from preprocessing.stdlib_corpus import iter_documents
 from preprocessing.train_tokenizer import train
 from tests.distributed import run_distributed
+
+# NOTE: one intra-op thread in the test process, as in every rank of the distributed tests:
+# the tests' tiny models gain nothing from a second thread, and on a shared 2-core machine
+# OpenMP's spinning threads made single-process training steps 5-10x slower under load
+# (test_average_of_checkpoints: 7-10 s -> 0.8 s with another test run beside it).
+torch.set_num_threads(1)
 
 
 @pytest.fixture
