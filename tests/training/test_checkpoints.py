@@ -121,6 +121,7 @@ def test_keep_only_the_newest_checkpoints(gpt_shard, bpe_files, tmp_path):
     assert names == ["latest", "step_00000004", "step_00000005"]
 
 
+@pytest.mark.slow  # three training processes killed mid-save, a fourth that finishes
 def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path):
     from megatron_lite.models import build_model
 
@@ -166,6 +167,7 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
     assert not list((run / "checkpoints").glob(".step_*.tmp"))
 
 
+@pytest.mark.slow  # two torchrun jobs, one restarting after a rank is killed
 def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, bpe_files,
                                                                      tmp_path):
     config = gpt_yaml(tmp_path)

@@ -62,6 +62,7 @@ def _freeze_mid_run(proc, workers, metrics, steps: int) -> int:
     return pids
 
 
+@pytest.mark.slow  # three torchrun jobs of 2 processes
 def test_ctrl_c_on_a_torchrun_job_saves_and_the_rerun_matches(gpt_shard, bpe_files, tmp_path):
     """Ctrl-C as a terminal sends it (to torchrun and both workers at once) during TP=2
     training: every rank finishes the step, one checkpoint, one line; rerunning the same
