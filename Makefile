@@ -15,7 +15,7 @@ IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host
 CMD ?= python -m megatron_lite.train --help
 
-.PHONY: help setup demo demo-bert test lint bench gpu-check results docker-build docker-run slurm-test clean
+.PHONY: help setup demo demo-bert test test-slow lint bench gpu-check results docker-build docker-run slurm-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,8 +38,11 @@ demo: setup  ## the whole pipeline on 2 CPU processes (~4.5 min): see launch/dem
 demo-bert: setup  ## BERT (MLM + NSP) on 2 CPU processes (~5 min): see launch/demo_bert.sh
 	bash launch/demo_bert.sh runs/demo-bert
 
-test: setup  ## the test suite (CPU, gloo)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: setup  ## the test suite without the slow tests (CPU, gloo; see README, Development)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup  ## only the slow tests: torchrun jobs, signals, kill -9, two nodes, compile
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: setup  ## ruff, and hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

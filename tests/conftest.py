@@ -1,12 +1,26 @@
 import json
+import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from preprocessing.__main__ import main as preprocess_main
 from preprocessing.stdlib_corpus import iter_documents
 from preprocessing.train_tokenizer import train
 from tests.distributed import run_distributed
+
+# NOTE: one intra-op thread in the test process, as in every rank of the distributed tests:
+# the tests' tiny models gain nothing from a second thread, and on a shared 2-core machine
+# OpenMP's spinning threads made single-process training steps 5-10x slower under load
+# (test_average_of_checkpoints: 7-10 s -> 0.8 s with another test run beside it).
+torch.set_num_threads(1)
+# NOTE: DeepSpeed JIT-builds a C++ op (its shm all-reduce) the first time a ZeRO test starts;
+# torch caches builds in ~/.cache/torch_extensions, where checkouts with other venvs (other
+# include paths) rebuild over each other, 40-80 s a time. One cache per venv keeps it built.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture

@@ -24,11 +24,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# NOTE: every rank is a fresh process with a clean interpreter state, as under torchrun, but
+# forked from a server that imported torch and the package once ("forkserver"): "spawn"
+# imported torch anew in every rank, 2-3 s of CPU each, most of a small distributed test's
+# time on 2 cores. The server holds no threads and has run no torch op when it forks.
+START_METHOD = "forkserver"
+mp.get_context(START_METHOD).set_forkserver_preload(
+    ["torch", "torch.distributed", "megatron_lite.parallel", "megatron_lite.training.trainer"])
+
+
 class DistributedTestFailure(AssertionError):
     """A rank of a distributed test failed; the message holds the first failure's traceback."""
 
 
-def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, env: dict,
+            fn, args) -> None:
+    # the caller's environment as it is now (the server's copy is from its own start)
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -54,14 +67,15 @@ def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> N
     """Run ``fn(ctx, *args)`` on ``world_size`` processes; re-raise the first failure.
 
     ``fn`` must be a module-level function (it is pickled by reference). When one rank
-    fails, ``torch.multiprocessing.spawn`` terminates the others, so a peer blocked in a
+    fails, ``torch.multiprocessing`` terminates the others, so a peer blocked in a
     collective cannot hang the test. The error raised carries the traceback of the rank
     that failed first (later ones usually only saw their peer disappear).
     """
     with tempfile.TemporaryDirectory() as err_dir:
         context = mp.start_processes(
-            _worker, args=(world_size, free_port(), tp_size or world_size, err_dir, fn, args),
-            nprocs=world_size, join=False, start_method="spawn")
+            _worker, args=(world_size, free_port(), tp_size or world_size, err_dir,
+                           dict(os.environ), fn, args),
+            nprocs=world_size, join=False, start_method=START_METHOD)
         try:
             while not context.join():
                 pass
@@ -76,9 +90,9 @@ def _failure_report(context, err_dir: str) -> str:
         stamp, tb = path.read_text().split("\n", 1)
         reports.append((float(stamp), path.stem, tb))
     reports.sort()
-    # NOTE: spawn SIGTERMs the survivors once one rank fails; a rank with another non-zero
-    # exit code and no traceback file died on its own (os._exit, a signal, the OOM killer)
-    # and is what made its peers fail.
+    # NOTE: torch.multiprocessing SIGTERMs the survivors once one rank fails; a rank with
+    # another non-zero exit code and no traceback file died on its own (os._exit, a signal,
+    # the OOM killer) and is what made its peers fail.
     died = [f"rank{i} exited with code {p.exitcode}" for i, p in enumerate(context.processes)
             if p.exitcode not in (0, None, -15) and not Path(err_dir, f"rank{i}.err").exists()]
     if died:

@@ -45,6 +45,7 @@ def test_printed_row_recomputes_at_any_step_time(step_s):
     check_row_arithmetic(float(printed_ms) / 1e3, int(tps), float(mfu), flops)
 
 
+@pytest.mark.slow  # a subprocess that trains 4 variants, 2 of them compiled, and a TP=2 pair
 def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
     env = dict(os.environ, PYTHON=sys.executable)
     out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--cpu", "--tiny",

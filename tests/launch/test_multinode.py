@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.training.conftest import gpt_shard, tiny_overrides  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +27,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # three torchrun agents, two of them meeting over a rendezvous
 def test_two_agents_as_two_nodes_train_like_one_node(gpt_shard, bpe_files, tmp_path):  # noqa: F811
     config = tmp_path / "tiny.yaml"
     config.write_text("model:\n  arch: gpt\n")

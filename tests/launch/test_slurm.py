@@ -21,6 +21,9 @@ from megatron_lite.data.tokenizer import build_tokenizer
 from tests.training.conftest import gpt_shard, tiny_overrides  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
+# NOTE: a SLURM cluster per test and jobs through its queue: `make test-slow` (and `make
+# slurm-test`) run these, `make test` does not
+pytestmark = pytest.mark.slow
 ALLOWED = os.environ.get("CI") == "true" or os.environ.get("MEGATRON_LITE_SLURM_TEST") == "1"
 
 

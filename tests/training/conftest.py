@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.train import main as train_main
 from preprocessing.__main__ import main as preprocess_main
 
 
@@ -37,3 +38,15 @@ def tiny_overrides(shard, bpe_files, run_dir, **kw) -> list[str]:
             "data.vocab_file": str(vocab), "data.merge_file": str(merges)}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, gpt_shard, bpe_files) -> Path:
+    """A finished run of the tiny GPT (2 steps, checkpoint ``step_00000002``), shared by
+    the tests that only read it; a test that changes a run copies it first
+    (``shutil.copytree``)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    over = tiny_overrides(gpt_shard, bpe_files, tmp / "run",
+                          **{"train.max_steps": 2, "train.eval_interval": 0})
+    assert train_main([str(gpt_yaml(tmp)), *over]) == 0
+    return tmp / "run"

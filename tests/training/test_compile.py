@@ -71,6 +71,7 @@ def _train(ctx, overrides):
     Trainer(load_config(None, overrides), ctx).fit()
 
 
+@pytest.mark.slow  # inductor compiles the model in every rank
 @pytest.mark.parametrize("tp,dropout", [(1, 0.1), (2, 0.0)])
 def test_compiled_training_matches_eager(distributed, gpt_shard, bpe_files, tmp_path, tp,
                                          dropout):

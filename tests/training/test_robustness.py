@@ -55,19 +55,15 @@ def test_options_that_would_do_nothing_are_refused(override, message):
         load_config(None, override.split()).validate()
 
 
-def test_loading_a_checkpoint_of_another_model_is_one_line(tmp_path, gpt_shard, bpe_files,
-                                                            capsys):
+def test_loading_a_checkpoint_of_another_model_is_one_line(tmp_path, tiny_run, gpt_shard,
+                                                            bpe_files, capsys):
     from tests.training.conftest import gpt_yaml, tiny_overrides
 
-    config = gpt_yaml(tmp_path)
-    base = tiny_overrides(gpt_shard, bpe_files, tmp_path / "a",
-                          **{"train.max_steps": 1, "train.eval_interval": 0})
-    assert train_main([str(config), *base]) == 0
     other = tiny_overrides(gpt_shard, bpe_files, tmp_path / "b",
-                           **{"train.max_steps": 2, "train.eval_interval": 0,
-                              "model.num_layers": 3, "train.load": str(tmp_path / "a")})
+                           **{"train.max_steps": 3, "train.eval_interval": 0,
+                              "model.num_layers": 3, "train.load": str(tiny_run)})
     capsys.readouterr()
-    assert train_main([str(config), *other]) == 2
+    assert train_main([str(gpt_yaml(tmp_path)), *other]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "cannot load into this model" in err
     assert "\n" not in err

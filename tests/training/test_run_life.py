@@ -32,23 +32,53 @@ def _torchrun(args, **kw):
                             text=True, cwd=ROOT, **kw)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's workers)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def _freeze_mid_run(proc, workers, metrics, steps: int) -> int:
+    """Wait for 3 metric lines, then SIGSTOP ``workers`` (the training processes) and
+    return the steps logged so far. A signal sent while they are stopped is handled when
+    they continue, so it lands mid-run however fast the machine trains."""
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.002)
+    pids = workers()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    logged = len(metrics.read_text().splitlines())
+    # the step under way may still finish; the one after it checks for the signal
+    assert logged <= steps - 2, f"{logged} of {steps} steps before the processes stopped"
+    return pids
+
+
+@pytest.mark.slow  # three torchrun jobs of 2 processes
 def test_ctrl_c_on_a_torchrun_job_saves_and_the_rerun_matches(gpt_shard, bpe_files, tmp_path):
     """Ctrl-C as a terminal sends it (to torchrun and both workers at once) during TP=2
     training: every rank finishes the step, one checkpoint, one line; rerunning the same
     command resumes and reproduces the uninterrupted run's losses exactly."""
-    steps = 200
+    steps = 30
     run = tmp_path / "run"
     args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
         gpt_shard, bpe_files, run, **{"parallel.tensor_parallel_size": 2,
                                       "train.max_steps": steps, "train.eval_interval": 0,
                                       "train.global_batch_size": 2, "model.hidden_dropout": 0.1})]
     proc = _torchrun(args, start_new_session=True)  # its own process group, like a terminal's
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)
+    workers = _freeze_mid_run(proc, lambda: _children(proc.pid), run / "metrics.jsonl", steps)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)  # torchrun forwards it too, to workers still stopped
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
     out = proc.communicate(timeout=120)[0]
     lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
     assert len(lines) == 1, out
@@ -74,15 +104,19 @@ def test_ctrl_c_on_a_torchrun_job_saves_and_the_rerun_matches(gpt_shard, bpe_fil
 
 
 def test_second_signal_after_the_grace_period_exits_at_once():
-    code = ("import os, signal, time\n"
-            "from megatron_lite.training.interrupt import Interrupt\n"
-            "with Interrupt(grace_s=0.2) as i:\n"
+    # the handler's clock is a fake one advanced by hand: the outcome does not depend on
+    # how long the process waits between signals on a loaded machine
+    code = ("import os, signal, time, types\n"
+            "import megatron_lite.training.interrupt as m\n"
+            "now = [1000.0]\n"
+            "m.time = types.SimpleNamespace(monotonic=lambda: now[0])\n"
+            "with m.Interrupt(grace_s=0.2) as i:\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    now[0] += 0.15\n"
             "    os.kill(os.getpid(), signal.SIGTERM)  # a repeat inside the grace period\n"
-            "    time.sleep(0.05)\n"
             "    assert i.received == signal.SIGTERM and i.agreed('cpu') == signal.SIGTERM\n"
             "    print('still here', flush=True)\n"
-            "    time.sleep(0.3)\n"
+            "    now[0] += 0.1\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    time.sleep(5)\n"
             "print('not reached')\n")
@@ -253,12 +287,9 @@ def test_sigterm_to_a_single_process_run_saves_and_says_only_that(gpt_shard, bpe
     proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", *args], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.01)
+    _freeze_mid_run(proc, lambda: [proc.pid], run / "metrics.jsonl", 2000)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     lines = [x for x in out.splitlines() if not x.startswith("step")]
