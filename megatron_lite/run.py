@@ -32,6 +32,7 @@ from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
 from megatron_lite.data.stream import ConsecutiveGPTDataset, TokenStream
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_lite.models import build_model
+from megatron_lite.models.bert import bert_metrics
 from megatron_lite.models.relative import Memory
 from megatron_lite.parallel import (
     ParallelConfigError,
@@ -282,12 +283,15 @@ class Run:
         return {**out, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def bert_metrics(stats, micro_batches: float) -> dict:
-    """``mlm_loss``, ``nsp_loss`` (means over micro-batches), ``mlm_accuracy`` and
-    ``nsp_accuracy`` from :meth:`BertModel.stats` summed over ``micro_batches``."""
-    mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n = stats
-    return {"mlm_loss": mlm_loss / micro_batches, "nsp_loss": nsp_loss / micro_batches,
-            "mlm_accuracy": mlm_ok / max(mlm_n, 1), "nsp_accuracy": nsp_ok / max(nsp_n, 1)}
+def validation_metrics(result: dict) -> dict:
+    """An :meth:`Run.evaluate` result as a training record's ``val_*`` keys: GPT
+    ``val_loss`` and ``val_ppl``; BERT ``val_loss`` (MLM + NSP) and its parts and
+    accuracies (its counts and speed left out)."""
+    keys = ("loss", "perplexity", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+    out = {f"val_{k}": result[k] for k in keys if k in result}
+    if "val_perplexity" in out:
+        out["val_ppl"] = out.pop("val_perplexity")
+    return out
 
 
 def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
