@@ -107,7 +107,7 @@ def found_config(cfg: Config, pattern: str) -> Config:
                                 sublayer_pattern=pattern, sandwich_coefficient=0,
                                 par_ratio=0.0, layers_to_keep="")
     train = dataclasses.replace(cfg.train, run_dir=cfg.train.run_dir + "-found", load=None,
-                                exit_after=0, fail_at_step=0, fail_rank=0)
+                                exit_after=0)
     return dataclasses.replace(cfg, model=model, train=train,
                                search=type(cfg.search)())
 

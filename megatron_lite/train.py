@@ -16,15 +16,19 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Sequence
 
 import torch.distributed as dist
 
 from megatron_lite.cli import config_keys_help, parse_args, run_cli
 from megatron_lite.config import load_config
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.parallel import parallel_session
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[TrainingHook] = ()) -> int:
+    """The command; ``hooks`` go to the Trainer after the model's own (tests inject faults
+    this way: see :mod:`megatron_lite.hooks`)."""
     p = argparse.ArgumentParser(prog="python -m megatron_lite.train", description=__doc__,
                                 epilog=config_keys_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
             from megatron_lite.training.trainer import Trainer
 
-            trainer = Trainer(cfg, ctx)
+            trainer = Trainer(cfg, ctx, hooks=hooks)
             trainer.fit()
             saved = trainer.run_dir / "checkpoints" / f"step_{trainer.step:08d}"
             if trainer.interrupted:

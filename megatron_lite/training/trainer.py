@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +55,8 @@ class Trainer:
         cfg: the resolved config (``model.vocab_size`` is taken from the tokenizer when
             ``data`` names tokenizer files).
         ctx: the parallel context (TP x DP grid).
-        hooks: more hooks, after the model's own (a command's: distillation).
+        hooks: more hooks, after the model's own (a command's: distillation; a test's
+            faults).
         build: ``build(model_cfg, ctx, device)`` instead of ``build_model`` (see
             :func:`~megatron_lite.run.build_run`).
     """
@@ -96,7 +96,7 @@ class Trainer:
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
         # divergence guard: recent losses, recoveries so far, the learning rate's factor
         self.recent: collections.deque = collections.deque(maxlen=max(t.divergence_window, 1))
-        self.recoveries, self.lr_scale, self.injected = 0, 1.0, 0
+        self.recoveries, self.lr_scale = 0, 1.0
         for hook in self.hooks:
             hook.setup(self)
         self._resume()
@@ -413,15 +413,6 @@ class Trainer:
                   f"{skipped} samples skipped, learning rate x{self.lr_scale:g} "
                   f"(recovery {self.recoveries} of {t.divergence_retries})", flush=True)
 
-    def _maybe_fail(self) -> None:
-        t = self.cfg.train
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if t.fail_at_step and self.step == t.fail_at_step and first_attempt \
-                and self.ctx.rank == t.fail_rank:
-            print(f"fault injection: killing rank {self.ctx.rank} after step {self.step}",
-                  flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def fit(self) -> list[dict]:
         """Train to ``train.max_steps``; returns the logged records (on every rank).
 
@@ -447,9 +438,6 @@ class Trainer:
             tick = time.perf_counter()
             out = self.train_step()
             busy += time.perf_counter() - tick
-            if t.inject_nan_at_step == self.step and self.injected < t.inject_nan_times:
-                self.injected += 1  # fault injection for the divergence guard's tests
-                out["loss"] = math.nan
             norm = None if out.get("skipped") else out.get("grad_norm")  # fp16 skips: fine
             if t.divergence_guard and (reason := self._diverged(out["loss"], norm)):
                 self._recover(reason)
@@ -482,5 +470,4 @@ class Trainer:
                 break
             if t.save_interval > 0 and self.step % t.save_interval == 0:
                 self.save()
-            self._maybe_fail()
         return records
