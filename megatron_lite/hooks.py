@@ -13,8 +13,8 @@ Where hooks come from:
   (``cfg`` the whole :class:`~megatron_lite.config.Config`); :func:`model_hooks` collects
   them. A part that repeats (each attention sublayer's adaptive span) offers the same
   kind of hook from every copy: one hook of each class is kept, the first;
-- the command: ``Trainer(cfg, ctx, hooks=[...])`` (distillation, the faults tests
-  inject: ``tests/training/faults.py``).
+- the command: ``Trainer(cfg, ctx, hooks=[...])`` (distillation, the PAR search, the
+  faults tests inject: ``tests/training/faults.py``).
 
 The model's hooks come first, then the command's, and every method is called on every
 hook in that order. Methods that run collectives (``step_metrics``, ``log_metrics``,

@@ -55,10 +55,10 @@ class Trainer:
         cfg: the resolved config (``model.vocab_size`` is taken from the tokenizer when
             ``data`` names tokenizer files).
         ctx: the parallel context (TP x DP grid).
-        hooks: more hooks, after the model's own (a command's: distillation; a test's
-            faults).
-        build: ``build(model_cfg, ctx, device)`` instead of ``build_model`` (see
-            :func:`~megatron_lite.run.build_run`).
+        hooks: more hooks, after the model's own (a command's: distillation, the search;
+            a test's faults).
+        build: ``build(model_cfg, ctx, device)`` instead of ``build_model`` (the search's
+            supernet; see :func:`~megatron_lite.run.build_run`).
     """
 
     def __init__(self, cfg: Config, ctx: ParallelContext, hooks: Sequence[TrainingHook] = (),
