@@ -84,9 +84,8 @@ class Memory:
     inputs ``[b, <= mem_len, h]``, detached (no gradient flows into the past).
 
     One per batch row set (training keeps one per micro-batch: :class:`MemoryHook`); the
-    model reads the
-    old memory in forward and stages the new one, :meth:`commit` makes it current.
-    Also the natural cache for generation.
+    model reads the old memory in forward and stages the new one, :meth:`commit` makes it
+    current. Also the natural cache for generation.
     """
 
     def __init__(self, mem_len: int):
