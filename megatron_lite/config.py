@@ -205,12 +205,6 @@ class TrainConfig:
     divergence_window: int = 20  # steps in that mean
     divergence_lr_scale: float = 0.5  # each recovery multiplies the learning rate by this
     divergence_retries: int = 3  # recoveries before the run gives up
-    inject_nan_at_step: int = 0  # (tests) this step's loss becomes NaN (0: never) ...
-    inject_nan_times: int = 1  # ... the first this many times the step is reached
-    # fault injection for restart tests: SIGKILL rank fail_rank after step fail_at_step of
-    # the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0)
-    fail_at_step: int = 0  # (tests) SIGKILL rank fail_rank after this step (0: never)
-    fail_rank: int = 0  # (see fail_at_step)
     # BERT two-phase schedule: from phase2_start * max_steps on, train at phase2_seq_length
     phase2_seq_length: int = 0  # BERT: from phase2_start on, train at this length (0: off)
     phase2_start: float = 0.9  # BERT: phase 2 from this fraction of max_steps
@@ -433,12 +427,23 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
 
 
+# keys that are gone, with the default every config.yaml of their time holds (read and
+# ignored at that value; any other value is an error naming the key)
+REMOVED: dict[str, Any] = {"train.inject_nan_at_step": 0, "train.inject_nan_times": 1,
+                           "train.fail_at_step": 0, "train.fail_rank": 0}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     node = getattr(cfg, section, None)
     if not dataclasses.is_dataclass(node) or section.startswith("_"):
         sections = ", ".join(f.name for f in dataclasses.fields(Config))
         raise ConfigError(f"{where}: unknown section {section!r} (known: {sections})")
     hints = typing.get_type_hints(type(node))
+    if f"{section}.{key}" in REMOVED:
+        if value == REMOVED[f"{section}.{key}"]:
+            return  # every config.yaml written before holds it, at this default: ignored
+        raise ConfigError(f"{where}: {section}.{key} is no longer a config key (test-only "
+                          "fault injection: tests install a TrainingHook, megatron_lite/hooks.py)")
     if key not in hints:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
     if f"{section}.{key}" == "train.micro_batch_size" and value == "auto":

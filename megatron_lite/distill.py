@@ -37,6 +37,7 @@ import torch
 from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models import build_model
 from megatron_lite.models.attention import SelfAttention
 from megatron_lite.models.relations import minilm_losses, minilmv2_losses
@@ -108,8 +109,15 @@ def check_pair(cfg: Config, teacher, tp: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-class Distiller(Trainer):
-    """A Trainer whose loss is the relations' KL between the teacher and the student."""
+class DistillHook(TrainingHook):
+    """Distillation in the training loop: each micro-batch's loss is the relations' KL
+    between the frozen teacher and the student's last attention layer (plus
+    ``distill.lm_weight`` x the student's own loss); the step's record adds each
+    relation's KL and the student's own loss.
+
+    Built before the Trainer: the teacher is loaded (and its RNG draws made) before the
+    student is drawn and a checkpoint's RNG states restored, so resuming stays exact.
+    """
 
     def __init__(self, cfg: Config, ctx: ParallelContext):
         if not cfg.distill.teacher:
@@ -122,28 +130,30 @@ class Distiller(Trainer):
             raise ConfigError("train.micro_batch_size=auto is not offered for distillation "
                               "(the probe does not run the teacher): give a size")
         self.teacher = load_teacher(cfg.distill.teacher, ctx)
-        super().__init__(cfg, ctx)
-        check_pair(cfg, self.teacher, ctx.tp_size)
-        d = cfg.distill
-        self.teacher_layer = attention_layers(self.teacher)[d.teacher_layer]
-        self.student_layer = attention_layers(self.model)[-1]
-        self.relation_heads = d.relation_heads or cfg.model.num_attention_heads
         self.kl_sums: dict[str, torch.Tensor] = {}
 
-    def _forward(self, batch: dict) -> torch.Tensor:
-        d, ctx = self.cfg.distill, self.ctx
+    def setup(self, trainer: Trainer) -> None:
+        cfg, d = trainer.cfg, trainer.cfg.distill
+        check_pair(cfg, self.teacher, trainer.ctx.tp_size)
+        self.teacher_layer = attention_layers(self.teacher)[d.teacher_layer]
+        self.student_layer = attention_layers(trainer.model)[-1]
+        self.relation_heads = d.relation_heads or cfg.model.num_attention_heads
+
+    def loss(self, trainer: Trainer, batch: dict) -> torch.Tensor:
+        cfg, ctx = trainer.cfg, trainer.ctx
+        d = cfg.distill
         inputs = {k: v for k, v in batch.items() if "labels" not in k}
         self.teacher_layer.capture, self.student_layer.capture = [], []
         try:
             with torch.no_grad():
                 self.teacher(**inputs)
-            own = self.engine(**batch)
+            own = trainer.engine(**batch)
             teacher, student = self.teacher_layer.capture[0], self.student_layer.capture[-1]
         finally:
             self.teacher_layer.capture = self.student_layer.capture = None
         mask = batch.get("attention_mask")
         if d.method == "minilm":
-            parts = minilm_losses(teacher, student, self.cfg.model.num_attention_heads,
+            parts = minilm_losses(teacher, student, cfg.model.num_attention_heads,
                                   ctx.tp_group, mask)
             loss = sum(parts.values())
         else:
@@ -155,19 +165,24 @@ class Distiller(Trainer):
         self.kl_sums["own"] = self.kl_sums.get("own", 0.0) + own.detach()
         return loss + d.lm_weight * own  # weight 0 keeps every parameter in the graph
 
-    def _step_log(self) -> dict:
+    def step_metrics(self, trainer: Trainer) -> dict:
         """Each relation's KL (``kl_attention``, ``kl_value`` or ``kl_query``, ``kl_key``,
         ``kl_value``) and the student's own loss (``student_loss``), means over the step."""
-        out = super()._step_log()
+        out = {}
         if self.kl_sums:
             names = list(self.kl_sums)
             values = all_reduce(torch.stack([torch.as_tensor(self.kl_sums[n]).float()
-                                             for n in names]), self.ctx.dp_group)
-            n = self.accum * self.ctx.dp_size
+                                             for n in names]), trainer.ctx.dp_group)
+            n = trainer.accum * trainer.ctx.dp_size
             for name, value in zip(names, values.tolist(), strict=True):
                 out["student_loss" if name == "own" else f"kl_{name}"] = value / n
             self.kl_sums = {}
         return out
+
+
+def distiller(cfg: Config, ctx: ParallelContext) -> Trainer:
+    """The Trainer of a distillation run: the student's, with a :class:`DistillHook`."""
+    return Trainer(cfg, ctx, hooks=[DistillHook(cfg, ctx)])
 
 
 def assistant_config(cfg: Config) -> Config:
@@ -190,10 +205,10 @@ def finished(cfg: Config) -> bool:
     return read_meta(resolve_checkpoint(cfg.train.run_dir))["step"] >= cfg.train.max_steps
 
 
-def distil(cfg: Config, ctx: ParallelContext) -> Distiller:
-    distiller = Distiller(cfg, ctx)
-    distiller.fit()
-    return distiller
+def distil(cfg: Config, ctx: ParallelContext) -> Trainer:
+    trainer = distiller(cfg, ctx)
+    trainer.fit()
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:

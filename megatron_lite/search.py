@@ -22,34 +22,34 @@ architecture with ``python -m megatron_lite.train``: identity blocks removed, th
 pattern written out), ``search.png`` (every block's branch probabilities over the steps),
 ``metrics.jsonl`` and checkpoints (a search resumes exactly, alpha and its optimizer
 state included).
+
+The search is the training loop (:class:`~megatron_lite.training.trainer.Trainer`) with
+the supernet as its model and a :class:`SearchHook`: signals, ``train.exit_after``,
+``train.save_interval`` and the validation at ``train.eval_interval`` (of the expected
+supernet, softmax(alpha), no noise) work as in ``megatron_lite.train``; the outputs above
+are written when the search converges or reaches ``train.max_steps``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from megatron_lite.checkpoint import load_checkpoint, save_checkpoint
 from megatron_lite.cli import parse_args, run_cli
-from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
+from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.files import atomic_path, atomic_write
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.supernet import SuperTransformer
 from megatron_lite.parallel import ParallelContext, parallel_session
-from megatron_lite.run import build_run
-from megatron_lite.training.metrics import MetricsLogger
-from megatron_lite.training.optim import build_optimizer, clip_grads_
-from megatron_lite.training.precision import autocast
-from megatron_lite.training.schedule import learning_rate
+from megatron_lite.training.trainer import Trainer
 
 
 def check_search(cfg: Config) -> None:
@@ -78,6 +78,8 @@ def check_search(cfg: Config) -> None:
                         "found pattern with a memory")
     if cfg.model.activation_checkpointing == "full":
         problems.append("the supernet has no full activation checkpointing (use selective)")
+    if cfg.train.compile:
+        problems.append("the supernet is not compiled (train.compile=false)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -107,150 +109,122 @@ def found_config(cfg: Config, pattern: str) -> Config:
                                 sublayer_pattern=pattern, sandwich_coefficient=0,
                                 par_ratio=0.0, layers_to_keep="")
     train = dataclasses.replace(cfg.train, run_dir=cfg.train.run_dir + "-found", load=None,
-                                exit_after=0, fail_at_step=0, fail_rank=0)
+                                exit_after=0)
     return dataclasses.replace(cfg, model=model, train=train,
                                search=type(cfg.search)())
 
 
-class Search:
-    """One search run; :meth:`run` returns the final pattern."""
+class SearchHook(TrainingHook):
+    """The PAR search in the training loop (the supernet is the model: see
+    :func:`search_trainer`).
 
-    def __init__(self, cfg: Config, ctx: ParallelContext):
+    Adds alpha's optimizer group (its own lr and weight decay, outside the schedule and
+    the gradient clipping); sets the temperature and, per micro-batch, the Gumbel noise's
+    key; drops alpha's gradient while frozen (AdamW then leaves it bitwise unchanged);
+    follows each block's argmax for convergence and stops the run there; keeps the
+    history of alpha (in the checkpoints: a search resumes exactly) and writes
+    ``search.json``, ``found.yaml`` and ``search.png`` when the search is done.
+    """
+
+    def __init__(self, cfg: Config):
         check_search(cfg)
-        s = cfg.search
-        self.cfg, self.ctx = resolve_paths(cfg), ctx  # config.yaml works from anywhere
-        self.blocks = s.blocks or 2 * cfg.model.num_layers
-        self.run = build_run(cfg, ctx, make_model=build_supernet(self.blocks, s.branches))
-        self.model, self.net = self.run.model, self.run.model.transformer
-        self.net.seed, self.net.hard = cfg.train.seed, s.hard
-        alpha = {"params": [self.net.alpha], "lr": s.arch_lr,
-                 "weight_decay": s.arch_weight_decay, "architecture": True}
-        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device, [alpha])
-        self.weights = [p for p in self.model.parameters()
-                        if p.requires_grad and p is not self.net.alpha]
-        self.engine = DistributedDataParallel(
-            self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
-        ) if ctx.dp_size > 1 else self.model
-        self.run_dir = Path(cfg.train.run_dir)
-        self.step = self.consumed = 0
+        self.cfg, self.blocks = cfg, cfg.search.blocks or 2 * cfg.model.num_layers
         self.history: list[dict] = []
         self.changed = [0] * self.blocks  # the step each block's argmax last changed
-        if (self.run_dir / "checkpoints" / "latest").is_file():
-            meta = load_checkpoint(self.run_dir, self.model, ctx, optimizer=self.optimizer,
-                                   restore_rng=True)
-            self.step, self.consumed = meta["step"], meta["consumed_samples"]
-            self.history, self.changed = meta["search_history"], meta["search_changed"]
-            if ctx.is_main:
-                print(f"resumed the search at step {self.step}", flush=True)
-        self.argmax = self.net.alpha.detach().argmax(-1).tolist()
-        if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
+        self.argmax: list[int] | None = None  # each block's argmax after the last step
 
-    def converged(self) -> bool:
+    def param_groups(self, trainer: Trainer) -> list[dict]:
         s = self.cfg.search
-        if self.step < s.freeze_steps + s.window:
+        self.net = trainer.model.transformer
+        self.net.seed, self.net.hard = self.cfg.train.seed, s.hard
+        return [{"params": [self.net.alpha], "lr": s.arch_lr,
+                 "weight_decay": s.arch_weight_decay, "lr_schedule": False, "clip": False}]
+
+    def meta_state(self) -> dict:
+        return {"search_history": self.history, "search_changed": self.changed}
+
+    def load_meta_state(self, meta: dict) -> None:
+        if "search_history" in meta:
+            self.history, self.changed = meta["search_history"], meta["search_changed"]
+            self.argmax = None
+
+    def converged(self, step: int) -> bool:
+        s = self.cfg.search
+        if step < s.freeze_steps + s.window:
             return False
-        stable = sum(self.step - c >= s.window for c in self.changed)
+        stable = sum(step - c >= s.window for c in self.changed)
         return stable >= math.ceil(s.fraction * self.blocks)
 
-    def train_step(self, batches) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        frozen = self.step < cfg.search.freeze_steps
-        lr = learning_rate(self.step, cfg.optim, t.max_steps)
-        for group in self.optimizer.param_groups:
-            if not group.get("architecture"):
-                group["lr"] = lr
-        self.net.tau = temperature(self.step, cfg)
-        self.engine.train()
-        total = torch.zeros((), device=self.ctx.device)
-        for k in range(self.run.accum):
-            self.net.key = (self.step, k)
-            batch = self.run.to_device(next(batches))
-            sync = contextlib.nullcontext() if k == self.run.accum - 1 or \
-                self.engine is self.model else self.engine.no_sync()
-            with sync:
-                with autocast(t.precision, self.ctx.device):
-                    loss = self.engine(**batch)
-                (loss / self.run.accum).backward()
-            total += loss.detach().float()
-        if frozen:
+    def should_stop(self, trainer: Trainer) -> bool:
+        return self.converged(trainer.step)
+
+    def before_step(self, trainer: Trainer) -> None:
+        if not self.history:
+            self.record(trainer.step)  # where the search starts
+        if self.argmax is None:
+            self.argmax = self.net.alpha.detach().argmax(-1).tolist()
+        self.net.tau = temperature(trainer.step, self.cfg)
+
+    def micro_batch(self, trainer: Trainer, batch: dict, k: int) -> dict:
+        self.net.key = (trainer.step, k)
+        return batch
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        if trainer.step < self.cfg.search.freeze_steps:
             self.net.alpha.grad = None  # AdamW skips it: alpha stays bitwise unchanged
-        grad_norm = clip_grads_(self.weights, cfg.optim.clip_grad, self.ctx)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.consumed += t.global_batch_size
+
+    def step_metrics(self, trainer: Trainer) -> dict:
+        step = trainer.step
         argmax = self.net.alpha.detach().argmax(-1).tolist()
-        self.changed = [self.step if a != b else c
+        self.changed = [step if a != b else c
                         for a, b, c in zip(argmax, self.argmax, self.changed, strict=True)]
         self.argmax = argmax
-        return {"step": self.step, "loss": self.run.dp_mean(total / self.run.accum), "lr": lr,
-                "grad_norm": grad_norm, "tau": self.net.tau, "pattern": self.net.pattern()}
+        t = self.cfg.train
+        if step % max(t.log_interval, 1) == 0 or step >= t.max_steps or self.converged(step):
+            self.record(step)
+        return {"tau": self.net.tau}
 
-    def record(self) -> dict:
+    def record(self, step: int) -> dict:
         probs = F.softmax(self.net.alpha.detach().float(), dim=-1)
-        entry = {"step": self.step, "tau": self.net.tau,
+        entry = {"step": step, "tau": self.net.tau,
                  "alpha": [[round(x, 5) for x in row] for row in self.net.alpha.tolist()],
                  "probs": [[round(x, 5) for x in row] for row in probs.tolist()],
                  "pattern": self.net.pattern()}
         self.history.append(entry)
         return entry
 
-    def save(self) -> None:
-        extra = {"consumed_samples": self.consumed, "search_history": self.history,
-                 "search_changed": self.changed}
-        save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg, extra,
-                        optimizer=self.optimizer, keep=self.cfg.train.keep_checkpoints)
+    def at_end(self, trainer: Trainer) -> None:
+        step = trainer.step
+        if trainer.ctx.is_main and (step >= self.cfg.train.max_steps or self.converged(step)):
+            self.write_outputs(self.net.pattern(), step)  # not on a stop to resume later
 
-    def fit(self) -> str:
-        t = self.cfg.train
-        batches = self.run.batches(self.run.train_data, self.consumed)
-        if not self.history:
-            self.record()
-        steps_here = 0
-        while self.step < t.max_steps and not self.converged():
-            if t.exit_after and steps_here >= t.exit_after:  # stop here; rerun to resume
-                self.save()
-                self.metrics.close()
-                return self.net.pattern()
-            steps_here += 1
-            out = self.train_step(batches)
-            if self.step % max(t.log_interval, 1) == 0:
-                self.record()
-                self.metrics.log({k: v for k, v in out.items() if k != "pattern"})
-            if t.save_interval > 0 and self.step % t.save_interval == 0:
-                self.save()
-        if self.history[-1]["step"] != self.step:
-            self.record()
-        self.save()
-        self.metrics.close()
-        pattern = self.net.pattern()
-        if self.ctx.is_main:
-            self.write_outputs(pattern)
-        return pattern
-
-    def write_outputs(self, pattern: str) -> None:
-        s = self.cfg.search
-        converged = self.converged()
+    def write_outputs(self, pattern: str, step: int) -> None:
+        s, run_dir = self.cfg.search, Path(self.cfg.train.run_dir)
+        converged = self.converged(step)
         summary = {"pattern": pattern, "blocks": self.blocks, "branches": s.branches,
-                   "steps": self.step, "converged": converged,
+                   "steps": step, "converged": converged,
                    "attention_blocks": pattern.count("s"),
                    "layers_per_attention": (len(pattern) / pattern.count("s")
                                             if "s" in pattern else None),
                    "history": self.history}
-        with atomic_write(self.run_dir / "search.json") as f:
+        with atomic_write(run_dir / "search.json") as f:
             json.dump(summary, f, indent=1)
         if pattern:
-            save_config(found_config(self.cfg, pattern), self.run_dir / "found.yaml")
-        plot_search(self.history, s.branches, self.run_dir / "search.png")
+            save_config(found_config(self.cfg, pattern), run_dir / "found.yaml")
+        plot_search(self.history, s.branches, run_dir / "search.png")
         ratio = summary["layers_per_attention"]
         how = "converged" if converged else "at train.max_steps"
         par = f", PAR ratio p = {ratio:.1f}" if ratio else ""
-        print(f"found {pattern!r} after {self.step} steps ({how}): {pattern.count('s')} "
-              f"attention of {len(pattern)} sublayers{par}; {self.run_dir / 'found.yaml'}",
+        print(f"found {pattern!r} after {step} steps ({how}): {pattern.count('s')} "
+              f"attention of {len(pattern)} sublayers{par}; {run_dir / 'found.yaml'}",
               flush=True)
+
+
+def search_trainer(cfg: Config, ctx: ParallelContext) -> Trainer:
+    """The Trainer of a search: the supernet as the model, with a :class:`SearchHook`
+    (``trainer.hooks[-1]``; the supernet is ``trainer.model.transformer``)."""
+    hook = SearchHook(cfg)
+    return Trainer(cfg, ctx, hooks=[hook], build=build_supernet(hook.blocks, cfg.search.branches))
 
 
 def plot_search(history: list[dict], branches: str, out: Path) -> None:
@@ -291,10 +265,12 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (anywhere on the line)")
     a = parse_args(p, argv)
 
-    def body() -> None:
+    def body() -> int:
         cfg = load_config(a.config, a.overrides)
         with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
-            Search(cfg, ctx).fit()
+            trainer = search_trainer(cfg, ctx)
+            trainer.fit()
+            return 128 + signal.Signals[trainer.interrupted] if trainer.interrupted else 0
 
     return run_cli(body)
 

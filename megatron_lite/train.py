@@ -14,14 +14,19 @@ from another run's weights (fresh optimizer, step 0).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from megatron_lite.cli import config_command, config_keys_help, end_of_run
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.training.trainer import Trainer
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[TrainingHook] = ()) -> int:
+    """The command; ``hooks`` go to the Trainer after the model's own (tests inject faults
+    this way: see :mod:`megatron_lite.hooks`)."""
+
     def body(cfg, ctx) -> int:
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer(cfg, ctx, hooks=hooks)
         trainer.fit()
         written = [p.name for p in (trainer.run_dir / "metrics.jsonl",
                                     trainer.run_dir / "loss.png") if p.exists()]

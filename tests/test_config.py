@@ -106,3 +106,17 @@ def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built():
     with pytest.raises(ConfigError, match=r"about .*B parameters: .* GiB of state per rank "
                                           r"at TP=1 \(16 B/param\), more than"):
         build_run(cfg, ParallelContext(), data=True)  # would take minutes to allocate
+
+
+def test_removed_test_only_keys_are_ignored_at_their_defaults_else_named(tmp_path):
+    """train.inject_nan_* and train.fail_* (test-only fault injection, now hooks): every
+    config.yaml written before holds them at their defaults, which still load."""
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  max_steps: 7\n  inject_nan_at_step: 0\n  inject_nan_times: 1\n"
+                   "  fail_at_step: 0\n  fail_rank: 0\n")
+    cfg = load_config(old)
+    assert cfg.train.max_steps == 7 and not hasattr(cfg.train, "fail_at_step")
+    with pytest.raises(ConfigError) as err:
+        load_config(old, ["train.fail_at_step=5"])
+    assert "train.fail_at_step is no longer a config key" in str(err.value)
+    assert "\n" not in str(err.value)

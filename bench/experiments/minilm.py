@@ -25,7 +25,7 @@ from common import OUT, ROOT, arguments, demo_data, machine, write_section
 
 from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.config import load_config
-from megatron_lite.distill import Distiller
+from megatron_lite.distill import distiller
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.training import evaluation
@@ -63,7 +63,7 @@ def run(kind: str, name: str, over: dict, distil: bool = False) -> tuple[Path, f
             "log.tensorboard": False, "train.save_interval": 0, "train.eval_interval": 0,
             "train.log_interval": 50, **(bert_data() if kind == "bert" else demo_data())}
     cfg = load_config(config, [f"{k}={v}" for k, v in {**base, **over}.items()])
-    trainer = (Distiller if distil else Trainer)(cfg, ParallelContext())
+    trainer = (distiller if distil else Trainer)(cfg, ParallelContext())
     tick = time.perf_counter()  # the training loop only: not the start (data index, teacher)
     trainer.fit()
     return run_dir, time.perf_counter() - tick

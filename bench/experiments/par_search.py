@@ -19,7 +19,7 @@ from common import OUT, ROOT, arguments, demo_data, evaluate, machine, train, wr
 
 from megatron_lite.config import load_config
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.search import Search
+from megatron_lite.search import search_trainer
 
 SEEDS = (1, 2, 3)
 
@@ -35,7 +35,7 @@ def run_search(seed: int, steps: int) -> dict:
             "train.seed": seed, "log.tensorboard": False, "model.num_layers": 6,
             "search.blocks": 12, "search.freeze_steps": steps // 2, "search.window": 60}
     cfg = load_config(ROOT / "configs/gpt2/tiny-cpu.yaml", [f"{k}={v}" for k, v in over.items()])
-    Search(cfg, ParallelContext()).fit()
+    search_trainer(cfg, ParallelContext()).fit()
     return json.loads((run_dir / "search.json").read_text())
 
 

@@ -4,7 +4,8 @@ Each head ``h`` learns ``z_h = S * c_h`` (``c_h`` in [0, 1], ``S = model.attn_sp
 attention weights of a query at distance ``x`` from a key are multiplied after the
 softmax by the soft mask ``m(x) = clamp((R + z_h - x) / R, 0, 1)`` (``R`` the ramp) and
 renormalised, as in the author code. The L1 penalty ``lambda * sum z`` is added to the
-training loss by the Trainer and logged apart (``span_loss``).
+training loss and logged apart (``span_loss``), and every head's span is logged and
+plotted (``spans.png``): :class:`SpanHook`.
 
 The compute is really saved: before the attention of a sublayer, the memory positions
 older than ``max_h z_h + R`` (the largest span of the layer, all-reduced with MAX over
@@ -15,11 +16,14 @@ key/value projections. Those keys had mask 0, so the result is unchanged.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from megatron_lite.config import Config, ModelConfig
+from megatron_lite.files import atomic_path
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models.attention import AttentionCore
 from megatron_lite.models.registry import ATTENTION_CORES
 from megatron_lite.parallel import ParallelContext
@@ -138,7 +142,83 @@ class AdaptiveSpan(AttentionCore):
         """Every head's span (collective over TP)."""
         return all_gather(self.z().detach(), self.tp_group, dim=0)
 
+    def training_hooks(self, cfg) -> list[TrainingHook]:
+        """:class:`SpanHook` (every sublayer's span offers it; the Trainer keeps one)."""
+        return [SpanHook(cfg)]
+
 
 def span_modules(model: nn.Module) -> list[AdaptiveSpan]:
     """The model's adaptive-span modules, bottom to top."""
     return [m for m in model.modules() if isinstance(m, AdaptiveSpan)]
+
+
+class SpanHook(TrainingHook):
+    """Adaptive span in training: the penalty ``model.adaptive_span_loss x sum z`` added to
+    each micro-batch's loss (logged apart as ``span_loss``, the value the step trains
+    with, over every head); each ``z_h`` clamped to ``[0, S]`` after the optimizer step
+    (under ZeRO in the fp32 masters too); ``span_mean`` / ``span_max`` per layer in the
+    logged records; ``spans.png`` at the end."""
+
+    def __init__(self, cfg):
+        self.weight, self.max_span = cfg.model.adaptive_span_loss, cfg.model.attn_span
+        self.spans: list[AdaptiveSpan] = []
+        self.logged: dict = {}
+
+    def setup(self, trainer) -> None:
+        self.spans = span_modules(trainer.model)  # bottom to top
+
+    def penalty(self) -> torch.Tensor | float:
+        """``lambda * sum z`` over this rank's heads."""
+        return self.weight * sum(s.penalty() for s in self.spans)
+
+    def before_step(self, trainer) -> None:
+        with torch.no_grad():  # the penalty this step trains with, over every head
+            value = torch.as_tensor(self.penalty(), device=trainer.ctx.device).detach()
+            self.logged = {"span_loss": all_reduce(value.clone(), trainer.ctx.tp_group).item()}
+
+    def extra_loss(self, trainer) -> torch.Tensor | float:
+        return self.penalty()
+
+    def after_optimizer_step(self, trainer) -> None:
+        if trainer.zero is not None:  # z_h in [0, S], masters included
+            trainer.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
+        else:
+            for span in self.spans:
+                span.clamp_()
+
+    def step_metrics(self, trainer) -> dict:
+        return self.logged
+
+    def log_metrics(self, trainer) -> dict:
+        """Per layer, the mean and largest span of its heads (collective over TP)."""
+        spans = [s.all_spans() for s in self.spans]
+        return {"span_mean": [round(float(z.mean()), 2) for z in spans],
+                "span_max": [round(float(z.max()), 2) for z in spans]}
+
+    def at_end(self, trainer) -> None:
+        spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
+        if trainer.ctx.is_main:
+            plot_spans(spans, self.max_span, trainer.run_dir / "spans.png")
+
+
+def plot_spans(spans: list[list[float]], max_span: int, out: Path) -> Path:
+    """Every head's learned span, by layer (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for layer, heads in enumerate(spans):
+        ax.scatter([layer] * len(heads), heads, s=18, alpha=0.7, color="tab:blue")
+        ax.plot([layer - 0.3, layer + 0.3], [sum(heads) / len(heads)] * 2, color="tab:red")
+    ax.set_xlabel("layer (attention sublayer, bottom to top)")
+    ax.set_ylabel("span z (positions)")
+    ax.set_ylim(0, max_span * 1.02)
+    ax.set_title("learned attention spans per head (red: layer mean)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models.embeddings import embedding, word_embedding
 from megatron_lite.models.mlp import activation_fn
 from megatron_lite.models.norms import norm
@@ -24,6 +25,7 @@ from megatron_lite.parallel import (
     vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )
+from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.layers import mark_tp
 
 
@@ -134,6 +136,14 @@ class BertModel(nn.Module):
             parts["nsp"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
+    def training_hooks(self, cfg) -> list[TrainingHook]:
+        """Training's loss parts and accuracies (:class:`BertStatsHook`); with
+        ``train.phase2_seq_length`` the two-phase schedule (:class:`BertPhase2Hook`)."""
+        hooks: list[TrainingHook] = [BertStatsHook(self)]
+        if cfg.train.phase2_seq_length:
+            hooks.append(BertPhase2Hook(cfg))
+        return hooks
+
 
 def bert_metrics(stats, micro_batches: float) -> dict:
     """``mlm_loss``, ``nsp_loss`` (means over micro-batches), ``mlm_accuracy`` and
@@ -141,3 +151,45 @@ def bert_metrics(stats, micro_batches: float) -> dict:
     mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n = stats
     return {"mlm_loss": mlm_loss / micro_batches, "nsp_loss": nsp_loss / micro_batches,
             "mlm_accuracy": mlm_ok / max(mlm_n, 1), "nsp_accuracy": nsp_ok / max(nsp_n, 1)}
+
+
+class BertStatsHook(TrainingHook):
+    """A training step's ``mlm_loss``, ``nsp_loss`` and accuracies: the
+    :meth:`BertModel.stats` its micro-batches left in ``last_stats``, summed over them and
+    every DP rank (the loss it trains on, at no extra forward)."""
+
+    def __init__(self, model: BertModel):
+        self.model = model
+        self.stats: torch.Tensor | None = None  # this step's, so far
+
+    def after_micro_batch(self, trainer) -> None:
+        self.stats = self.model.last_stats + (self.stats if self.stats is not None else 0)
+
+    def step_metrics(self, trainer) -> dict:
+        if self.stats is None:
+            return {}
+        stats = all_reduce(self.stats, trainer.ctx.dp_group).tolist()
+        self.stats = None
+        return bert_metrics(stats, trainer.accum * trainer.ctx.dp_size)
+
+
+class BertPhase2Hook(TrainingHook):
+    """BERT's two-phase schedule: from step ``int(train.phase2_start x train.max_steps)``
+    on, samples of ``train.phase2_seq_length`` tokens (their own dataset; the samples of
+    phase 2 counted from its start, so a resume continues them)."""
+
+    def __init__(self, cfg):
+        t = cfg.train
+        self.seq_length, self.global_batch = t.phase2_seq_length, t.global_batch_size
+        self.start = int(t.phase2_start * t.max_steps)
+        self.begun = False  # a first step (also of a resumed run) may start in phase 2
+
+    def before_step(self, trainer) -> None:
+        first, self.begun = not self.begun, True
+        if trainer.step == self.start or (first and trainer.step > self.start):
+            if trainer.ctx.is_main:
+                print(f"BERT phase 2 from step {self.start}: seq_length {self.seq_length}",
+                      flush=True)
+            trainer.train_data, _ = trainer.run.datasets(self.seq_length, validation=False)
+            offset = trainer.consumed - self.start * self.global_batch
+            trainer.train_iter = trainer.run.batches(trainer.train_data, offset)

@@ -8,10 +8,11 @@ without writing a checkpoint; ``python -m megatron_lite.prune`` writes one).
 
 NOTE: the decisions must be the same on every rank of a TP group, or their collectives
 would not match and the job would hang. They are drawn from a generator seeded with
-``(train.seed, step, micro-batch, DP rank)`` (the Trainer sets that key before each
-micro-batch), never from the global RNG: TP ranks agree, DP ranks differ (independent
-samples, as on separate GPUs), and a resumed run draws the same decisions again. The
-activation-checkpoint recompute reuses the plan made in forward.
+``(train.seed, step, micro-batch, DP rank)`` (:class:`LayerDropHook` sets that key
+before each micro-batch of training), never from the global RNG: TP ranks agree, DP
+ranks differ (independent samples, as on separate GPUs), and a resumed run draws the
+same decisions again. The activation-checkpoint recompute reuses the plan made in
+forward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig, layer_units
+from megatron_lite.hooks import TrainingHook
 
 
 class LayerDrop:
@@ -63,6 +65,10 @@ class LayerDrop:
                     run[start:end] = [False] * (end - start)
         return run
 
+    def training_hooks(self, cfg) -> list[TrainingHook]:
+        """:class:`LayerDropHook` when layers are dropped in training."""
+        return [LayerDropHook(cfg.train.seed)] if self.p > 0 else []
+
 
 def zero_touch(module: nn.Module) -> torch.Tensor:
     """0 times one element of each parameter of ``module``: added to the output of a stack
@@ -82,3 +88,15 @@ def set_layerdrop_key(model: nn.Module, key: tuple[int, ...]) -> None:
         drop = getattr(m, "layerdrop", None)
         if isinstance(drop, LayerDrop):
             drop.key = key
+
+
+class LayerDropHook(TrainingHook):
+    """Seeds each training micro-batch's LayerDrop decisions with ``(train.seed, step,
+    micro-batch)``: a function of the step, so a resumed run draws them again."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def micro_batch(self, trainer, batch: dict, k: int) -> dict:
+        set_layerdrop_key(trainer.model, (self.seed, trainer.step, k))
+        return batch

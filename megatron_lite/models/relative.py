@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_lite.config import Config
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models.positions import PositionScheme, Segment
 from megatron_lite.models.registry import POSITIONS
 from megatron_lite.parallel import ColumnParallelLinear, ParallelContext
@@ -75,14 +76,18 @@ class RelativeBiases(nn.Module):
             mark_tp(p, 0)
             setattr(self, name, p)
 
+    def training_hooks(self, cfg) -> list[TrainingHook]:
+        """With a memory (``model.mem_len > 0``): :class:`MemoryHook`."""
+        return [MemoryHook(cfg)] if cfg.model.mem_len > 0 else []
+
 
 class Memory:
     """The memory of a run of segments: per attention sublayer, its last ``mem_len``
     inputs ``[b, <= mem_len, h]``, detached (no gradient flows into the past).
 
-    One per batch row set (the Trainer keeps one per micro-batch); the model reads the
-    old memory in forward and stages the new one, :meth:`commit` makes it current.
-    Also the natural cache for generation.
+    One per batch row set (training keeps one per micro-batch: :class:`MemoryHook`); the
+    model reads the old memory in forward and stages the new one, :meth:`commit` makes it
+    current. Also the natural cache for generation.
     """
 
     def __init__(self, mem_len: int):
@@ -231,3 +236,43 @@ def position_scores(attn, q: torch.Tensor, v_bias: torch.Tensor, mlen: int,
     scores = raw.gather(-1, shift_index(qlen, mlen, q.device).expand(b, heads, qlen, klen))
     allowed = torch.ones(qlen, klen, dtype=torch.bool, device=q.device).tril(mlen)
     return (scores / d ** 0.5).masked_fill(~allowed, float("-inf"))
+
+
+class MemoryHook(TrainingHook):
+    """Transformer-XL in training: one :class:`Memory` per micro-batch of the step (its rows
+    are the same lanes every step, ``data.ordering=consecutive``), given to the model's
+    forward as ``memory``. Emptied when the lanes start over and after a divergence
+    recovery; saved with each rank's checkpoint state, so a resume continues it."""
+
+    def __init__(self, cfg):
+        m = cfg.model
+        if cfg.data.ordering != "consecutive":
+            what = "model.adaptive_span (its memory of model.attn_span positions)" \
+                if m.adaptive_span else f"model.mem_len={m.mem_len}"
+            raise ConfigError(f"{what} needs data.ordering=consecutive in training: with "
+                              "shuffled samples the memory holds unrelated text, and the model "
+                              "learns to ignore it")
+        self.mem_len = m.mem_len
+        self.memories: list[Memory] = []
+
+    def setup(self, trainer) -> None:
+        self.memories = [Memory(self.mem_len) for _ in range(trainer.accum)]
+
+    def micro_batch(self, trainer, batch: dict, k: int) -> dict:
+        if k == 0 and trainer.train_data.position(trainer.consumed)[1] == 0:
+            self.on_recover(trainer)  # the lanes start over: nothing to remember
+        batch["memory"] = self.memories[k]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"memory": [m.state_dict() for m in self.memories]}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        saved = state.get("memory")
+        if saved is not None and len(saved) == len(self.memories):  # else: start empty
+            for memory, one in zip(self.memories, saved, strict=True):
+                memory.load_state_dict(one, device)
+
+    def on_recover(self, trainer) -> None:
+        for memory in self.memories:
+            memory.reset()

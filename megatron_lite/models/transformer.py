@@ -127,4 +127,8 @@ class Transformer(nn.Module):
             cache.length += x.shape[1]
         return x if self.final_ln is None else self.final_ln(x)
 
+    def training_hooks(self, cfg) -> list:
+        """What training needs for this stack: its LayerDrop's hooks."""
+        return self.layerdrop.training_hooks(cfg)
+
 

@@ -123,3 +123,14 @@ def evaluate(run: Run, split: str = "valid", iters: int | None = None,
     if bert:
         return {**out, **bert_metrics(sums[3:], micro)}
     return {**out, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def validation_metrics(result: dict) -> dict:
+    """An :func:`evaluate` result as a training record's ``val_*`` keys: GPT ``val_loss``
+    and ``val_ppl``; BERT ``val_loss`` (MLM + NSP) and its parts and accuracies (its counts
+    and speed left out)."""
+    keys = ("loss", "perplexity", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+    out = {f"val_{k}": result[k] for k in keys if k in result}
+    if "val_perplexity" in out:
+        out["val_ppl"] = out.pop("val_perplexity")
+    return out

@@ -153,26 +153,3 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
-
-
-def plot_spans(spans: list[list[float]], max_span: int, out: Path) -> Path:
-    """Adaptive attention span: every head's learned span, by layer (the paper's Figure 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for layer, heads in enumerate(spans):
-        ax.scatter([layer] * len(heads), heads, s=18, alpha=0.7, color="tab:blue")
-        ax.plot([layer - 0.3, layer + 0.3], [sum(heads) / len(heads)] * 2, color="tab:red")
-    ax.set_xlabel("layer (attention sublayer, bottom to top)")
-    ax.set_ylabel("span z (positions)")
-    ax.set_ylim(0, max_span * 1.02)
-    ax.set_title("learned attention spans per head (red: layer mean)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out

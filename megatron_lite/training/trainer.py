@@ -1,4 +1,9 @@
-"""The training loop: build -> (load) -> train with accumulation, clipping, eval, logging, save."""
+"""The training loop: build -> (load) -> train with accumulation, clipping, eval, logging, save.
+
+What a variant adds to training comes in through :class:`~megatron_lite.hooks.TrainingHook`s
+(the model's own, :func:`~megatron_lite.hooks.model_hooks`, and a command's): the loop
+names none of them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import collections
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,24 +25,14 @@ from megatron_lite.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
-from megatron_lite.models import set_layerdrop_key
-from megatron_lite.models.adaptive_span import span_modules
-from megatron_lite.models.bert import bert_metrics
-from megatron_lite.models.relative import Memory
+from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.hooks import TrainingHook, model_hooks
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.parallel.comm import all_reduce
-from megatron_lite.resolve import resolve_global_batch
 from megatron_lite.run import build_run
 from megatron_lite.training.compile import compile_model
-from megatron_lite.training.evaluation import evaluate
+from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
-from megatron_lite.training.metrics import (
-    MetricsLogger,
-    model_flops_per_step,
-    peak_flops,
-    plot_spans,
-)
+from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
@@ -53,33 +48,45 @@ class Trainer:
     """One run. ``Trainer(cfg, ctx).fit()`` trains ``train.max_steps`` optimizer steps.
 
     The model and data come from :func:`megatron_lite.run.build_run` (``self.run``); the
-    Trainer owns the optimizer, the engine, checkpoints, metrics and the loop.
+    Trainer owns the optimizer, the engine, checkpoints, metrics and the loop, and calls
+    its hooks (``self.hooks``) at the points :class:`~megatron_lite.hooks.TrainingHook`
+    names.
 
     Args:
-        cfg: the resolved config (``model.vocab_size`` is taken from the tokenizer when
-            ``data`` names tokenizer files).
+        cfg: the config, resolved in place (:mod:`megatron_lite.resolve`) and saved as
+            the run's ``config.yaml`` once the micro-batch size is final.
         ctx: the parallel context (TP x DP grid).
+        hooks: more hooks, after the model's own (a command's: distillation, the search;
+            a test's faults).
+        build: ``build(model_cfg, ctx, device)`` instead of ``build_model`` (the search's
+            supernet; see :func:`~megatron_lite.run.build_run`).
     """
 
-    def __init__(self, cfg: Config, ctx: ParallelContext):
-        self.cfg, self.ctx = resolve_paths(cfg), ctx  # config.yaml works from anywhere
+    def __init__(self, cfg: Config, ctx: ParallelContext, hooks: Sequence[TrainingHook] = (),
+                 build: Callable | None = None):
+        self.cfg, self.ctx = cfg, ctx
         t = cfg.train
-        said = [resolve_global_batch(cfg, ctx.dp_size)]  # train.global_batch_tokens
         auto = t.micro_batch_size == 0
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
                               "(DeepSpeed fixes its batch sizes when it starts)")
         if auto:
             t.micro_batch_size = 1  # until probed, below
-        self.run = build_run(cfg, ctx, training=True)
+        # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
+        self.run = build_run(cfg, ctx, training=True, make_model=build)
+        said = list(self.run.notes)
         self.model, self.accum = self.run.model, self.run.accum
+        self.hooks = [*model_hooks(self.model, cfg), *hooks]
         # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
         self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
         if t.compile:
             compile_model(self.model, ctx)
         self.run_dir = Path(t.run_dir)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
+        groups = [g for h in self.hooks for g in h.param_groups(self)]
+        self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device, groups)
+        unclipped = {id(p) for g in groups if not g.get("clip", True) for p in g["params"]}
+        self.clipped = [p for p in self.params if id(p) not in unclipped]
         self.zero, self.engine = self._build_engine()
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         if auto:
@@ -89,25 +96,15 @@ class Trainer:
             for line in filter(None, said):
                 print(line, flush=True)
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
-        self.spans = span_modules(self.model)  # adaptive attention span, bottom to top
-        self.stats = None  # BERT: this step's summed BertModel.stats
         # divergence guard: recent losses, recoveries so far, the learning rate's factor
         self.recent: collections.deque = collections.deque(maxlen=max(t.divergence_window, 1))
-        self.recoveries, self.lr_scale, self.injected = 0, 1.0, 0
-        # Transformer-XL: one memory per micro-batch (its rows are the same lanes each step)
-        self.memories = [Memory(cfg.model.mem_len) for _ in range(self.accum)] \
-            if cfg.model.mem_len > 0 else None
-        if self.memories is not None and cfg.data.ordering != "consecutive":
-            what = "model.adaptive_span (its memory of model.attn_span positions)" \
-                if cfg.model.adaptive_span else f"model.mem_len={cfg.model.mem_len}"
-            raise ConfigError(f"{what} needs data.ordering=consecutive in training: with "
-                              "shuffled samples the memory holds unrelated text, and the model "
-                              "learns to ignore it")
+        self.recoveries, self.lr_scale = 0, 1.0
+        for hook in self.hooks:
+            hook.setup(self)
         self._resume()
-        self.phase2_step = (int(t.phase2_start * t.max_steps)
-                            if t.phase2_seq_length and cfg.model.arch == "bert" else None)
+        # a hook may replace both (at its before_step)
         self.train_data = self.run.train_data
-        self._start_phase()
+        self.train_iter = self.run.batches(self.train_data, self.consumed)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -161,10 +158,9 @@ class Trainer:
         with self._fp32():
             meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
                                    **self._optimizer_or_zero())
-        saved = meta.get("rank_state", {}).get("memory")
-        if self.memories is not None and saved is not None and len(saved) == self.accum:
-            for memory, state in zip(self.memories, saved, strict=True):
-                memory.load_state_dict(state, self.ctx.device)
+        for hook in self.hooks:
+            hook.load_meta_state(meta)
+            hook.load_state_dict(meta.get("rank_state", {}), self.ctx.device)
         self.step, self.consumed = meta["step"], meta["consumed_samples"]
         self.tokens_seen = meta.get("tokens_seen", 0)
         self.lr_scale = meta.get("lr_scale", 1.0)
@@ -224,19 +220,6 @@ class Trainer:
             return self.run_dir, True
         return t.load, False
 
-    def _start_phase(self) -> None:
-        """(Re)start the training iterator; BERT switches to phase 2 at ``phase2_step``."""
-        t = self.cfg.train
-        if self.phase2_step is not None and self.step >= self.phase2_step:
-            if self.ctx.is_main:
-                print(f"BERT phase 2 from step {self.phase2_step}: seq_length "
-                      f"{t.phase2_seq_length}", flush=True)
-            self.train_data, _ = self.run.datasets(t.phase2_seq_length, validation=False)
-            offset = self.consumed - self.phase2_step * t.global_batch_size
-            self.train_iter = self.run.batches(self.train_data, offset)
-        else:
-            self.train_iter = self.run.batches(self.train_data, self.consumed)
-
     # ----------------------------------------------------------------------- steps
 
     def _autocast(self):
@@ -253,91 +236,74 @@ class Trainer:
         self.tokens_seen += t.global_batch_size * self.train_data.seq_length
         return {"step": self.step, **out}
 
-    def _span_penalty(self) -> torch.Tensor | float:
-        """Adaptive span's ``lambda * sum z`` over this rank's heads (0 without it)."""
-        if not self.spans:
-            return 0.0
-        return self.cfg.model.adaptive_span_loss * sum(s.penalty() for s in self.spans)
-
-    def _span_log(self) -> dict:
-        """``span_loss``: the penalty over every head (not part of ``loss``)."""
-        if not self.spans:
-            return {}
-        with torch.no_grad():
-            value = torch.as_tensor(self._span_penalty(), device=self.ctx.device).detach()
-            return {"span_loss": all_reduce(value.clone(), self.ctx.tp_group).item()}
-
-    def _span_stats(self) -> dict:
-        """Per layer, the mean and largest span of its heads (collective over TP)."""
-        if not self.spans:
-            return {}
-        spans = [s.all_spans() for s in self.spans]
-        return {"span_mean": [round(float(z.mean()), 2) for z in spans],
-                "span_max": [round(float(z.max()), 2) for z in spans]}
-
     def _forward(self, batch: dict) -> torch.Tensor:
-        """The training loss of one micro-batch through the engine (the Distiller's is
-        the relations' KL)."""
+        """The training loss of one micro-batch: the first hook's that owns it
+        (:meth:`TrainingHook.loss`), else the engine's forward."""
+        for hook in self.hooks:
+            if (loss := hook.loss(self, batch)) is not None:
+                return loss
         return self.engine(**batch)
 
-    def _add_stats(self) -> None:
-        """BERT: add the micro-batch's loss parts and accuracy counts to this step's."""
-        if self.cfg.model.arch == "bert":
-            self.stats = self.model.last_stats + (self.stats if self.stats is not None else 0)
-
-    def _step_log(self) -> dict:
-        """More of this step's record: BERT's ``mlm_loss``, ``nsp_loss`` and accuracies over
-        every DP rank (the Distiller adds its relations' KL)."""
-        if self.stats is None:
-            return {}
-        stats = all_reduce(self.stats, self.ctx.dp_group).tolist()
-        self.stats = None
-        return bert_metrics(stats, self.accum * self.ctx.dp_size)
+    def _extra_loss(self) -> torch.Tensor | float:
+        """The hooks' terms added to each micro-batch's loss for backward (0 without)."""
+        extra = 0.0
+        for hook in self.hooks:
+            extra = extra + hook.extra_loss(self)
+        return extra
 
     def _micro_batch(self, k: int) -> dict:
-        """Micro-batch ``k`` of this step on the device, with its memory (Transformer-XL);
-        seeds LayerDrop's decisions for it (a function of the step: the same on a resume)."""
-        set_layerdrop_key(self.model, (self.cfg.train.seed, self.step, k))
+        """Micro-batch ``k`` of this step on the device, as the hooks make it."""
         batch = self.run.to_device(next(self.train_iter))
-        if self.memories is not None:
-            if k == 0 and self.train_data.position(self.consumed)[1] == 0:
-                for m in self.memories:  # the lanes start over: nothing to remember
-                    m.reset()
-            batch["memory"] = self.memories[k]
+        for hook in self.hooks:
+            batch = hook.micro_batch(self, batch, k)
         return batch
+
+    def _after_micro_batch(self) -> None:
+        for hook in self.hooks:
+            hook.after_micro_batch(self)
+
+    def _set_lr(self, groups, lr: float) -> None:
+        """The scheduled learning rate, in every group that follows the schedule."""
+        for group in groups:
+            if group.get("lr_schedule", True):
+                group["lr"] = lr
+
+    def _finish_step(self, out: dict) -> dict:
+        """Count the step, then add the hooks' :meth:`TrainingHook.step_metrics`."""
+        out = self._advance(out)
+        for hook in self.hooks:
+            out.update(hook.step_metrics(self))
+        return out
 
     def _zero_step(self, lr: float) -> dict:
         """One optimizer step through DeepSpeed (it accumulates, reduces, clips, steps)."""
-        for group in self.zero.param_groups:
-            group["lr"] = lr
+        self._set_lr(self.zero.param_groups, lr)
         total = torch.zeros((), device=self.ctx.device)
-        span_log = self._span_log()  # the penalty this step trains with
         scale = self.zero.loss_scale()
         for k in range(self.accum):
             loss = self._forward(self._micro_batch(k))
-            self.zero.backward(loss + self._span_penalty())
+            self.zero.backward(loss + self._extra_loss())
             grad_norm, stepped = self.zero.step()
             total += loss.detach().float()
-            self._add_stats()
-        if self.spans:  # z_h in [0, S], masters included
-            self.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
-        out = {"loss": self.run.dp_mean(total / self.accum), **self._step_log(), "lr": lr,
-               "grad_norm": grad_norm, **span_log}
+            self._after_micro_batch()
+        for hook in self.hooks:
+            hook.after_optimizer_step(self)
+        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
         if scale is not None:
             out.update(loss_scale=scale, skipped=not stepped)
-        return self._advance(out)
+        return self._finish_step(out)
 
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns its metrics."""
         cfg = self.cfg
+        for hook in self.hooks:
+            hook.before_step(self)
         self.engine.train()
         lr = scheduled_lr(self.schedule, cfg.optim, self.step) * self.lr_scale
         if self.zero is not None:
             return self._zero_step(lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(self.optimizer.param_groups, lr)
         total = torch.zeros((), device=self.ctx.device)
-        span_log = self._span_log()  # the penalty this step trains with
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for k in range(self.accum):
             batch = self._micro_batch(k)
@@ -347,59 +313,60 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss = self._forward(batch)
-                ((loss + self._span_penalty()) * (scale / self.accum)).backward()
+                ((loss + self._extra_loss()) * (scale / self.accum)).backward()
             total += loss.detach().float()
-            self._add_stats()
+            self._after_micro_batch()
         if self.mixed is not None:  # fp32 main grads: averaged over DP here (no DDP)
             self.mixed.reduce_grads(self.ctx.dp_group, self.ctx.dp_size,
                                     int(cfg.parallel.ddp_bucket_mb * 2**20))
         finite = True
         with self._fp32(grads=True):
+            for hook in self.hooks:
+                hook.before_optimizer_step(self)
             if self.scaler is not None:
                 finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
-            grad_norm = (clip_grads_(self.params, cfg.optim.clip_grad, self.ctx) if finite
+            grad_norm = (clip_grads_(self.clipped, cfg.optim.clip_grad, self.ctx) if finite
                          else math.nan)
             if finite:
                 self.optimizer.step()
-                for span in self.spans:  # z_h in [0, S] (ZeroEngine.clamp_ under ZeRO)
-                    span.clamp_()
+                for hook in self.hooks:
+                    hook.after_optimizer_step(self)
             if self.scaler is not None:
                 self.scaler.update(finite)
             self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": self.run.dp_mean(total / self.accum), **self._step_log(), "lr": lr,
-               "grad_norm": grad_norm, **span_log}
+        out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
-        return self._advance(out)
+        return self._finish_step(out)
 
     def evaluate(self) -> dict:
         """Validation metrics over ``eval_iters`` global batches (the same every time), as
-        ``val_*`` record keys: GPT ``val_loss`` and ``val_ppl``; BERT ``val_loss`` (MLM +
-        NSP) and its parts and accuracies. Empty without a validation split."""
+        ``val_*`` record keys (:func:`.evaluation.validation_metrics`). Empty
+        without a validation split."""
         if self.run.valid_data is None:
             return {}
         result = evaluate(self.run, "valid", self.cfg.train.eval_iters,
                           precision=self._autocast)
-        keys = ("loss", "perplexity", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
-        out = {f"val_{k}": result[k] for k in keys if k in result}
-        if "val_perplexity" in out:
-            out["val_ppl"] = out.pop("val_perplexity")
-        return out
+        return validation_metrics(result)
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
                  "tokens_seen": self.tokens_seen, "schedule": self.schedule,
                  "lr_scale": self.lr_scale}
+        for hook in self.hooks:
+            extra.update(hook.meta_state())
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.zero is not None and self.zero.loss_scaler_state() is not None:
             extra["deepspeed_loss_scaler"] = self.zero.loss_scaler_state()
-        rank_state = {"memory": [m.state_dict() for m in self.memories]} \
-            if self.memories is not None else None
+        rank_state = {}
+        for hook in self.hooks:
+            rank_state.update(hook.state_dict())
         with self._fp32():
             return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg,
                                    extra, keep=self.cfg.train.keep_checkpoints,
-                                   rank_state=rank_state, **self._optimizer_or_zero())
+                                   rank_state=rank_state or None,
+                                   **self._optimizer_or_zero())
 
     def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
         """Why this step is a divergence (a NaN/inf loss, a NaN/inf gradient norm of a step
@@ -420,7 +387,8 @@ class Trainer:
 
     def _recover(self, reason: str) -> None:
         """Back to the last checkpoint with a lower learning rate, past the offending
-        batches (the data stream goes on where it is); logged in metrics.jsonl."""
+        batches (the data stream goes on where it is); logged in metrics.jsonl. The hooks
+        get the checkpoint's run-wide state back, then :meth:`TrainingHook.on_recover`."""
         t = self.cfg.train
         bad = self.step
         self.recoveries += 1
@@ -437,8 +405,9 @@ class Trainer:
         self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
         self.lr_scale *= t.divergence_lr_scale
         self.recent.clear()
-        for memory in self.memories or []:
-            memory.reset()
+        for hook in self.hooks:
+            hook.load_meta_state(meta)
+            hook.on_recover(self)
         self.metrics.rewind(self.step)
         self.metrics.log({"step": self.step, "event": "divergence", "reason": reason,
                           "at_step": bad, "skipped_samples": skipped, "lr_scale": self.lr_scale})
@@ -447,29 +416,20 @@ class Trainer:
                   f"{skipped} samples skipped, learning rate x{self.lr_scale:g} "
                   f"(recovery {self.recoveries} of {t.divergence_retries})", flush=True)
 
-    def _maybe_fail(self) -> None:
-        t = self.cfg.train
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if t.fail_at_step and self.step == t.fail_at_step and first_attempt \
-                and self.ctx.rank == t.fail_rank:
-            print(f"fault injection: killing rank {self.ctx.rank} after step {self.step}",
-                  flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def fit(self) -> list[dict]:
         """Train to ``train.max_steps``; returns the logged records (on every rank).
 
         SIGINT, SIGTERM or SIGUSR1 on any rank stops every rank after the same step, with a
-        checkpoint (``self.interrupted`` names the signal; see :mod:`.interrupt`).
+        checkpoint (``self.interrupted`` names the signal; see :mod:`.interrupt`). A hook's
+        :meth:`TrainingHook.should_stop` ends it early; :meth:`TrainingHook.at_end` follows
+        the last checkpoint.
         """
         with Interrupt(verbose=self.ctx.is_main) as interrupt:
             records = self._loop(interrupt)
         self.save()
         self.metrics.close()
-        if self.spans:
-            spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
-            if self.ctx.is_main:
-                plot_spans(spans, self.cfg.model.attn_span, self.run_dir / "spans.png")
+        for hook in self.hooks:
+            hook.at_end(self)
         return records
 
     def _loop(self, interrupt: Interrupt) -> list[dict]:
@@ -477,15 +437,10 @@ class Trainer:
         records = []
         busy, steps_since = 0.0, 0  # seconds spent in train steps since the last log line
         steps_here = 0
-        while self.step < t.max_steps:
+        while self.step < t.max_steps and not any([h.should_stop(self) for h in self.hooks]):
             tick = time.perf_counter()
-            if self.phase2_step is not None and self.step == self.phase2_step:
-                self._start_phase()
             out = self.train_step()
             busy += time.perf_counter() - tick
-            if t.inject_nan_at_step == self.step and self.injected < t.inject_nan_times:
-                self.injected += 1  # fault injection for the divergence guard's tests
-                out["loss"] = math.nan
             norm = None if out.get("skipped") else out.get("grad_norm")  # fp16 skips: fine
             if t.divergence_guard and (reason := self._diverged(out["loss"], norm)):
                 self._recover(reason)
@@ -497,13 +452,14 @@ class Trainer:
                 out.update(self.evaluate())
             if self.step % max(t.log_interval, 1) == 0 or at_end or "val_loss" in out:
                 seconds = busy / steps_since
-                seq = self.train_data.seq_length  # phase 2 of BERT changes it
+                seq = self.train_data.seq_length  # a hook may change it
                 flops = model_flops_per_step(self.cfg.model, t.global_batch_size, seq)
                 out["tokens_per_sec"] = t.global_batch_size * seq / seconds
                 out["tflops"] = flops / seconds / 1e12
                 if self.peak:
                     out["mfu"] = flops / seconds / (self.peak * self.ctx.world_size)
-                out.update(self._span_stats())
+                for hook in self.hooks:
+                    out.update(hook.log_metrics(self))
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0
@@ -517,5 +473,4 @@ class Trainer:
                 break
             if t.save_interval > 0 and self.step % t.save_interval == 0:
                 self.save()
-            self._maybe_fail()
         return records

@@ -172,15 +172,18 @@ def test_torchrun_restart_after_a_killed_rank_finishes_like_no_fault(gpt_shard, 
                                                                      tmp_path):
     config = gpt_yaml(tmp_path)
     finals = {}
-    for name, extra in (("clean", []), ("fault", ["train.fail_at_step=5",
-                                                   "train.fail_rank=1"])):
+    # the fault: tests/training/faults.py runs megatron_lite.train with a hook that kills
+    # rank 1 after step 5 of the first attempt
+    faults = ["--kill-rank", "1", "--after-step", "5"]
+    for name, command in (("clean", ["-m", "megatron_lite.train"]),
+                          ("fault", [str(ROOT / "tests/training/faults.py"), *faults])):
         over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **{
             "parallel.tensor_parallel_size": 2, "train.max_steps": 8, "train.save_interval": 2,
             "train.eval_interval": 0, "model.hidden_dropout": 0.1})
         env = dict(os.environ, OMP_NUM_THREADS="1")
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node", "2", "--max-restarts", "1",
-                              "-m", "megatron_lite.train", str(config), *over, *extra],
+                              *command, str(config), *over],
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         if name == "fault":

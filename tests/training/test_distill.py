@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
-from megatron_lite.distill import Distiller, attention_layers
+from megatron_lite.distill import attention_layers, distiller
 from megatron_lite.distill import main as distill_main
 from megatron_lite.models import build_model
 from megatron_lite.models.relations import minilm_losses, minilmv2_losses
@@ -127,7 +127,7 @@ def test_a_copy_has_zero_kl_and_only_the_student_gets_gradients():
 
 def _distil(ctx, overrides, out):
     cfg = load_config(None, overrides)
-    records = Distiller(cfg, ctx).fit()
+    records = distiller(cfg, ctx).fit()
     if ctx.rank == 0:
         Path(out).write_text(json.dumps(records))
 

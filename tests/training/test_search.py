@@ -7,8 +7,8 @@ import torch
 
 from megatron_lite.config import load_config
 from megatron_lite.parallel.comm import all_gather_list
-from megatron_lite.search import Search
 from megatron_lite.search import main as search_main
+from megatron_lite.search import search_trainer
 from megatron_lite.train import main as train_main
 from tests.training.conftest import gpt_yaml, tiny_overrides
 
@@ -20,20 +20,20 @@ def test_alpha_is_frozen_then_learns(gpt_shard, bpe_files, tmp_path):
     from megatron_lite.parallel import ParallelContext
 
     cfg = load_config(None, tiny_overrides(gpt_shard, bpe_files, tmp_path / "s", **SEARCH))
-    search = Search(cfg, ParallelContext())
-    batches = search.run.batches(search.run.train_data)
-    start = search.net.alpha.detach().clone()
+    trainer = search_trainer(cfg, ParallelContext())
+    net = trainer.model.transformer  # the supernet
+    start = net.alpha.detach().clone()
     for _ in range(3):
-        search.train_step(batches)
-    assert torch.equal(search.net.alpha, start)  # bitwise, through 3 AdamW steps
-    search.train_step(batches)
-    assert not torch.equal(search.net.alpha, start)
+        trainer.train_step()
+    assert torch.equal(net.alpha, start)  # bitwise, through 3 AdamW steps
+    trainer.train_step()
+    assert not torch.equal(net.alpha, start)
 
 
 def _search(ctx, overrides):
-    search = Search(load_config(None, overrides), ctx)
-    search.fit()
-    alphas = all_gather_list(search.net.alpha.detach(), ctx.tp_group)
+    trainer = search_trainer(load_config(None, overrides), ctx)
+    trainer.fit()
+    alphas = all_gather_list(trainer.model.transformer.alpha.detach(), ctx.tp_group)
     assert all(torch.equal(a, alphas[0]) for a in alphas)  # every TP rank holds the same
 
 

@@ -11,6 +11,7 @@ from megatron_lite.train import main as train_main
 from megatron_lite.training.probe import try_micro_batch
 from megatron_lite.training.trainer import Trainer
 from tests.training.conftest import gpt_yaml, tiny_overrides
+from tests.training.faults import NanLossAt
 
 
 def _rows(run_dir):
@@ -76,8 +77,7 @@ def test_the_divergence_guard_goes_back_lowers_the_lr_and_moves_on(gpt_shard, bp
                                                                    tmp_path, capsys):
     run = tmp_path / "run"
     config = str(gpt_yaml(tmp_path))
-    assert train_main([config, *_guard(gpt_shard, bpe_files, run,
-                                       **{"train.inject_nan_at_step": 6})]) == 0
+    assert train_main([config, *_guard(gpt_shard, bpe_files, run)], hooks=[NanLossAt(6)]) == 0
     out = capsys.readouterr().out
     assert "divergence at step 6 (loss is nan): back to step 4, 16 samples skipped" in out
     rows = _rows(run)
@@ -110,10 +110,8 @@ def test_a_spike_is_a_loss_above_k_times_the_recent_mean(gpt_shard, bpe_files, t
 
 def test_the_divergence_guard_gives_up_after_n_tries(gpt_shard, bpe_files, tmp_path, capsys):
     run = tmp_path / "run"
-    over = _guard(gpt_shard, bpe_files, run, **{"train.inject_nan_at_step": 5,
-                                                "train.inject_nan_times": 10,
-                                                "train.divergence_retries": 2})
-    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 2
+    over = _guard(gpt_shard, bpe_files, run, **{"train.divergence_retries": 2})
+    assert train_main([str(gpt_yaml(tmp_path)), *over], hooks=[NanLossAt(5, times=10)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: step 5: loss is nan; gave up after 2 recoveries "
                    "(train.divergence_retries)")
