@@ -23,7 +23,6 @@ import torch
 
 from megatron_lite.checkpoint import (
     FORMAT_VERSION,
-    CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
 )
@@ -31,30 +30,15 @@ from megatron_lite.cli import run_cli
 from megatron_lite.config import Config, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
-from megatron_lite.models.hf import config_from_hf, hf_to_full_state, to_hf
+from megatron_lite.models.hf import config_from_hf, hf_to_full_state, load_hf_model, to_hf
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.resolve import tokenizer_from_config
 from megatron_lite.run import build_run
 
 
-def _hf_model(hf_dir: Path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    if not (hf_dir / "config.json").is_file():
-        raise CheckpointError(f"{hf_dir}: no config.json (a local Hugging Face model folder)")
-    kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
-           "megatron-bert": transformers.MegatronBertForPreTraining}.get(kind)
-    if cls is None:
-        raise CheckpointError(f"{hf_dir}: model_type {kind!r} is not supported "
-                              "(gpt2, bert, megatron-bert)")
-    return cls.from_pretrained(str(hf_dir), local_files_only=True).eval()
-
-
 def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     """Write a megatron-lite checkpoint folder holding an HF model's weights."""
-    hf = _hf_model(hf_dir)
+    hf = load_hf_model(hf_dir)
     cfg = Config()
     cfg.model = config_from_hf(hf.config)
     cfg.parallel.tensor_parallel_size = tp

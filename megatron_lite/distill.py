@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
+from megatron_lite.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from megatron_lite.cli import parse_args, run_cli
 from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.hooks import TrainingHook
 from megatron_lite.models import build_model
 from megatron_lite.models.attention import SelfAttention
+from megatron_lite.models.hf import from_hf, load_hf_model
 from megatron_lite.models.relations import minilm_losses, minilmv2_losses
 from megatron_lite.parallel import ParallelContext, parallel_session
 from megatron_lite.parallel.comm import all_reduce
@@ -54,10 +55,7 @@ def load_teacher(path: str, ctx: ParallelContext):
     """The teacher at ``ctx``'s TP size: frozen, eval mode."""
     p = Path(path)
     if (p / "config.json").is_file():  # a Hugging Face folder
-        from megatron_lite.convert import _hf_model
-        from megatron_lite.models.hf import from_hf
-
-        teacher = from_hf(_hf_model(p), ctx, hidden_dropout=0.0,
+        teacher = from_hf(load_hf_model(p), ctx, hidden_dropout=0.0,
                           attention_dropout=0.0).to(ctx.device)
     else:
         ckpt = resolve_checkpoint(p)
@@ -200,8 +198,6 @@ def finished(cfg: Config) -> bool:
     latest = Path(cfg.train.run_dir) / "checkpoints" / "latest"
     if not latest.is_file():
         return False
-    from megatron_lite.checkpoint import read_meta
-
     return read_meta(resolve_checkpoint(cfg.train.run_dir))["step"] >= cfg.train.max_steps
 
 

@@ -158,8 +158,8 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None, iters: int = 20,
 
 
 def stream_eval(run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Transformer-XL's evaluation protocol on a run's last checkpoint (``evaluation.evaluate_stream``),
-    e.g. with ``["model.mem_len=256"]``."""
+    """Transformer-XL's evaluation protocol on a run's last checkpoint
+    (``evaluation.evaluate_stream``), e.g. with ``["model.mem_len=256"]``."""
     cfg = load_config(run_dir / "config.yaml", overrides or [])
     ctx = ParallelContext()
     run = build_run(cfg, ctx, data=False)

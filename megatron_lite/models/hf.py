@@ -16,6 +16,9 @@ The vocab is padded inside megatron-lite (to 128 x TP) and trimmed on export.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -262,3 +265,21 @@ def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
     if missing or unexpected:
         raise KeyError(f"HF export mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return hf_model.eval()
+
+
+def load_hf_model(hf_dir: str | Path):
+    """A local Hugging Face model folder (GPT-2, BERT, Megatron-BERT) as a transformers
+    model in eval mode; offline, one-line errors naming the folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir}: no config.json (a local Hugging Face model folder)")
+    kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
+           "megatron-bert": transformers.MegatronBertForPreTraining}.get(kind)
+    if cls is None:
+        raise ValueError(f"{hf_dir}: model_type {kind!r} is not supported "
+                         "(gpt2, bert, megatron-bert)")
+    return cls.from_pretrained(str(hf_dir), local_files_only=True).eval()

@@ -38,6 +38,7 @@ from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
 from megatron_lite.training.probe import probe_micro_batch
 from megatron_lite.training.schedule import schedule_of, scheduled_lr
+from megatron_lite.training.zero import ZeroEngine
 
 
 class TrainingDiverged(ValueError):
@@ -122,8 +123,6 @@ class Trainer:
         the gradient reduction, clipping, master weights and loss scaling."""
         cfg, ctx = self.cfg, self.ctx
         if cfg.parallel.engine == "deepspeed":
-            from megatron_lite.training.zero import ZeroEngine
-
             zero = ZeroEngine(self.model, self.optimizer, cfg, ctx)
             return zero, zero
         if ctx.dp_size > 1 and self.mixed is None:  # MainParams reduces its fp32 grads
