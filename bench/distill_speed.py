@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite.config import ModelConfig  # noqa: E402
-from megatron_lite.distill import attention_layers  # noqa: E402
+from megatron_lite.experiments.distill import attention_layers  # noqa: E402
+from megatron_lite.experiments.relations import minilm_losses, minilmv2_losses  # noqa: E402
 from megatron_lite.models import GPTModel  # noqa: E402
-from megatron_lite.models.relations import minilm_losses, minilmv2_losses  # noqa: E402
 
 STEPS, WARMUP = 6, 2
 

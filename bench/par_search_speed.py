@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite.config import ModelConfig  # noqa: E402
+from megatron_lite.experiments.search import build_supernet  # noqa: E402
 from megatron_lite.models import GPTModel  # noqa: E402
 from megatron_lite.parallel import ParallelContext  # noqa: E402
-from megatron_lite.search import build_supernet  # noqa: E402
 
 BASE = dict(hidden_size=256, num_attention_heads=4, seq_length=256,
             max_position_embeddings=256, vocab_size=8192, hidden_dropout=0.0,

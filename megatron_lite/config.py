@@ -212,7 +212,7 @@ class TrainConfig:
 
 @dataclass
 class SearchConfig:
-    """``python -m megatron_lite.search``: PAR's supernet (see megatron_lite/search.py)."""
+    """``python -m megatron_lite.search``: PAR's supernet (megatron_lite/experiments/)."""
 
     blocks: int = 0  # mixed blocks; 0: 2 x model.num_layers
     branches: str = "sfi"  # of s (self-attention), f (feed-forward), i (identity)
@@ -228,7 +228,7 @@ class SearchConfig:
 
 @dataclass
 class DistillConfig:
-    """``python -m megatron_lite.distill``: MiniLM / MiniLMv2 (see megatron_lite/distill.py)."""
+    """``python -m megatron_lite.distill``: MiniLM / MiniLMv2 (megatron_lite/experiments/)."""
 
     teacher: str = ""  # a megatron-lite run or checkpoint (any TP), or a Hugging Face folder
     method: str = "minilmv2"  # minilm (attention + value relations) | minilmv2 (Q-Q, K-K, V-V)

@@ -197,3 +197,16 @@ def test_the_checks_see_a_circle(tmp_path):
     assert cycles(top) == [frozenset({"pkg.d", "pkg.sub.c"})]
     assert sorted(cycles(_merged(top, inner)), key=sorted) == [
         frozenset({"pkg.a", "pkg.b"}), frozenset({"pkg.d", "pkg.sub.c"})]
+
+
+def test_the_core_never_imports_the_research_code():
+    """megatron_lite/experiments/ builds on the core, one way: only the two command entry
+    points (``python -m megatron_lite.search`` / ``.distill``) import it."""
+    top, inner = import_graph(ROOT, ("megatron_lite",))
+    entry_points = {"megatron_lite.search", "megatron_lite.distill"}
+    found = [f"{name} imports {target}"
+             for edges in (top, inner) for name, targets in edges.items()
+             if not name.startswith("megatron_lite.experiments") and name not in entry_points
+             for target in targets if target.startswith("megatron_lite.experiments")]
+    assert not found, found
+    assert top["megatron_lite.search"] and top["megatron_lite.distill"]  # the graph sees them

@@ -25,7 +25,7 @@ from common import OUT, ROOT, arguments, demo_data, machine, write_section
 
 from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.config import load_config
-from megatron_lite.distill import distiller
+from megatron_lite.experiments.distill import distiller
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.training import evaluation

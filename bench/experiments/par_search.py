@@ -18,8 +18,8 @@ import time
 from common import OUT, ROOT, arguments, demo_data, evaluate, machine, train, write_section
 
 from megatron_lite.config import load_config
+from megatron_lite.experiments.search import search_trainer
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.search import search_trainer
 
 SEEDS = (1, 2, 3)
 

@@ -145,7 +145,7 @@ class SelfAttention(nn.Module):
         core = ATTENTION_CORES.of(cfg)
         self.core_attr = core.attr
         self.add_module(core.attr, core(cfg, ctx, device))
-        # distillation (megatron_lite/distill.py): a list that each forward appends its
+        # distillation (megatron_lite/experiments/distill.py): a list that each forward appends its
         # (q, k, v, mask, causal) to; None: nothing kept
         self.capture: list | None = None
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_lite.models.supernet import SuperTransformer, gumbel_softmax
+from megatron_lite.experiments.supernet import SuperTransformer, gumbel_softmax
 from megatron_lite.parallel import ParallelContext
 from tests.models.test_models_tp import tiny_cfg
 

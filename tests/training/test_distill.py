@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from megatron_lite.config import load_config
 from megatron_lite.convert import main as convert_main
-from megatron_lite.distill import attention_layers, distiller
-from megatron_lite.distill import main as distill_main
+from megatron_lite.experiments.distill import attention_layers, distiller
+from megatron_lite.experiments.distill import main as distill_main
+from megatron_lite.experiments.relations import minilm_losses, minilmv2_losses
 from megatron_lite.models import build_model
-from megatron_lite.models.relations import minilm_losses, minilmv2_losses
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.train import main as train_main
 from tests.training.conftest import gpt_yaml, tiny_overrides

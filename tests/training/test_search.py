@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from megatron_lite.config import load_config
+from megatron_lite.experiments.search import main as search_main
+from megatron_lite.experiments.search import search_trainer
 from megatron_lite.parallel.comm import all_gather_list
-from megatron_lite.search import main as search_main
-from megatron_lite.search import search_trainer
 from megatron_lite.train import main as train_main
 from tests.training.conftest import gpt_yaml, tiny_overrides
 
