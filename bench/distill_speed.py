@@ -24,6 +24,7 @@ from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.experiments.distill import attention_layers  # noqa: E402
 from megatron_lite.experiments.relations import minilm_losses, minilmv2_losses  # noqa: E402
 from megatron_lite.models import GPTModel  # noqa: E402
+from megatron_lite.models.attention import captured  # noqa: E402
 
 STEPS, WARMUP = 6, 2
 
@@ -56,19 +57,18 @@ def main() -> int:
 
     def distil(method):
         def step():
-            t_layer.capture, s_layer.capture = [], []
-            tick = time.perf_counter()
-            with torch.no_grad():
-                teacher(ids)
-            teacher_s = time.perf_counter() - tick
-            own = student(ids, labels)
-            t, s = t_layer.capture[0], s_layer.capture[0]
+            with captured([t_layer, s_layer]) as (seen_t, seen_s):
+                tick = time.perf_counter()
+                with torch.no_grad():
+                    teacher(ids)
+                teacher_s = time.perf_counter() - tick
+                own = student(ids, labels)
+            t, s = seen_t[0], seen_s[0]
             parts = minilm_losses(t, s, 8, None) if method == "minilm" else \
                 minilmv2_losses(t, s, 8, 1, None)
             (sum(parts.values()) + 0.0 * own).backward()
             optim.step()
             optim.zero_grad(set_to_none=True)
-            t_layer.capture = s_layer.capture = None
             return teacher_s
         return step
 

@@ -39,7 +39,7 @@ from megatron_lite.config import Config, ConfigError, load_config
 from megatron_lite.experiments.relations import minilm_losses, minilmv2_losses
 from megatron_lite.hooks import TrainingHook
 from megatron_lite.models import build_model
-from megatron_lite.models.attention import SelfAttention
+from megatron_lite.models.attention import SelfAttention, captured
 from megatron_lite.models.hf import from_hf, load_hf_model
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
@@ -140,14 +140,11 @@ class DistillHook(TrainingHook):
         cfg, ctx = trainer.cfg, trainer.ctx
         d = cfg.distill
         inputs = {k: v for k, v in batch.items() if "labels" not in k}
-        self.teacher_layer.capture, self.student_layer.capture = [], []
-        try:
+        with captured([self.teacher_layer, self.student_layer]) as (seen_t, seen_s):
             with torch.no_grad():
                 self.teacher(**inputs)
             own = trainer.engine(**batch)
-            teacher, student = self.teacher_layer.capture[0], self.student_layer.capture[-1]
-        finally:
-            self.teacher_layer.capture = self.student_layer.capture = None
+        teacher, student = seen_t[0], seen_s[-1]
         mask = batch.get("attention_mask")
         if d.method == "minilm":
             parts = minilm_losses(teacher, student, cfg.model.num_attention_heads,

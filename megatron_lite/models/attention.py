@@ -14,6 +14,7 @@ varies is plugged in:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,29 @@ class SDPACore(MathCore):
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=p)
 
 
+class AttentionTap(nn.Module):
+    """The identity on what the core is given, ``(q, k, v, mask, causal)``: a place for
+    forward hooks to see it (:func:`captured`), once per forward, outside any
+    recomputation of the core."""
+
+    def forward(self, q, k, v, mask, causal):
+        return q, k, v, mask, causal
+
+
+@contextlib.contextmanager
+def captured(layers: list[SelfAttention]) -> Iterator[list[list[tuple]]]:
+    """Inside the block, record what each attention layer's core is given: one list per
+    layer, one ``(q, k, v, mask, causal)`` per forward (distillation's relations)."""
+    seen: list[list[tuple]] = [[] for _ in layers]
+    handles = [layer.tap.register_forward_hook(lambda m, args, out, store=store: store.append(out))
+               for layer, store in zip(layers, seen, strict=True)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with heads split across the TP group."""
 
@@ -145,9 +169,7 @@ class SelfAttention(nn.Module):
         core = ATTENTION_CORES.of(cfg)
         self.core_attr = core.attr
         self.add_module(core.attr, core(cfg, ctx, device))
-        # distillation (megatron_lite/experiments/distill.py): a list that each forward appends its
-        # (q, k, v, mask, causal) to; None: nothing kept
-        self.capture: list | None = None
+        self.tap = AttentionTap()  # what the core is given, for hooks (:func:`captured`)
 
     @property
     def attention_core(self) -> AttentionCore:
@@ -167,8 +189,7 @@ class SelfAttention(nn.Module):
                                                            index, *pos)
         if z is None:
             z = core.inputs()
-        if self.capture is not None:
-            self.capture.append((q, k, values, mask, causal))
+        q, k, values, mask, causal = self.tap(q, k, values, mask, causal)
         if self.selective and self.training and torch.is_grad_enabled():
             heads = checkpoint(core, core.rng, q, k, values, mask, causal, z)
         else:

@@ -15,6 +15,7 @@ from megatron_lite.experiments.distill import attention_layers, distiller
 from megatron_lite.experiments.distill import main as distill_main
 from megatron_lite.experiments.relations import minilm_losses, minilmv2_losses
 from megatron_lite.models import build_model
+from megatron_lite.models.attention import captured
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.train import main as train_main
 from tests.training.conftest import gpt_yaml, tiny_overrides
@@ -44,14 +45,9 @@ def _dense_kl(t_logits, s_logits, allowed):
 
 
 def _captures(model, ids):
-    layers = attention_layers(model)
-    for layer in layers:
-        layer.capture = []
-    model(ids)
-    out = [layer.capture[0] for layer in layers]
-    for layer in layers:
-        layer.capture = None
-    return out
+    with captured(attention_layers(model)) as seen:
+        model(ids)
+    return [one[0] for one in seen]
 
 
 def _models(teacher_heads=4, student_heads=4):
