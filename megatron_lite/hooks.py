@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from megatron_lite.training.trainer import Trainer
+# the running Trainer (megatron_lite.training.trainer): named, not imported, so this
+# interface sits below everything that offers or calls hooks
+Trainer = Any
 
 
 class TrainingHook:
