@@ -19,6 +19,7 @@ from megatron_lite.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    wait_for_checkpoint,
 )
 from megatron_lite.config import Config, ConfigError, load_config, resolve_paths, save_config
 from megatron_lite.models import set_layerdrop_key
@@ -399,7 +400,8 @@ class Trainer:
         with self._fp32():
             return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg,
                                    extra, keep=self.cfg.train.keep_checkpoints,
-                                   rank_state=rank_state, **self._optimizer_or_zero())
+                                   rank_state=rank_state, async_save=self.cfg.train.async_save,
+                                   **self._optimizer_or_zero())
 
     def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
         """Why this step is a divergence (a NaN/inf loss, a NaN/inf gradient norm of a step
@@ -465,6 +467,7 @@ class Trainer:
         with Interrupt(verbose=self.ctx.is_main) as interrupt:
             records = self._loop(interrupt)
         self.save()
+        wait_for_checkpoint()  # an async save (this last one too) is published before exit
         self.metrics.close()
         if self.spans:
             spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
