@@ -113,11 +113,18 @@ def _replica_pieces(fqn: str, p: torch.Tensor, value: torch.Tensor, ctx: Paralle
     return pieces(fqn, value.detach(), where, *share(math.prod(where.view), index, count))
 
 
+def _own_copy(value, device):
+    """A scalar of the optimizer state as a tensor of its own (a step counter shared by
+    the parameters of a ZeRO group must not become one counter stepped N times)."""
+    return value.to(device, copy=True) if torch.is_tensor(value) else value
+
+
 def _tensor_state(entry: dict, like: torch.Tensor) -> tuple[dict, dict]:
-    """An optimizer state entry split into (tensors shaped like ``like``, the rest)."""
+    """An optimizer state entry split into (tensors shaped like ``like``, copies of the
+    rest: scalars such as Adam's step)."""
     tensors = {k: v for k, v in entry.items() if torch.is_tensor(v) and v.shape == like.shape
                and v.dim() > 0}
-    return tensors, {k: v for k, v in entry.items() if k not in tensors}
+    return tensors, {k: _own_copy(v, "cpu") for k, v in entry.items() if k not in tensors}
 
 
 def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], dict, dict]:
@@ -372,7 +379,8 @@ def _full_form(ckpt: Path) -> tuple[dict, dict | None]:
     model = {k[len(MODEL):]: v for k, v in stored.items() if k.startswith(MODEL)}
     if groups is None:
         return model, None
-    state = {name: dict(rest) for name, rest in groups["scalars"].items()}
+    state = {name: {k: _own_copy(v, "cpu") for k, v in rest.items()}
+             for name, rest in groups["scalars"].items()}
     for k, v in stored.items():
         if k.startswith(OPTIM):
             name, key = k[len(OPTIM):].rsplit("/", 1)
@@ -464,8 +472,7 @@ def _load_sharded(ckpt: Path, model, ctx: ParallelContext, optimizer, zero) -> b
                                                  device=p.device)
                         whole(f"{OPTIM}{name}/{key}", p, entry[key])
                     for key, value in groups["scalars"].get(name, {}).items():
-                        entry[key] = (value.to(p.device) if on_device else value.clone()) \
-                            if torch.is_tensor(value) else value
+                        entry[key] = _own_copy(value, p.device if on_device else "cpu")
                     optimizer.state[p] = entry
             load_group_hyperparameters(optimizer, groups["param_groups"])
         if zero is not None:
@@ -483,8 +490,7 @@ def _load_sharded(ckpt: Path, model, ctx: ParallelContext, optimizer, zero) -> b
                                 state[key] = torch.zeros_like(flat)
                             dests[f"{OPTIM}{name}/{key}"] = state[key]
                         for key, value in groups["scalars"].get(name, {}).items():
-                            state[key] = (value.to(flat.device) if on_device else value.clone()) \
-                                if torch.is_tensor(value) else value
+                            state[key] = _own_copy(value, flat.device if on_device else "cpu")
                     frag = zero.internals.fragment(p)
                     if frag is None:
                         continue
