@@ -17,7 +17,8 @@ for each save:
   write's time;
 - at TP=4, the time to load the TP=2 checkpoints (resharding on load).
 
-Memory figures are RSS, so the allocator's reuse of freed pages can hide a copy; the
+Memory figures are RSS, so the allocator's reuse of freed pages can hide a copy (the
+sharded saves and loads are measured before the full-form ones for that reason); the
 disk is this machine's (page cache included: the figures are not a disk benchmark).
 """
 
@@ -100,8 +101,8 @@ def _bench(ctx, vocab, root, out_json, load_from):
     full = 12 * total  # fp32 weights + two fp32 Adam moments, the whole model
     res = {"tp": ctx.tp_size, "params": total}
     root = Path(root)
-    with Peak() as old:
-        save_full_checkpoint(root / f"old_tp{ctx.tp_size}", model, ctx, opt)
+    # NOTE: the full-form save goes last: the pages it frees stay resident with the
+    # allocator and would hide the growth of the saves measured after it
     with Peak() as new:
         save_checkpoint(root / f"run_tp{ctx.tp_size}", 1, model, ctx, cfg, {}, optimizer=opt)
     with Peak() as stall:
@@ -109,12 +110,14 @@ def _bench(ctx, vocab, root, out_json, load_from):
                         optimizer=opt, async_save=True)
         blocked = time.perf_counter() - stall.tick
         wait_for_checkpoint()
+    with Peak() as old:
+        save_full_checkpoint(root / f"old_tp{ctx.tp_size}", model, ctx, opt)
     res.update(old_s=old.seconds, old_mem=old.added / full, new_s=new.seconds,
                new_mem=new.added / full, async_blocked_s=blocked,
                async_total_s=stall.seconds, async_mem=stall.added / full)
     if load_from:
-        for name, src in (("load_old", Path(load_from) / "old_tp2"),
-                          ("load_new", Path(load_from) / "run_tp2/checkpoints/step_00000001")):
+        for name, src in (("load_new", Path(load_from) / "run_tp2/checkpoints/step_00000001"),
+                          ("load_old", Path(load_from) / "old_tp2")):
             with Peak() as ld:
                 load_checkpoint(src, model, ctx, optimizer=opt)
             res[name + "_s"], res[name + "_mem"] = ld.seconds, ld.added / full

@@ -595,6 +595,9 @@ def save_full_checkpoint(folder: Path, model, ctx: ParallelContext, optimizer=No
         torch.save(model_state, folder / "model.pt")
         if optim_state is not None:
             torch.save(optim_state, folder / "optim.pt")
+        meta = {"format_version": 2, "step": 0, "tp_size": ctx.tp_size, "dp_size": ctx.dp_size,
+                "world_size": ctx.world_size}
+        (folder / "meta.json").write_text(json.dumps(meta) + "\n")
     _barrier()
 
 
