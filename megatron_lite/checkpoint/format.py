@@ -68,7 +68,7 @@ from megatron_lite.checkpoint.sharded import (
     write_pieces,
 )
 from megatron_lite.config import Config, save_config
-from megatron_lite.files import atomic_write, publish, temp_name
+from megatron_lite.files import atomic_write, publish, temp_name, written_dir
 from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
 from megatron_lite.parallel.random import rng_state, set_rng_state
 
@@ -606,8 +606,6 @@ def consolidate(src: str | Path, out: Path) -> Path:
     ``model.safetensors`` (``model/<param>`` and ``optim/<param>/<key>``, vocab unpadded,
     fused weights whole), ``optim_groups.pt``, ``meta.json``, ``config.yaml``."""
     from safetensors.torch import save_file
-
-    from megatron_lite.files import written_dir
 
     ckpt = resolve_checkpoint(src)
     model, optim = (_full_form(ckpt) if _kind(ckpt) != "full" else
