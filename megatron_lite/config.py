@@ -196,6 +196,7 @@ class TrainConfig:
     eval_iters: int = 10  # global batches per validation
     save_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in run_dir/checkpoints
+    async_save: bool = False  # write checkpoints in the background (one in flight)
     run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, loss.png, checkpoints/
     load: str | None = None  # a checkpoint to start from; a run_dir with one resumes itself
     finetune: bool = False  # train.load: its weights only (fresh optimizer, step 0, schedule)

@@ -36,6 +36,11 @@ Compute: FLOPs per step as in :func:`megatron_lite.training.metrics.model_flops_
 (forward + backward), plus a forward of each layer again under ``full`` recomputation
 (and of attention's core under ``selective``); the step time assumes ``MFU`` of the
 device's peak and adds the TP and DP all-reduces at link bandwidth with no overlap.
+
+Checkpoints (sharded, :mod:`megatron_lite.checkpoint`): the weights and Adam's two
+moments at 4 bytes each, vocab unpadded (12 bytes/param, under either engine: ZeRO
+saves its fp32 masters), and each of the TP x DP ranks writes an equal share; the save
+time assumes ``DISK_BYTES_PER_S`` of write bandwidth per node, shared by its ranks.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ GiB = 2**30
 MFU = 0.4  # assumed model FLOPs utilization of the step-time estimate
 MARGIN = 0.1  # of device memory kept free (allocator fragmentation, CUDA context)
 GPUS_PER_NODE = 8
+DISK_BYTES_PER_S = 2e9  # checkpoint write bandwidth per node (a local NVMe or a fair share
+# of a parallel filesystem): the stated assumption of the save-time estimate
 
 # bytes per token per layer, in units of h (see the module docstring); key: precision
 # kind (4 = fp32, 2 = bf16/fp16 autocast), value: R without dropout, R's dropout masks,
@@ -108,18 +115,22 @@ def count_parameters(cfg: Config, tp: int) -> dict:
     m = cfg.model
     model = build_model(m, ParallelContext(), device="meta")
     vocab_tp = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp)
-    total = per_rank = embedding = 0
+    total = per_rank = embedding = stored = 0
     for p in model.parameters():
         shape = list(p.shape)
         if getattr(p, "vocab_dim", None) is not None:
+            shape[p.vocab_dim] = m.vocab_size
+            stored += math.prod(shape)  # checkpoints keep the vocab unpadded
             shape[p.vocab_dim] = vocab_tp
+        else:
+            stored += math.prod(shape)
         full = math.prod(shape)
         total += full
         per_rank += full // tp if getattr(p, "tp_dim", None) is not None else full
         if getattr(p, "vocab_dim", None) is not None and p.dim() == 2:
             embedding += full
     return {"total": total, "per_rank": per_rank, "embedding": embedding,
-            "padded_vocab": vocab_tp}
+            "padded_vocab": vocab_tp, "stored": stored}
 
 
 def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
@@ -228,8 +239,19 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         "tp_allreduce_bytes_per_step": int(tp_bytes),
         "tp_allreduce_bytes_per_layer_per_step": int(tp_bytes / layers) if layers else 0,
         "dp_allreduce_bytes_per_step": int(dp_bytes), "suggestion": None,
+        **checkpoint_cost(params["stored"], tp, dp),
     }
     return out
+
+
+def checkpoint_cost(stored_params: int, tp: int, dp: int) -> dict:
+    """Bytes of a sharded checkpoint, in all and per rank, and its estimated save time."""
+    total = 12 * stored_params  # fp32 weights (or ZeRO's masters) + Adam's two moments
+    per_rank = -(-total // (tp * dp))
+    ranks_per_node = min(tp * dp, GPUS_PER_NODE)
+    return {"checkpoint_bytes": total, "checkpoint_bytes_per_rank": per_rank,
+            "checkpoint_save_s": per_rank * ranks_per_node / DISK_BYTES_PER_S,
+            "assumed_disk_bytes_per_s": DISK_BYTES_PER_S}
 
 
 def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
@@ -303,6 +325,10 @@ def report(out: dict) -> str:
                  f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step; TP all-reduce "
                  f"{out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB, DP gradient all-reduce "
                  f"{out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB per step per rank")
+    lines.append(f"checkpoint: {_gib(out['checkpoint_bytes'])} (weights + Adam, vocab unpadded), "
+                 f"{_gib(out['checkpoint_bytes_per_rank'])} written by each rank; save "
+                 f"~{out['checkpoint_save_s']:.1f} s at "
+                 f"{out['assumed_disk_bytes_per_s'] / 1e9:g} GB/s of disk per node")
     if out["step_time_s"] is not None:
         lines.append(f"step time ~{out['step_time_s']:.2f} s (MFU {out['assumed_mfu']:.0%} "
                      "assumed, communication not overlapped)")

@@ -28,6 +28,7 @@ import torch
 
 from megatron_lite.checkpoint import (
     CheckpointError,
+    has_optimizer_state,
     load_file,
     read_meta,
     resolve_checkpoint,
@@ -98,7 +99,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, keep_spec: str) -> tuple[
     keep = parse_keep(keep_spec, len(layer_units(cfg.model.pattern)))
     new_cfg, old = pruned_config(cfg, keep)
     model_state = _rename(load_file(ckpt / "model.pt"), old)
-    optim = load_file(ckpt / "optim.pt") if (ckpt / "optim.pt").exists() else None
+    optim = load_file(ckpt / "optim.pt") if has_optimizer_state(ckpt) else None
     if optim is not None:
         optim["state"] = _rename(optim["state"], old)
     # build the pruned model (one process) and load the result: it must fit exactly

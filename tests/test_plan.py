@@ -182,3 +182,26 @@ def test_one_device_table_serves_the_planner_and_the_mfu():
     assert device_for_cuda_name("NVIDIA H100 80GB HBM3") is DEVICES["h100"]
     assert device_for_cuda_name("NVIDIA GeForce RTX 4090") is None
     assert device_spec("a100-80g")["peak_flops"] == {"bf16": 312e12, "fp32": 19.5e12}
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_checkpoint_bytes_equal_a_saved_sharded_checkpoint(tmp_path, arch):
+    from megatron_lite.checkpoint import save_checkpoint
+    from megatron_lite.checkpoint.sharded import read_dcp_metadata
+    from megatron_lite.parallel import ParallelContext
+    from megatron_lite.training.optim import build_optimizer
+
+    cfg = load_config(None, [*TINY, f"model.arch={arch}", "model.make_vocab_size_divisible_by=64"])
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ckpt = save_checkpoint(tmp_path, 1, model, ParallelContext(), cfg, {}, optimizer=opt)
+    md = read_dcp_metadata(ckpt / ".metadata")
+    saved = sum(t.size.numel() * t.properties.dtype.itemsize
+                for t in md.state_dict_metadata.values())
+    out = plan(cfg, 2, 3, "h100")
+    assert out["checkpoint_bytes"] == saved  # the vocab (500, padded to 512) unpadded
+    assert out["checkpoint_bytes_per_rank"] == -(-saved // 6)
+    assert "checkpoint:" in report(out) and "GB/s of disk per node" in report(out)

@@ -24,6 +24,7 @@ from megatron_lite.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    wait_for_checkpoint,
 )
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.hooks import TrainingHook, model_hooks
@@ -365,6 +366,7 @@ class Trainer:
             return save_checkpoint(self.run_dir, self.step, self.model, self.ctx, self.cfg,
                                    extra, keep=self.cfg.train.keep_checkpoints,
                                    rank_state=rank_state or None,
+                                   async_save=self.cfg.train.async_save,
                                    **self._optimizer_or_zero())
 
     def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
@@ -426,6 +428,7 @@ class Trainer:
         with Interrupt(verbose=self.ctx.is_main) as interrupt:
             records = self._loop(interrupt)
         self.save()
+        wait_for_checkpoint()  # an async save (this last one too) is published before exit
         self.metrics.close()
         for hook in self.hooks:
             hook.at_end(self)

@@ -9,10 +9,12 @@ model-parallel unit (:class:`ModelParallelUnit`, the ``mpu`` interface of Megatr
 and reads ``tensor_model_parallel`` on sharded parameters to count replicated ones once
 in the gradient norm.
 
-Checkpoints keep the run-directory layout of the DDP engine: the fp32 master weights
-and Adam moments are gathered from their DP partitions into full per-parameter tensors
-(``model.pt``, ``optim.pt`` by parameter name), so a ZeRO checkpoint loads at any
-TP/DP size, under either engine, and converts to HF like any other.
+Checkpoints keep the run-directory layout of the DDP engine: each DP rank writes its
+partition of the fp32 master weights and Adam moments as pieces of the same global
+per-parameter tensors (``megatron_lite.checkpoint``, through the fragments of
+:class:`_DeepSpeedZeroInternals`), so a ZeRO checkpoint loads at any TP/DP size, under
+either engine, and converts to HF like any other. :meth:`ZeroEngine.checkpoint_state`
+(the gathered full form) remains for tests and tools.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import load_checkpoint
+from megatron_lite.checkpoint import load_checkpoint, load_file
 from megatron_lite.checkpoint.commands import main as checkpoint_main
 from megatron_lite.checkpoint.optim_state import full_optimizer_state
 from megatron_lite.config import load_config
@@ -81,8 +81,8 @@ def _check_reshard(ctx, overrides, ckpt, expect_path):
     trainer = Trainer(cfg, ctx)  # loads train.load: saved at TP=2, here at ctx.tp_size
     model_state = full_state_dict(trainer.model, ctx.tp_group)
     optim_state = full_optimizer_state(trainer.model, trainer.optimizer, ctx)
-    saved_model = torch.load(Path(ckpt) / "model.pt", weights_only=True)
-    saved_optim = torch.load(Path(ckpt) / "optim.pt", weights_only=True)
+    saved_model = load_file(Path(ckpt) / "model.pt")  # the full form, assembled
+    saved_optim = load_file(Path(ckpt) / "optim.pt")
     for name, t in saved_model.items():
         assert torch.equal(_trim(name, model_state[name]), _trim(name, t)), name
     for name, entry in saved_optim["state"].items():
@@ -134,7 +134,7 @@ def test_kill_9_during_saves_never_breaks_latest(gpt_shard, bpe_files, tmp_path)
     latest = run / "checkpoints/latest"
     steps, half_written = [], 0
     # kill as a save starts, as it writes, and at any moment (saves happen every step)
-    for moment in (".step_*.tmp", ".step_*.tmp/model.pt", None):
+    for moment in (".step_*.tmp", ".step_*.tmp/*.distcp", None):
         before = latest.read_text() if latest.exists() else None
         proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", str(config),
                                  *over], env=env, stdout=subprocess.DEVNULL,
@@ -228,8 +228,8 @@ def test_average_of_checkpoints(gpt_shard, bpe_files, tmp_path):
     assert checkpoint_main(["average", str(tmp_path / "run"), "--last", "2", "--output",
                             str(tmp_path / "avg")]) == 0
     ck = tmp_path / "run/checkpoints"
-    a, b = (torch.load(ck / f"step_0000000{i}/model.pt", weights_only=True) for i in (2, 3))
-    avg = torch.load(tmp_path / "avg/model.pt", weights_only=True)
+    a, b = (load_file(ck / f"step_0000000{i}/model.pt") for i in (2, 3))
+    avg = load_file(tmp_path / "avg/model.pt")
     for k in a:
         assert torch.allclose(avg[k], (a[k] + b[k]) / 2, atol=1e-7)
 
@@ -238,7 +238,7 @@ def test_average_of_checkpoints(gpt_shard, bpe_files, tmp_path):
 def test_damaged_checkpoint_gives_one_line_naming_the_file(tiny_run, gpt_shard, bpe_files,
                                                           tmp_path, capsys, damage):
     shutil.copytree(tiny_run, tmp_path / "run")
-    model_pt = tmp_path / "run/checkpoints/step_00000002/model.pt"
+    model_pt = tmp_path / "run/checkpoints/step_00000002/__0_0.distcp"  # rank 0's pieces
     if damage == "truncated":
         model_pt.write_bytes(model_pt.read_bytes()[:1000])
     elif damage == "garbage":
@@ -250,7 +250,7 @@ def test_damaged_checkpoint_gives_one_line_naming_the_file(tiny_run, gpt_shard, 
         "train.max_steps": 3, "train.eval_interval": 0, "train.load": str(tmp_path / "run")})
     assert train_main([str(gpt_yaml(tmp_path)), *again]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "model.pt" in err and "\n" not in err
+    assert err.startswith("error: ") and "step_00000002" in err and "\n" not in err
 
 
 def test_resuming_a_run_dir_with_another_model_is_refused(tiny_run, gpt_shard, bpe_files,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import resolve_checkpoint
+from megatron_lite.checkpoint import load_file, resolve_checkpoint
 from megatron_lite.config import load_config
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import run_distributed
@@ -110,8 +110,8 @@ def _reload_elsewhere(ctx, overrides, ckpt):
     """Load a TP=1 x DP=2 ZeRO checkpoint at TP=2 x DP=1: gathered back, it is the same."""
     trainer = Trainer(load_config(None, overrides + [f"train.load={ckpt}"]), ctx)
     model_state, optim_state = trainer.zero.checkpoint_state()
-    saved_model = torch.load(Path(ckpt) / "model.pt", weights_only=True)
-    saved_optim = torch.load(Path(ckpt) / "optim.pt", weights_only=True)
+    saved_model = load_file(Path(ckpt) / "model.pt")  # the full form, assembled
+    saved_optim = load_file(Path(ckpt) / "optim.pt")
     for name, t in saved_model.items():
         assert torch.equal(model_state[name][:t.shape[0]] if name == "wte.weight" else
                            model_state[name], t), name
@@ -156,7 +156,7 @@ def test_zero_bf16(gpt_shard, bpe_files, tmp_path):
     run_distributed(_train, 2, zero, tp_size=1)
     # measured: losses within 4e-5, grad norms within 2e-3 (relative)
     _assert_close(_rows(tmp_path / "ddp"), _rows(tmp_path / "zero"), rtol=1e-2)
-    saved = torch.load(resolve_checkpoint(tmp_path / "zero") / "model.pt", weights_only=True)
+    saved = load_file(resolve_checkpoint(tmp_path / "zero") / "model.pt")
     assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
     run_distributed(_check_partitioned, 2, zero + ["train.max_steps=7"], 1, torch.bfloat16,
                     tp_size=1)
@@ -206,7 +206,7 @@ def test_zero_with_adaptive_span_clamps_the_masters(gpt_shard, bpe_files, tmp_pa
     run_distributed(_train, 2, over, tp_size=1)
     rows = _rows(tmp_path)
     assert rows[-1]["span_max"] == [0.0, 0.0]
-    state = torch.load(resolve_checkpoint(tmp_path) / "model.pt", weights_only=True)
+    state = load_file(resolve_checkpoint(tmp_path) / "model.pt")
     spans = [v for k, v in state.items() if k.endswith("adaptive.fraction")]
     assert len(spans) == 2 and all(((s >= 0) & (s <= 1)).all() for s in spans)
 

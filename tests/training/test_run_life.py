@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import read_meta
+from megatron_lite.checkpoint import load_file, read_meta
 from megatron_lite.train import main as train_main
 from megatron_lite.training.schedule import learning_rate
 from tests.training.conftest import gpt_yaml, tiny_overrides
@@ -185,8 +185,8 @@ def test_load_past_max_steps_is_an_error_and_finetune_starts_over(gpt_shard, bpe
     assert _train(tmp_path, gpt_shard, bpe_files, zero, **{
         "train.max_steps": 1, "train.load": str(base), "train.finetune": True,
         "optim.lr": 0.0, "optim.min_lr": 0.0}) == 0
-    want = torch.load(base / "checkpoints" / "step_00000006" / "model.pt")
-    got = torch.load(zero / "checkpoints" / "step_00000001" / "model.pt")
+    want = load_file(base / "checkpoints" / "step_00000006" / "model.pt")
+    got = load_file(zero / "checkpoints" / "step_00000001" / "model.pt")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
