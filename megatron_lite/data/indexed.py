@@ -171,8 +171,40 @@ class IndexedDataset:
         if bin_size != tokens * self.dtype.itemsize:
             raise IndexedDataError(f"{bin_path}: {bin_size} bytes, expected "
                                    f"{tokens * self.dtype.itemsize} (truncated or mismatched)")
+        self._check_index(idx_path)
         self._bin = (np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size
                      else np.zeros(0, self.dtype))
+
+    def _check_index(self, idx_path: Path, chunk: int = 1 << 22) -> None:
+        """That the index's contents agree with one another (its sizes already do): every
+        length >= 0, each pointer the byte offset where the lengths before it end, the
+        document index from 0 to the sequence count without going back. Vectorised, in
+        chunks (bounded memory); the first bad entry is one :class:`IndexedDataError`."""
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        item, offset = self.dtype.itemsize, 0
+        for start in range(0, len(lengths), chunk):
+            part = lengths[start:start + chunk].astype(np.int64)
+            if (bad := np.flatnonzero(part < 0)).size:
+                i = start + int(bad[0])
+                raise IndexedDataError(f"{idx_path}: sequence {i} has length {lengths[i]} "
+                                       "(corrupt index)")
+            ends = offset + np.cumsum(part) * item
+            expected = np.concatenate(([offset], ends[:-1]))
+            if (bad := np.flatnonzero(pointers[start:start + chunk] != expected)).size:
+                i = start + int(bad[0])
+                raise IndexedDataError(
+                    f"{idx_path}: sequence {i} starts at byte {pointers[i]}, but the lengths "
+                    f"before it end at byte {expected[bad[0]]} (corrupt index)")
+            offset = int(ends[-1])
+        docs, n = self.document_indices, len(lengths)
+        if docs.size == 0 or docs[0] != 0 or docs[-1] != n:
+            first, last = (int(docs[0]), int(docs[-1])) if docs.size else (None, None)
+            raise IndexedDataError(f"{idx_path}: the document index runs from {first} to "
+                                   f"{last}, not from 0 to the {n} sequences (corrupt index)")
+        if (bad := np.flatnonzero(np.diff(docs) < 0)).size:
+            k = int(bad[0]) + 1
+            raise IndexedDataError(f"{idx_path}: document index entry {k} ({docs[k]}) is below "
+                                   f"the one before it ({docs[k - 1]}) (corrupt index)")
 
     def __len__(self) -> int:
         """Number of sequences."""

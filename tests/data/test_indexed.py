@@ -150,3 +150,32 @@ def test_megatron_core_merge_matches_ours(tmp_path):
     builder.finalize(str(tmp_path / "theirs.idx"))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("field,index,value,message", [
+    # DOCS has 4 sequences of 3, 1, 3, 1 tokens (uint16): pointers 0, 6, 8, 14
+    ("lengths", 1, -1, "sequence 1 has length -1"),
+    ("lengths", 0, 1, "sequence 1 starts at byte 6, but the lengths before it end at byte 2"),
+    ("pointers", 2, 4, "sequence 2 starts at byte 4, but the lengths before it end at byte 8"),
+    ("docs", 2, 0, "document index entry 2 (0) is below the one before it (1)"),
+    ("docs", 3, 3, "the document index runs from 0 to 3, not from 0 to the 4 sequences"),
+])
+def test_an_index_whose_contents_disagree_is_refused(tmp_path, field, index, value, message):
+    """Sizes right, contents wrong (they would train on misread tokens): one line naming
+    the file and the first bad entry. Each field is rewritten at its documented offset."""
+    _write(tmp_path / "x")
+    idx = tmp_path / "x.idx"
+    data = bytearray(idx.read_bytes())
+    header, n = 9 + 8 + 1 + 8 + 8, 4  # magic, version, dtype code, two counts
+    fmt, start = {"lengths": ("<i", header), "pointers": ("<q", header + 4 * n),
+                  "docs": ("<q", header + 12 * n)}[field]
+    struct.pack_into(fmt, data, start + struct.calcsize(fmt) * index, value)
+    if field == "lengths" and value == -1:  # keep the total, so only the contents are wrong
+        struct.pack_into("<i", data, header + 4 * 2, 5)
+    if field == "lengths" and index == 0:  # 1, 1, 3, 1 -> 1, 3, 3, 1: the same total ...
+        struct.pack_into("<i", data, header + 4 * 1, 3)  # ... with the pointers of 3, 1, 3, 1
+    idx.write_bytes(bytes(data))
+    with pytest.raises(IndexedDataError) as err:
+        IndexedDataset(tmp_path / "x")
+    assert message in str(err.value) and str(idx) in str(err.value)
+    assert "\n" not in str(err.value)
