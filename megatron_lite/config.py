@@ -202,7 +202,7 @@ class TrainConfig:
     finetune: bool = False  # train.load: its weights only (fresh optimizer, step 0, schedule)
     exit_after: int = 0  # stop (with a checkpoint) after this many steps of this process
     divergence_guard: bool = False  # on a NaN/inf or spiking loss reload the last checkpoint
-    divergence_factor: float = 5.0  # a spike: loss > factor x the mean of the last window
+    divergence_factor: float = 5.0  # a spike: loss > factor x the recent mean (log V at first)
     divergence_window: int = 20  # steps in that mean
     divergence_lr_scale: float = 0.5  # each recovery multiplies the learning rate by this
     divergence_retries: int = 3  # recoveries before the run gives up

@@ -371,18 +371,24 @@ class Trainer:
 
     def _diverged(self, loss: float, grad_norm: float | None = None) -> str | None:
         """Why this step is a divergence (a NaN/inf loss, a NaN/inf gradient norm of a step
-        that was applied, or a loss above ``divergence_factor`` x the mean of the last
-        ``divergence_window`` steps), or None (then its loss joins them)."""
+        that was applied, or a loss above ``divergence_factor`` x the baseline: the mean of
+        the last ``divergence_window`` steps' losses, as many as there are, or before the
+        first, ``log(vocab_size)``, the loss of a uniform guess), or None (then its loss
+        joins the window). Diverged losses never join it, and a recovery keeps it, so the
+        baseline stays the one from before the divergence."""
         t = self.cfg.train
         if not math.isfinite(loss):
             return f"loss is {loss}"
         if grad_norm is not None and not math.isfinite(grad_norm):
             return f"gradient norm is {grad_norm}"  # the update wrote non-finite weights
-        if len(self.recent) == self.recent.maxlen:
-            mean = sum(self.recent) / len(self.recent)
-            if loss > t.divergence_factor * mean:
-                return (f"loss {loss:.4g} > {t.divergence_factor:g} x the mean of the last "
-                        f"{len(self.recent)} steps ({mean:.4g})")
+        if self.recent:
+            baseline = sum(self.recent) / len(self.recent)
+            what = f"the mean of the last {len(self.recent)} steps"
+        else:
+            baseline = math.log(self.cfg.model.vocab_size)
+            what = "log(vocab_size), a uniform guess's loss"
+        if loss > t.divergence_factor * baseline:
+            return f"loss {loss:.4g} > {t.divergence_factor:g} x {what} ({baseline:.4g})"
         self.recent.append(loss)
         return None
 
@@ -404,8 +410,7 @@ class Trainer:
                                    **self._optimizer_or_zero())
         skipped = self.consumed - meta["consumed_samples"]
         self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
-        self.lr_scale *= t.divergence_lr_scale
-        self.recent.clear()
+        self.lr_scale *= t.divergence_lr_scale  # self.recent: the baseline from before
         for hook in self.hooks:
             hook.load_meta_state(meta)
             hook.on_recover(self)

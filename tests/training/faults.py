@@ -17,16 +17,16 @@ from megatron_lite.train import main as train_main
 
 
 class NanLossAt(TrainingHook):
-    """Step ``step``'s logged loss becomes NaN, the first ``times`` times it is reached
-    (the divergence guard's tests)."""
+    """Step ``step``'s logged loss becomes ``value`` (NaN), the first ``times`` times it is
+    reached (the divergence guard's tests)."""
 
-    def __init__(self, step: int, times: int = 1):
-        self.step, self.times, self.done = step, times, 0
+    def __init__(self, step: int, times: int = 1, value: float = math.nan):
+        self.step, self.times, self.done, self.value = step, times, 0, value
 
     def step_metrics(self, trainer) -> dict:
         if trainer.step == self.step and self.done < self.times:
             self.done += 1
-            return {"loss": math.nan}
+            return {"loss": self.value}
         return {}
 
 

@@ -2,6 +2,7 @@
 divergence guard."""
 
 import json
+import math
 
 import pytest
 
@@ -117,3 +118,30 @@ def test_the_divergence_guard_gives_up_after_n_tries(gpt_shard, bpe_files, tmp_p
                    "(train.divergence_retries)")
     events = [r for r in _rows(run) if r.get("event") == "divergence"]
     assert [e["lr_scale"] for e in events] == [0.5, 0.25]
+
+
+def test_a_spike_at_the_first_steps_is_caught(gpt_shard, bpe_files, tmp_path):
+    """No full window needed (optim.lr=10 had gone 9 -> 8219 at step 2 unnoticed): the
+    baseline is the mean of the losses so far, before the first log(vocab_size)."""
+    cfg = load_config(None, _guard(gpt_shard, bpe_files, tmp_path / "run",
+                                   **{"train.divergence_window": 20}))
+    trainer = Trainer(cfg, ParallelContext())
+    log_v = math.log(cfg.model.vocab_size)
+    assert "> 5 x log(vocab_size)" in trainer._diverged(5 * log_v + 1)
+    assert trainer._diverged(9.0) is None
+    assert "> 5 x the mean of the last 1 steps (9)" in trainer._diverged(8219.0)
+
+
+def test_after_a_recovery_the_guard_still_holds_the_old_baseline(gpt_shard, bpe_files,
+                                                                 tmp_path, capsys):
+    """A spike (not a NaN) at step 6, twice: the recovery keeps the losses from before
+    it, so the repeat is caught as well and the run gives up, exit 2 (with the window
+    cleared, the repeat had become part of a new baseline and the run ended 'done')."""
+    run = tmp_path / "run"
+    over = _guard(gpt_shard, bpe_files, run, **{"train.divergence_retries": 1})
+    spike = NanLossAt(6, times=2, value=1e4)
+    assert train_main([str(gpt_yaml(tmp_path)), *over], hooks=[spike]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: step 6: loss 1e+04 > 5 x the mean of the last 3 steps")
+    assert err.endswith("gave up after 1 recoveries (train.divergence_retries)")
+    assert [r["at_step"] for r in _rows(run) if r.get("event") == "divergence"] == [6]
