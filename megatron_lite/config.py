@@ -484,7 +484,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or dotted.count(".") != 1:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         section, key = dotted.split(".")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "parse error"
+            raise ConfigError(f"override {item!r}: not a YAML value ({problem}); quote it, "
+                              f"e.g. {dotted}='\"...\"'") from None
         _apply(cfg, section, key, value, f"override {item!r}")
     return cfg
 

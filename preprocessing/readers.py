@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,21 +101,30 @@ def _from_object(obj: dict, key: str, where: str, nbytes: int, replaced: bool) -
     return Record(text, where, nbytes, None if text.strip() else "empty", replaced)
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    """The raw lines of a text or gzip file; a gzip stream that is not one, or ends early,
+    is one :class:`InputError` naming the file (the lines before it were read)."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise InputError(f"{path}: not a complete gzip file ({err})") from None
+
+
 def _read_jsonl(path: Path, key: str) -> Iterator[Record]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     check = _KeyCheck(path, key)
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            line, replaced = _decode(raw)
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                yield Record(None, where, len(raw), "malformed_json", replaced)
-                continue
-            yield check.record(obj, where, len(raw), replaced)
+    for lineno, raw in enumerate(_lines(path), 1):
+        if not raw.strip():
+            continue
+        line, replaced = _decode(raw)
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):  # nested past Python's stack: skipped
+            yield Record(None, where, len(raw), "malformed_json", replaced)
+            continue
+        yield check.record(obj, where, len(raw), replaced)
     check.done()
 
 
@@ -129,6 +139,8 @@ def _read_json(path: Path, key: str) -> Iterator[Record]:
         items = json.loads(text)  # NOTE: a JSON array is parsed whole; prefer jsonl for big data
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: invalid JSON array ({err.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
     check = _KeyCheck(path, key)
     for i, obj in enumerate(items):
         yield check.record(obj, f"{path}:[{i}]", len(raw) // max(len(items), 1), replaced)

@@ -120,3 +120,10 @@ def test_removed_test_only_keys_are_ignored_at_their_defaults_else_named(tmp_pat
         load_config(old, ["train.fail_at_step=5"])
     assert "train.fail_at_step is no longer a config key" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_an_override_that_is_not_yaml_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.run_dir=[oops"])
+    assert str(err.value).startswith("override 'train.run_dir=[oops': not a YAML value")
+    assert "\n" not in str(err.value)

@@ -276,7 +276,10 @@ def load_hf_model(hf_dir: str | Path):
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir}: no config.json (a local Hugging Face model folder)")
-    kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    try:
+        kind = json.loads((hf_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{hf_dir / 'config.json'}: not a JSON object ({err})") from None
     cls = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
            "megatron-bert": transformers.MegatronBertForPreTraining}.get(kind)
     if cls is None:

@@ -94,3 +94,13 @@ def _check_parity(ctx, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "megatron-bert"])
 def test_hf_parity_and_round_trip(distributed, kind, tp):
     distributed(_check_parity, tp, kind)
+
+
+def test_a_config_json_that_is_not_json_names_the_file(tmp_path):
+    from megatron_lite.models.hf import load_hf_model
+
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "gpt2\xff"}')
+    with pytest.raises(ValueError) as err:
+        load_hf_model(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'config.json'}: not a JSON object")

@@ -229,3 +229,33 @@ def test_several_json_keys_are_written_all_or_none(tmp_path, bpe_files, stdlib_d
                             for ext in (".bin", ".idx")]
                            + ["out_content.stats.json", "out_title.stats.json"])
     assert IndexedDataset(str(out / "out_content_document")).num_documents == 4
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated_gz", "in.jsonl.gz: not a complete gzip file"),
+    ("not_gz", "in.jsonl.gz: not a complete gzip file"),
+])
+def test_a_broken_gzip_is_one_clear_error_and_no_output(tmp_path, bpe_files, stdlib_docs,
+                                                         capsys, case, message):
+    import gzip
+
+    src = tmp_path / "in.jsonl.gz"
+    body = "".join(json.dumps({"text": t}) + "\n" for t in stdlib_docs[:20]).encode()
+    packed = gzip.compress(body)
+    src.write_bytes(packed[:len(packed) // 2] if case == "truncated_gz" else body)
+    assert main(_args(tmp_path, [src], bpe_files, "--min-tokens", "10")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_line_nested_too_deeply_is_a_counted_skip(tmp_path, bpe_files, stdlib_docs):
+    """json.loads raises RecursionError past Python's stack: one malformed line, not a
+    crash of the whole run."""
+    src = tmp_path / "in.jsonl"
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    src.write_text("\n".join([json.dumps({"text": stdlib_docs[0]}), deep,
+                              json.dumps({"text": stdlib_docs[1]})]) + "\n")
+    assert main(_args(tmp_path, [src], bpe_files, "--min-tokens", "10")) == 0
+    stats = _stats(tmp_path)
+    assert stats["skipped"] == {"malformed_json": 1} and stats["documents_written"] == 2
