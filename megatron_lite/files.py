@@ -26,6 +26,8 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -116,3 +118,65 @@ def written_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class FolderInUse(ValueError):
+    """A folder another live job holds (one line: who, since when)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class FolderLock:
+    """One job per folder: ``FOLDER/.lock`` holds the host, PID and start time of the job
+    that took it (created exclusively, before anything else is written there), removed
+    by :meth:`release`. A lock left by a dead process of this host is taken over, with
+    ``warning`` said; a live holder (or one on another host) is a :class:`FolderInUse`
+    naming it. ``what`` names the folder in messages (``train.run_dir``...)."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.path, self.what, self.held = Path(folder) / ".lock", what, False
+
+    def acquire(self, warn=print) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        for _ in range(3):  # a stale lock removed between two tries: try again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, pid, since = (self._read() + ["?", "?", "?"])[:3]
+                if host == socket.gethostname() and pid == str(os.getpid()):
+                    self.path.unlink(missing_ok=True)  # this process's, not released
+                    continue
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    warn(f"warning: {self.path.parent} was held by process {pid} (since "
+                         f"{since}), which is gone; taking it over")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise FolderInUse(
+                    f"{self.what}={self.path.parent} is in use by process {pid} on {host} "
+                    f"(since {since}): one job per folder; wait for it, or use another "
+                    f"(delete {self.path} if that job is gone)") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self.held = True
+            return
+        raise FolderInUse(f"{self.what}={self.path.parent}: could not take {self.path}")
+
+    def _read(self) -> list[str]:
+        try:
+            return self.path.read_text().split()
+        except OSError:
+            return []
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

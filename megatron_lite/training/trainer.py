@@ -7,10 +7,12 @@ names none of them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +29,10 @@ from megatron_lite.checkpoint import (
     wait_for_checkpoint,
 )
 from megatron_lite.config import Config, ConfigError, load_config, save_config
+from megatron_lite.files import FolderInUse, FolderLock
 from megatron_lite.hooks import TrainingHook, model_hooks
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.run import build_run
+from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
 from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
@@ -68,6 +71,7 @@ class Trainer:
                  build: Callable | None = None):
         self.cfg, self.ctx = cfg, ctx
         t = cfg.train
+        self._lock(t.run_dir)  # before anything is written there
         auto = t.micro_batch_size == 0
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
@@ -117,6 +121,20 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device, cfg.train.precision)
+
+    def _lock(self, run_dir: str) -> None:
+        """One job per run folder: the main rank takes ``RUN_DIR/.lock`` (released at the
+        end of :meth:`fit`, or at exit); every rank raises the one error if it is held."""
+        self.lock = FolderLock(os.path.abspath(os.path.expanduser(run_dir)), "train.run_dir")
+        error = None
+        if self.ctx.is_main:
+            try:
+                self.lock.acquire(warn=lambda line: print(line, flush=True))
+                atexit.register(self.lock.release)
+            except FolderInUse as err:
+                error = str(err)
+        if (error := error_sync(self.ctx)(error)) is not None:
+            raise FolderInUse(error)
 
     def _build_engine(self):
         """``(zero, engine)``. The engine runs forward and backward: DDP over the DP group,
@@ -437,6 +455,7 @@ class Trainer:
         self.metrics.close()
         for hook in self.hooks:
             hook.at_end(self)
+        self.lock.release()
         return records
 
     def _loop(self, interrupt: Interrupt) -> list[dict]:

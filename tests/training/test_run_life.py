@@ -295,3 +295,49 @@ def test_sigterm_to_a_single_process_run_saves_and_says_only_that(gpt_shard, bpe
     lines = [x for x in out.splitlines() if not x.startswith("step")]
     assert len(lines) == 2 and lines[0].startswith("SIGTERM received"), lines
     assert lines[1].startswith("interrupted at step") and "done:" not in out
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(gpt_shard, bpe_files,
+                                                                          tmp_path, capsys):
+    """Two real processes, one train.run_dir: the second is one line naming the first's
+    PID and writes nothing; the first's metrics hold its own steps once."""
+    run = tmp_path / "run"
+    args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, run, **{"train.max_steps": 2000, "train.eval_interval": 0,
+                                      "train.global_batch_size": 2})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", *args], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.01)
+    second = subprocess.run([sys.executable, "-m", "megatron_lite.train", *args], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    err = second.stderr.strip()
+    assert err.startswith(f"error: train.run_dir={run} is in use by process {first.pid} on ")
+    assert "\n" not in err and "Traceback" not in second.stdout
+    steps = [r["step"] for r in _rows(run) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one run's steps, once each
+    assert not (run / ".lock").exists()  # released when the first one ended
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_run, gpt_shard, bpe_files,
+                                                    tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / ".lock").write_text(f"{os.uname().nodename} {gone.pid} 2026-01-01T00:00:00\n")
+    over = tiny_overrides(gpt_shard, bpe_files, run, **{"train.max_steps": 3,
+                                                        "train.eval_interval": 0})
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {run} was held by process {gone.pid} (since 2026-01-01T00:00:00), " \
+           "which is gone; taking it over" in out
+    assert not (run / ".lock").exists()
