@@ -22,6 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
     load_checkpoint,
     read_meta,
     resolve_checkpoint,
@@ -173,9 +175,7 @@ class Trainer:
                     "new run from its weights")
             raise ConfigError(f"{where} at step {saved['step']}, not before train.max_steps="
                               f"{t.max_steps}: nothing to train ({hint})")
-        with self._fp32():
-            meta = load_checkpoint(source, self.model, self.ctx, restore_rng=True,
-                                   **self._optimizer_or_zero())
+        meta = self._load_resumable(source, own)
         for hook in self.hooks:
             hook.load_meta_state(meta)
             hook.load_state_dict(meta.get("rank_state", {}), self.ctx.device)
@@ -189,6 +189,30 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {source} at step {self.step}", flush=True)
         self._check_schedule(meta.get("schedule"))
+
+    def _load_resumable(self, source, own: bool) -> dict:
+        """Load everything of ``source`` to continue from it. A restart whose latest
+        checkpoint is unreadable goes back to the newest readable one of the run folder,
+        with a warning naming both (every rank meets the same error: the reads are
+        collective); ``train.load`` of another run has no such fallback."""
+        latest = resolve_checkpoint(source)
+        candidates = [latest] + ([c for c in reversed(list_checkpoints(self.run_dir))
+                                  if c != latest] if own else [])
+        first_error = None
+        for ckpt in candidates:
+            try:
+                with self._fp32():
+                    meta = load_checkpoint(ckpt, self.model, self.ctx, restore_rng=True,
+                                           **self._optimizer_or_zero())
+            except CheckpointError as err:
+                first_error = first_error or err
+                continue
+            if first_error is not None and self.ctx.is_main:
+                print(f"warning: the latest checkpoint {latest.name} is unreadable "
+                      f"({first_error}); resuming from {ckpt.name}, the newest readable one",
+                      flush=True)
+            return meta
+        raise first_error
 
     def _check_schedule(self, saved: dict | None) -> None:
         """A resume whose config changes the LR schedule (say ``train.max_steps``) keeps the

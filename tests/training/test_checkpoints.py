@@ -262,3 +262,33 @@ def test_resuming_a_run_dir_with_another_model_is_refused(tiny_run, gpt_shard, b
     assert train_main([str(gpt_yaml(tmp_path)), *over, "model.hidden_size=64"]) == 2
     err = capsys.readouterr().err
     assert "holds a checkpoint of a different model (model.hidden_size changed)" in err
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_readable(
+        gpt_shard, bpe_files, tmp_path, capsys):
+    """A restart whose latest checkpoint is damaged resumes from the one before it, saying
+    so, and trains on: its losses from there equal an undamaged run's."""
+    config = str(gpt_yaml(tmp_path))
+    runs = {}
+    for name in ("damaged", "clean"):
+        runs[name] = tmp_path / name
+        over = tiny_overrides(gpt_shard, bpe_files, runs[name], **{
+            "train.max_steps": 3, "train.save_interval": 1, "train.eval_interval": 0})
+        assert train_main([config, *over]) == 0
+    (runs["damaged"] / "checkpoints/step_00000003/__0_0.distcp").write_bytes(b"garbage")
+    capsys.readouterr()
+    over = tiny_overrides(gpt_shard, bpe_files, runs["damaged"], **{
+        "train.max_steps": 5, "train.save_interval": 1, "train.eval_interval": 0})
+    assert train_main([config, *over]) == 0
+    out = capsys.readouterr().out
+    assert "warning: the latest checkpoint step_00000003 is unreadable (" in out
+    assert "resuming from step_00000002, the newest readable one" in out
+    assert f"resumed from {runs['damaged']} at step 2" in out
+    # a reference that resumed from step 2 on purpose: the same losses at steps 3..5
+    shutil.rmtree(runs["clean"] / "checkpoints/step_00000003")
+    (runs["clean"] / "checkpoints/latest").write_text("step_00000002\n")
+    assert train_main([config, *tiny_overrides(gpt_shard, bpe_files, runs["clean"], **{
+        "train.max_steps": 5, "train.save_interval": 1, "train.eval_interval": 0})]) == 0
+    got, want = ({r["step"]: r["loss"] for r in map(json.loads, open(r / "metrics.jsonl"))
+                  if "loss" in r} for r in (runs["damaged"], runs["clean"]))
+    assert [got[s] for s in (3, 4, 5)] == [want[s] for s in (3, 4, 5)]
