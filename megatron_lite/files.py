@@ -143,8 +143,10 @@ class FolderLock:
 
     def __init__(self, folder: str | Path, what: str):
         self.path, self.what, self.held = Path(folder) / ".lock", what, False
+        self.made = False  # the folder was created for the lock (removed again if empty)
 
     def acquire(self, warn=print) -> None:
+        self.made = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
         for _ in range(3):  # a stale lock removed between two tries: try again
@@ -180,3 +182,6 @@ class FolderLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.made:  # a job that stopped before writing anything leaves no folder
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()

@@ -73,7 +73,6 @@ class Trainer:
                  build: Callable | None = None):
         self.cfg, self.ctx = cfg, ctx
         t = cfg.train
-        self._lock(t.run_dir)  # before anything is written there
         auto = t.micro_batch_size == 0
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
@@ -82,6 +81,17 @@ class Trainer:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
         self.run = build_run(cfg, ctx, training=True, make_model=build)
+        self._lock(t.run_dir)  # the config holds; before anything is written there
+        try:
+            self._build(hooks, auto)
+        except BaseException:
+            self.lock.release()  # a job that could not start holds no folder
+            raise
+
+    def _build(self, hooks: Sequence[TrainingHook], auto: bool) -> None:
+        """The rest of :meth:`__init__`, the run folder held: hooks, engine, optimizer, the
+        micro-batch probe, the resume, ``config.yaml``, the metrics."""
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         said = list(self.run.notes)
         self.model, self.accum = self.run.model, self.run.accum
         self.hooks = [*model_hooks(self.model, cfg), *hooks]
