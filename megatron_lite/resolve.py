@@ -86,7 +86,7 @@ def resolve_global_batch(cfg: Config, dp: int) -> str | None:
             f"samples = {samples * m.seq_length} tokens of {m.seq_length}")
 
 
-def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: int) -> None:
+def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: float) -> None:
     """Refuse, before anything is allocated, a model whose state cannot fit this rank's
     device (its memory; a CPU's host memory shared by the ranks on it): one line with
     the estimate (:func:`megatron_lite.memory.estimate_parameters`)."""
@@ -101,17 +101,29 @@ def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: int) -> None:
     if need > have:
         raise ConfigError(
             f"the model has about {params / 1e9:.3g}B parameters: {need / 2**30:.1f} GiB of "
-            f"state per rank at TP={tp} ({bytes_per_param} B/param), more than this rank's "
+            f"state per rank at TP={tp} ({bytes_per_param:g} B/param), more than this rank's "
             f"{have / 2**30:.1f} GiB ({where}); python -m megatron_lite.plan CONFIG --tp N "
             "says what fits")
 
 
+def state_bytes_per_param(cfg: Config, dp: int) -> float:
+    """What training holds per parameter on a rank before any activation (the planner's
+    states): DDP fp32 weights, gradients and Adam 16 B (``params_dtype=bf16``: 18);
+    ZeRO its weights and gradients (partitioned at stage 2) and 12 B of masters and
+    moments split over DP."""
+    t, par = cfg.train, cfg.parallel
+    if par.engine == "deepspeed":
+        w = 2 if t.precision != "fp32" else 4
+        return w + (w if par.zero_stage == 1 else w / dp) + 12 / dp
+    return 18 if t.params_dtype == "bf16" else 16
+
+
 def resolve_config(cfg: Config, ctx: ParallelContext,
-                   bytes_per_param: int = 4) -> tuple[Tokenizer | None, list[str]]:
+                   training: bool = False) -> tuple[Tokenizer | None, list[str]]:
     """Resolve ``cfg`` for ``ctx``'s layout, in place (see the module docstring): returns
     the tokenizer it names (or None) and the lines worth telling the user. A config
-    resolved before is only checked against the layout again. ``bytes_per_param``: what
-    the command holds per parameter (4: weights; training: weights, gradients, Adam)."""
+    resolved before is only checked against the layout again. ``training``: the fit
+    check counts gradients and the optimizer state too (else the fp32 weights)."""
     if cfg.resolved:  # the same tokenizer; nothing changes
         check_config(cfg, ctx.world_size)
         _check_job(cfg, ctx)
@@ -129,7 +141,7 @@ def resolve_config(cfg: Config, ctx: ParallelContext,
                 "tokenizer's) or use the tokenizer it was meant for")
         cfg.model.vocab_size = tokenizer.vocab_size
     check_config(cfg, ctx.world_size)
-    check_fits(cfg, ctx, bytes_per_param)
+    check_fits(cfg, ctx, state_bytes_per_param(cfg, ctx.dp_size) if training else 4)
     m = cfg.model
     if (m.sandwich_coefficient or m.par_ratio) and not m.sublayer_pattern:
         m.sublayer_pattern = m.pattern  # written into config.yaml: later commands rebuild it

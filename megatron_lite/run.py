@@ -160,8 +160,8 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
         make_model: ``make_model(model_cfg, ctx, device)`` instead of ``build_model`` (the
             PAR search's supernet), drawn after the same seeding.
     """
-    # the state it will hold: weights, gradients and Adam's two moments when training
-    tokenizer, run_notes = resolve_config(cfg, ctx, 16 if training and data else 4)
+    # the state it will hold: weights, gradients and the optimizer's when training
+    tokenizer, run_notes = resolve_config(cfg, ctx, training=training and data)
     ctx.seed(cfg.train.seed)
     model = (make_model or build_model)(cfg.model, ctx, device=ctx.device)
     run = Run(cfg, ctx, tokenizer, model, notes=run_notes)

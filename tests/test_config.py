@@ -127,3 +127,26 @@ def test_an_override_that_is_not_yaml_is_one_line():
         load_config(None, ["train.run_dir=[oops"])
     assert str(err.value).startswith("override 'train.run_dir=[oops': not a YAML value")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,dp", [
+    ([], 1), ([], 4), (["train.precision=bf16", "train.params_dtype=bf16"], 2),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=1", "train.precision=bf16"], 8),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=2"], 4),
+])
+def test_the_fit_check_counts_the_planners_training_state(overrides, dp):
+    """The fit check refuses only what cannot hold its state (weights, gradients, masters,
+    optimizer; no activations): the planner's figures for the same layout, so a ZeRO
+    layout that fits is never refused."""
+    import torch
+
+    from megatron_lite.plan import plan
+    from megatron_lite.resolve import state_bytes_per_param
+
+    cfg = load_config("configs/gpt2/124m.yaml", overrides)
+    with torch.device("meta"):
+        out = plan(cfg, 1, dp, "h100")
+    mem = out["memory_per_rank"]
+    state = sum(v for k, v in mem.items() if k not in ("total", "activations", "temporary",
+                                                         "ddp_buckets"))
+    assert state_bytes_per_param(cfg, dp) * out["params_per_rank"] == pytest.approx(state)
