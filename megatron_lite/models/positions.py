@@ -132,8 +132,7 @@ class LearnedPositions(PositionScheme):
         return embedding(m.max_position_embeddings, m.hidden_size, m.init_std, device)
 
     def embed(self, table, x, cache=None, memory=None):
-        if memory is not None:
-            raise ValueError("a memory needs model.position_embedding=relative")
+        super().embed(table, x, cache, memory)  # refuses a memory
         s = x.shape[1]
         start = cache.length if cache is not None else 0
         if start + s > self.cfg.max_position_embeddings:
