@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite.checkpoint import (  # noqa: E402
@@ -42,11 +43,30 @@ from megatron_lite.checkpoint import (  # noqa: E402
     save_checkpoint,
     wait_for_checkpoint,
 )
-from megatron_lite.checkpoint.format import save_full_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.optim_state import full_optimizer_state  # noqa: E402
 from megatron_lite.config import load_config  # noqa: E402
 from megatron_lite.models import build_model  # noqa: E402
+from megatron_lite.parallel import full_state_dict  # noqa: E402
 from megatron_lite.training.optim import build_optimizer  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
+
+
+def save_full_checkpoint(folder: Path, model, ctx, optimizer=None) -> None:
+    """Format 2 into ``folder`` (model.pt, optim.pt, written by rank 0 after gathering
+    everything on every TP rank): the old writer, the baseline this benchmark measures."""
+    model_state = full_state_dict(model, ctx.tp_group)
+    optim_state = (full_optimizer_state(model, optimizer, ctx)
+                   if optimizer is not None else None)
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model_state, folder / "model.pt")
+        if optim_state is not None:
+            torch.save(optim_state, folder / "optim.pt")
+        meta = {"format_version": 2, "step": 0, "tp_size": ctx.tp_size, "dp_size": ctx.dp_size,
+                "world_size": ctx.world_size}
+        (folder / "meta.json").write_text(json.dumps(meta) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def rss() -> int:

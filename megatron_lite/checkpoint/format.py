@@ -50,7 +50,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lite.checkpoint.optim_state import (
-    full_optimizer_state,
     group_hyperparameters,
     load_full_optimizer_state,
     load_group_hyperparameters,
@@ -69,7 +68,7 @@ from megatron_lite.checkpoint.sharded import (
 )
 from megatron_lite.config import Config, save_config
 from megatron_lite.files import atomic_write, publish, temp_name, written_dir
-from megatron_lite.parallel import ParallelContext, full_state_dict, load_full_state_dict
+from megatron_lite.parallel import ParallelContext, load_full_state_dict
 from megatron_lite.parallel.random import rng_state, set_rng_state
 
 FORMAT_VERSION = 3
@@ -582,23 +581,6 @@ def _load_full(ckpt: Path, model, ctx: ParallelContext, optimizer, zero) -> bool
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{optim_file}: does not fit ({err})") from None
     return optim_state is not None
-
-
-def save_full_checkpoint(folder: Path, model, ctx: ParallelContext, optimizer=None) -> None:
-    """Format 2 into ``folder`` (model.pt, optim.pt, written by rank 0 after gathering
-    everything on every TP rank): the old writer, kept for ``bench/checkpoint.py``."""
-    model_state = full_state_dict(_unwrap(model), ctx.tp_group)
-    optim_state = (full_optimizer_state(_unwrap(model), optimizer, ctx)
-                   if optimizer is not None else None)
-    if ctx.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model_state, folder / "model.pt")
-        if optim_state is not None:
-            torch.save(optim_state, folder / "optim.pt")
-        meta = {"format_version": 2, "step": 0, "tp_size": ctx.tp_size, "dp_size": ctx.dp_size,
-                "world_size": ctx.world_size}
-        (folder / "meta.json").write_text(json.dumps(meta) + "\n")
-    _barrier()
 
 
 def consolidate(src: str | Path, out: Path) -> Path:
