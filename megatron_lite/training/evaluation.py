@@ -127,7 +127,7 @@ def evaluate(run: Run, split: str = "valid", iters: int | None = None,
     and ``nsp_accuracy`` (:meth:`BertModel.stats`). Leaves the model in eval mode.
 
     Args:
-        split: ``valid`` or ``train``.
+        split: ``valid``, ``train`` or ``test``.
         iters: global batches to read.
         precision: the autocast context to run in (default: ``train.precision``'s).
     """
@@ -138,7 +138,10 @@ def evaluate(run: Run, split: str = "valid", iters: int | None = None,
         return evaluate_stream(
             run, split, iters and iters * t.global_batch_size * cfg.model.seq_length, precision)
     iters = iters or cfg.train.eval_iters
-    data = run.valid_data if split == "valid" else run.train_data
+    if split == "test":  # built when asked (data.test_data_path, or data.split's third part)
+        data = run.split_data("test", iters * cfg.train.global_batch_size)
+    else:
+        data = run.valid_data if split == "valid" else run.train_data
     if data is None:
         raise IndexedDataError(f"the {split} split is empty")
     if isinstance(data, BlendedDataset):  # each source alone, then the weighted total

@@ -78,6 +78,17 @@ def test_blend_at_tp2xdp2_equals_one_process_per_source(distributed, gpt_shard, 
         alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert alone["loss"] == pytest.approx(ref[-1]["val_loss_per_source"][prefix],
                                               rel=1e-6)
+    # a separate test set (read whole): the same samples as that corpus read whole for
+    # validation; a blend of them reports each and the weighted total
+    results = {}
+    for split, key in (("test", "test_data_path"), ("valid", "valid_data_path")):
+        assert evaluate_main([str(tmp_path / "tp1"), "--iters", "1", "--split", split,
+                              f"data.{key}='1 {web_shard} 3 {gpt_shard}'"]) == 0
+        results[split] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    test, valid = results["test"], results["valid"]
+    assert test["loss_per_source"] == valid["loss_per_source"]
+    assert test["loss"] == pytest.approx(0.25 * test["loss_per_source"][str(web_shard)] + 0.75
+                                         * test["loss_per_source"][str(gpt_shard)], rel=1e-12)
 
 
 def test_blend_resume_is_bitwise_exact_and_the_plan_is_printed(gpt_shard, web_shard,
@@ -160,3 +171,24 @@ def test_consecutive_ordering_refuses_a_blend(gpt_shard, web_shard, bpe_files, t
     err = capsys.readouterr().err.strip()
     assert "data.data_path is a blend of 2 corpora, but data.ordering=consecutive" in err
     assert "\n" not in err
+
+
+def test_a_memory_model_evaluates_each_sources_stream(gpt_shard, web_shard, bpe_files,
+                                                      tmp_path, capsys):
+    """Transformer-XL's evaluation reads each source's token stream alone: a blend reports
+    what evaluating each corpus alone gives, and their weighted total."""
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
+        "model.position_embedding": "relative", "model.mem_len": 16, "train.max_steps": 2,
+        "train.eval_interval": 0, "data.ordering": "consecutive"})
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+    results = {}
+    for name, path in (("blend", f"'1 {gpt_shard} 3 {web_shard}'"), ("a", gpt_shard),
+                       ("b", web_shard)):
+        capsys.readouterr()
+        assert evaluate_main([str(tmp_path / "run"), "--iters", "1", "data.ordering=shuffled",
+                              f"data.data_path={path}"]) == 0
+        results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    per = results["blend"]["loss_per_source"]
+    assert per == {str(gpt_shard): results["a"]["loss"], str(web_shard): results["b"]["loss"]}
+    assert results["blend"]["loss"] == pytest.approx(0.25 * results["a"]["loss"] +
+                                                     0.75 * results["b"]["loss"], rel=1e-12)
