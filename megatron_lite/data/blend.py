@@ -134,13 +134,33 @@ def raw_blend(value: str) -> list[tuple[float, str]]:
 def build_blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
     """``(source, source_sample)`` of each of ``size`` blended samples (int16, int64):
     sample ``i`` goes to the source with the largest ``weight x (i + 1) - count`` (the
-    first on ties) and is that source's ``count``-th sample."""
-    w = [float(x) for x in weights]
+    first on ties) and is that source's ``count``-th sample.
+
+    Two sources: a closed form (source 0's count after ``n`` samples is
+    ``floor(w0 x n + 1/2)``), kept only when it passes :func:`follows_greedy_rule`, which
+    checks every step in the same float arithmetic; otherwise (and for more sources) the
+    rule itself, one sample at a time."""
+    w = np.asarray(weights, dtype=np.float64)
+    source = None
+    if len(w) == 2 and size:
+        count0 = np.floor(w[0] * np.arange(size + 1, dtype=np.float64) + 0.5).astype(np.int64)
+        candidate = np.where(np.diff(count0) > 0, 0, 1).astype(np.int16)
+        if follows_greedy_rule(w, candidate):
+            source = candidate
+    if source is None:
+        source = _greedy(w.tolist(), size)
+    sample = np.empty(size, dtype=np.int64)
+    for j in range(len(w)):  # each source's samples in order: 0, 1, 2, ...
+        where = np.flatnonzero(source == j)
+        sample[where] = np.arange(where.size)
+    return source, sample
+
+
+def _greedy(w: list[float], size: int) -> np.ndarray:
     k = len(w)
     source = np.empty(size, dtype=np.int16)
-    sample = np.empty(size, dtype=np.int64)
     counts = [0] * k
-    order = range(k)
+    order = range(1, k)
     for i in range(size):
         n = i + 1
         best, best_err = 0, w[0] * n - counts[0]
@@ -149,9 +169,24 @@ def build_blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
             if err > best_err:
                 best, best_err = j, err
         source[i] = best
-        sample[i] = counts[best]
         counts[best] += 1
-    return source, sample
+    return source
+
+
+def follows_greedy_rule(w: np.ndarray, source: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Whether every sample of ``source`` is the source of largest ``w x (i + 1) - count``
+    (first on ties), computed as the one-at-a-time rule computes it (float64)."""
+    counts = np.zeros(len(w), dtype=np.int64)
+    for start in range(0, len(source), chunk):
+        part = source[start:start + chunk].astype(np.int64)
+        onehot = np.zeros((part.size, len(w)), dtype=np.int64)
+        onehot[np.arange(part.size), part] = 1
+        before = counts + np.cumsum(onehot, axis=0) - onehot
+        n = np.arange(start + 1, start + part.size + 1, dtype=np.float64)[:, None]
+        if not np.array_equal(np.argmax(w[None, :] * n - before, axis=1), part):
+            return False
+        counts = before[-1] + onehot[-1]
+    return True
 
 
 class BlendedDataset:

@@ -12,6 +12,7 @@ from megatron_lite.data.blend import (
     BlendedDataset,
     blend_plan,
     build_blend_index,
+    follows_greedy_rule,
     parse_blend,
 )
 from megatron_lite.data.gpt_dataset import GPTDataset
@@ -41,6 +42,11 @@ def test_blend_index_is_the_greedy_rule_and_within_one_at_every_prefix(weights):
     source, sample = build_blend_index(w, n)
     chosen, nth = brute_force_blend(list(w), n)
     assert source.tolist() == chosen and sample.tolist() == nth
+    assert follows_greedy_rule(w, source)  # the check guarding the two-source closed form
+    wrong = source.copy()
+    first_change = int(np.flatnonzero(wrong != wrong[0])[0])
+    wrong[[0, first_change]] = wrong[[first_change, 0]]
+    assert not follows_greedy_rule(w, wrong)
     onehot = np.zeros((n, len(w)))
     onehot[np.arange(n), source] = 1
     counts = np.cumsum(onehot, axis=0)  # counts after each prefix of 1..n samples
