@@ -203,6 +203,7 @@ class BlendedDataset:
 
     def __init__(self, sources: list[Source], size: int, make, name: str,
                  build: bool = True, sync: ErrorSync | None = None):
+        size = max(size, 1)  # a run of 0 steps still has a (one-sample) blend
         self.sources, self.size, self.name = sources, size, name
         self.index_path = blend_index_path(sources, size, name)
         self.cached = self.index_path.exists()

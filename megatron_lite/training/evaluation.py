@@ -63,8 +63,12 @@ def _weighted(sources, parts: dict[str, dict]) -> dict:
     out = {}
     for k, v in first.items():
         values = [parts[s.prefix][k] for s in sources]
-        if k in ("tokens", "samples", "global_batches", "tokens_per_sec"):
+        if k in ("tokens", "samples", "global_batches"):
             out[k] = sum(values)
+        elif k == "tokens_per_sec":  # all tokens over all the seconds
+            seconds = sum(parts[s.prefix]["tokens"] / max(x, 1e-12)
+                          for s, x in zip(sources, values, strict=True))
+            out[k] = sum(parts[s.prefix]["tokens"] for s in sources) / max(seconds, 1e-12)
         elif isinstance(v, float):
             out[k] = sum(s.weight * x for s, x in zip(sources, values, strict=True))
         else:
