@@ -94,6 +94,8 @@ class Run:
             try:  # too small or empty: every rank gets the same error, and goes on without
                 valid = self.split_data("valid", t.eval_iters * t.global_batch_size, seq)
             except IndexedDataError as err:
+                if cfg.data.valid_data_path:  # data named for validation: it must work
+                    raise
                 if ctx.is_main:
                     print(f"warning: no validation ({err})", flush=True)
         return train, valid
@@ -120,7 +122,7 @@ class Run:
         try:
             check_sources_exist(sources, key)
             shards = {s.prefix: IndexedDataset(s.prefix) for s in sources}
-            if ctx.is_main and check:
+            if ctx.is_main and (check or whole):  # separate data: its tokens too
                 for shard in shards.values():
                     check_vocab(shard, cfg.model.vocab_size)
         except IndexedDataError as err:

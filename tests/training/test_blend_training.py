@@ -162,6 +162,16 @@ def test_bad_blends_are_one_line_through_the_cli(gpt_shard, bpe_files, tmp_path,
     assert err.startswith("error: ") and message.format(**fill) in err and "\n" not in err
 
 
+def test_a_missing_validation_prefix_is_an_error_not_a_warning(gpt_shard, bpe_files,
+                                                                tmp_path, capsys):
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                          **{"data.valid_data_path": f"'1 {gpt_shard} 1 {tmp_path}/nope'"})
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: data.valid_data_path: {tmp_path}/nope.idx: no such file (is the " \
+        "data prefix right?)"
+
+
 def test_consecutive_ordering_refuses_a_blend(gpt_shard, web_shard, bpe_files, tmp_path,
                                               capsys):
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
