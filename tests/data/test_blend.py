@@ -2,11 +2,12 @@
 mapping onto each source's planned samples, the cache, the plan, and the bad inputs."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megatron_lite.config import ConfigError, DataConfig, load_config
+from megatron_lite.config import ConfigError, DataConfig, load_config, resolve_paths
 from megatron_lite.data.bert_dataset import BertDataset
 from megatron_lite.data.blend import (
     BlendedDataset,
@@ -192,3 +193,15 @@ def test_one_prefix_is_a_source_of_weight_one():
     assert [(s.weight, s.prefix) for s in parse_blend("data/x_text_document")] == \
         [(1.0, "data/x_text_document")]
     assert [round(s.weight, 6) for s in parse_blend("0.3 a 0.7 b 1 c")] == [0.15, 0.35, 0.5]
+
+
+def test_each_prefix_of_a_blend_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.data_path=0.3 data/a 0.7 ~/b", "data.valid_data_path=v",
+                             "data.test_data_path=bad 1 x"])
+    resolve_paths(cfg)
+    assert cfg.data.data_path == f"0.3 {tmp_path}/data/a 0.7 {Path('~/b').expanduser()}"
+    assert cfg.data.valid_data_path == f"{tmp_path}/v"
+    assert cfg.data.test_data_path == "bad 1 x"  # left for the check to name
+    assert cfg.problems() == ["data.test_data_path='bad 1 x': prefix 'bad' (field 1) has no "
+                              "weight before it; expected WEIGHT PREFIX pairs"]
