@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from megatron_lite.data.blend import blend_text, format_blend, parse_blend, raw_blend
 from megatron_lite.files import atomic_write
 
 
@@ -166,7 +167,9 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    data_path: str | None = None  # a shard prefix (without .bin/.idx)
+    data_path: str | None = None  # a shard prefix (no .bin/.idx) or a blend "W1 PREFIX1 W2 PREFIX2"
+    valid_data_path: str | None = None  # validation: a prefix or blend read whole (else data.split)
+    test_data_path: str | None = None  # test: a prefix or blend read whole (else data.split)
     split: str = "949,50,1"  # train,valid,test weights over documents
     tokenizer_type: str | None = None  # GPT2BPETokenizer | BertWordPieceLowerCase | ...
     vocab_file: str | None = None  # vocab.json (BPE) or vocab.txt (WordPiece)
@@ -300,6 +303,7 @@ class Config:
                             f"model.max_position_embeddings={m.max_position_embeddings}")
         if self.data.ordering == "consecutive" and m.arch != "gpt":
             problems.append("data.ordering=consecutive is for GPT only")
+        problems += _blend_problems(self.data)
         return problems
 
     def validate(self) -> Config:
@@ -343,6 +347,29 @@ def _value_problems(cfg: Config) -> list[str]:
     for key in FRACTIONS:
         if not 0.0 <= (value := _get(cfg, key)) < 1.0:
             problems.append(f"{key}={value} must be in [0, 1)")
+    return problems
+
+
+BLEND_KEYS = ("data.data_path", "data.valid_data_path", "data.test_data_path")
+
+
+def _blend_problems(d: DataConfig) -> list[str]:
+    """Blends that cannot be read (:func:`megatron_lite.data.blend.parse_blend`), and a
+    blend where one stream is read in order."""
+    problems = []
+    for dotted in BLEND_KEYS:
+        value = getattr(d, dotted.split(".")[1])
+        if value is None:
+            continue
+        try:
+            sources = parse_blend(value, dotted)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if len(sources) > 1 and d.ordering == "consecutive":
+            problems.append(f"{dotted} is a blend of {len(sources)} corpora, but "
+                            "data.ordering=consecutive reads one corpus in order: give one "
+                            "prefix")
     return problems
 
 
@@ -449,6 +476,11 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
     if f"{section}.{key}" == "train.micro_batch_size" and value == "auto":
         value = 0  # probed at start (megatron_lite/training/probe.py)
+    if f"{section}.{key}" in BLEND_KEYS and isinstance(value, list):
+        try:  # YAML's list of {weight, path}: the string form ("W1 PREFIX1 W2 PREFIX2")
+            value = blend_text(value, f"{section}.{key}")
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
     setattr(node, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
     cfg.explicit[f"{section}.{key}"] = where
 
@@ -494,7 +526,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-PATH_KEYS = ("data.data_path", "data.vocab_file", "data.merge_file", "data.tokenizer_model",
+PATH_KEYS = ("data.vocab_file", "data.merge_file", "data.tokenizer_model",
              "train.run_dir", "train.load")
 
 
@@ -506,6 +538,16 @@ def resolve_paths(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, os.path.abspath(os.path.expanduser(value)))
+    for dotted in BLEND_KEYS:  # each prefix of a blend (an unreadable one: left for the check)
+        key = dotted.split(".")[1]
+        value = getattr(cfg.data, key)
+        try:
+            parse_blend(value, dotted) if value else None
+        except ValueError:
+            continue
+        if value:
+            setattr(cfg.data, key, format_blend(
+                [(w, os.path.abspath(os.path.expanduser(p))) for w, p in raw_blend(value)]))
     return cfg
 
 

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step folder")
     p.add_argument("--config", help="evaluate a freshly initialized model of this config")
-    p.add_argument("--split", choices=("valid", "train"), default="valid")
+    p.add_argument("--split", choices=("valid", "train", "test"), default="valid",
+                   help="test: data.test_data_path if set, else data.split's third part")
     p.add_argument("--iters", type=int, default=None, help="global batches (default eval_iters)")
     p.add_argument("--tp", type=int, default=None, help="TP size (default: the world size)")
     p.add_argument("--task", choices=("wikitext", "lambada"),

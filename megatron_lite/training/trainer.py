@@ -198,6 +198,10 @@ class Trainer:
             self.zero.load_loss_scaler_state(meta["deepspeed_loss_scaler"])
         if self.ctx.is_main:
             print(f"resumed from {source} at step {self.step}", flush=True)
+            if meta.get("data_path", self.cfg.data.data_path) != self.cfg.data.data_path:
+                print(f"warning: data.data_path changed since the checkpoint (was "
+                      f"{meta['data_path']!r}): reading on from sample {self.consumed} of "
+                      "the new data", flush=True)
         self._check_schedule(meta.get("schedule"))
 
     def _load_resumable(self, source, own: bool) -> dict:
@@ -404,7 +408,7 @@ class Trainer:
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
                  "tokens_seen": self.tokens_seen, "schedule": self.schedule,
-                 "lr_scale": self.lr_scale}
+                 "lr_scale": self.lr_scale, "data_path": self.cfg.data.data_path}
         for hook in self.hooks:
             extra.update(hook.meta_state())
         if self.scaler is not None:
@@ -520,6 +524,8 @@ class Trainer:
                     out["mfu"] = flops / seconds / (self.peak * self.ctx.world_size)
                 for hook in self.hooks:
                     out.update(hook.log_metrics(self))
+                out["samples_per_source"] = self.run.samples_per_source(self.train_data,
+                                                                        self.consumed)
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0
