@@ -12,6 +12,7 @@ import sys
 
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
+from megatron_lite.files import FolderInUse
 from preprocessing.executors import run
 from preprocessing.plan import Options
 from preprocessing.readers import TXT_DOCS, InputError
@@ -101,7 +102,10 @@ def main(argv=None) -> int:
             print(summary_line(s))
             if s["first_errors"]:
                 print(f"warning: skipped input, first at {s['first_errors'][0]}", file=sys.stderr)
-    except (InputError, TokenizerError, IndexedDataError) as err:
+    except (InputError, TokenizerError, IndexedDataError, FolderInUse) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk while writing (the partial output is removed)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
