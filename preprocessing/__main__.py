@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
@@ -95,8 +97,17 @@ def parse_args(argv=None) -> Options:
                "qos": a.slurm_qos})
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    # SIGTERM (kill, a scheduler) stops the run as Ctrl-C does: its helper processes are
+    # stopped and one line says so (a SIGKILL cannot be answered: they die with it,
+    # preprocessing.lifeline)
+    previous = signal.signal(signal.SIGTERM, _stop) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         for s in run(opts):
             print(summary_line(s))
@@ -112,6 +123,9 @@ def main(argv=None) -> int:
         print(f"interrupted: no output written{f'; {err}' if str(err) else ''}",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
 
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
-from preprocessing import dedup
+from preprocessing import dedup, lifeline
 from preprocessing.normalize import normalize
 from preprocessing.sentences import split_sentences
 
@@ -40,6 +41,9 @@ _WORKER: dict = {}
 
 def _init_worker(recipe: dict, split: bool, append_eod: bool, with_dedup: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if mp.parent_process() is not None:  # a pool process: it dies with the run, and
+        lifeline.hold(os.getppid())  # the run (not each worker) answers a Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(tokenizer=build_tokenizer(**recipe), split=split, append_eod=append_eod,
                    dedup=with_dedup)
 
