@@ -115,3 +115,35 @@ def test_killing_sharded_preprocessing_leaves_no_worker_and_one_line(tmp_path, b
                        f"from {tmp_path / 'out.work'}\n")
     else:
         assert run.returncode == -signal.SIGKILL and out == ""
+
+
+def test_a_huge_document_is_tokenized_and_hashed_in_pieces_to_the_same_result(
+        bpe_files, wordpiece_file, stdlib_docs, monkeypatch):
+    """The pieces that bound a huge document's memory (bench/preprocess_memory.py) change
+    nothing: the ids of the tokenizer given the whole text, the shingle hashes of one run
+    over all of it; cut small here so a ~300 kB text is many pieces, its spacing varied
+    (double spaces, newlines, tabs, punctuation) where the cuts may fall; and a run of
+    one shingle at a time."""
+    from megatron_lite.data.tokenizer import build_tokenizer
+    from preprocessing import dedup, workers
+
+    seps = [" ", "  ", "\n", " \t ", ", ", ".\n\n", " - "]
+    words = " ".join(stdlib_docs[:12]).split()
+    text = "".join(w + seps[i % 7 if i % 5 == 0 else 0] for i, w in enumerate(words))
+    vocab, merges = bpe_files
+    whole = dedup.shingle_hashes(text)
+    for tok in (build_tokenizer("GPT2BPETokenizer", str(vocab), str(merges)),
+                build_tokenizer("BertWordPieceLowerCase", str(wordpiece_file))):
+        reference = [tok.encode(t) for t in (text, "short", "")]
+        monkeypatch.setattr(workers, "PIECE_CHARS", 1000)
+        assert len(workers.text_pieces(text, tok.kind)) > 50
+        got = workers.encode_texts(tok, [text, "short", ""])
+        monkeypatch.undo()
+        assert [g.tolist() for g in got] == reference
+    monkeypatch.setattr(dedup, "SHINGLE_RUN", 1000)
+    assert len(whole) > 5 * 1000 and (dedup.shingle_hashes(text) == whole).all()
+    small = text[:3000]
+    monkeypatch.undo()
+    reference = dedup.shingle_hashes(small)
+    monkeypatch.setattr(dedup, "SHINGLE_RUN", 1)
+    assert len(reference) > 100 and (dedup.shingle_hashes(small) == reference).all()
