@@ -28,7 +28,7 @@ from megatron_lite.checkpoint import (
     resolve_checkpoint,
 )
 from megatron_lite.cli import run_cli
-from megatron_lite.config import Config, load_config, save_config
+from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
 from megatron_lite.models.hf import (
@@ -57,7 +57,10 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     hf_config = read_hf_config(hf_dir)
     cfg = Config()
     cfg.model = config_from_hf(hf_config)
-    check_fits(cfg, ParallelContext(), FROM_HF_BYTES_PER_PARAM)  # one process, TP=1
+    try:
+        check_fits(cfg, ParallelContext(), FROM_HF_BYTES_PER_PARAM)  # one process, TP=1
+    except ConfigError as err:
+        raise ConfigError(f"{Path(hf_dir) / 'config.json'}: {err}") from None
     hf_weight_files(hf_dir)
     _check_tokenizer_json(hf_dir)
     hf = load_hf_model(hf_dir, hf_config)

@@ -146,7 +146,8 @@ def test_from_hf_refuses_bad_folders_in_one_line_before_allocating(hf_folder, tm
     (big / "config.json").write_text(json_.dumps({**config, "n_layer": 10**7}))
     params = estimate_parameters(config_from_hf(read_hf_config(big)))
     err = _convert_error(big, out, capsys)
-    assert err.startswith(f"the model has about {params / 1e9:.3g}B parameters: "
+    assert err.startswith(f"{big / 'config.json'}: the model has about {params / 1e9:.3g}B "
+                          "parameters: "
                           f"{params * 8 / 2**30:.1f} GiB of state"), err
 
     weights = hf_folder / "model.safetensors"
