@@ -58,6 +58,7 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
     cfg = Config()
     cfg.model = config_from_hf(hf_config)
     try:
+        cfg.validate()  # sizes >= 1, heads dividing the width... (one line)
         check_fits(cfg, ParallelContext(), FROM_HF_BYTES_PER_PARAM)  # one process, TP=1
     except ConfigError as err:
         raise ConfigError(f"{Path(hf_dir) / 'config.json'}: {err}") from None

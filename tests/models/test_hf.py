@@ -128,8 +128,9 @@ def _convert_error(hf_dir, out, capsys) -> str:
 def test_from_hf_refuses_bad_folders_in_one_line_before_allocating(hf_folder, tmp_path,
                                                                    capsys):
     """Each bad folder built here: a model too big for this machine (n_layer = 10^7: the
-    planner's count, before any tensor), a truncated model.safetensors, weights only as
-    a pickle, a tokenizer.json that is not one, a config.json that is not UTF-8."""
+    planner's count, before any tensor) or of a negative width, a truncated
+    model.safetensors, weights only as a pickle, a tokenizer.json that is not one, a
+    config.json that is not UTF-8."""
     import json as json_
 
     from megatron_lite.convert import main as convert_main
@@ -149,6 +150,10 @@ def test_from_hf_refuses_bad_folders_in_one_line_before_allocating(hf_folder, tm
     assert err.startswith(f"{big / 'config.json'}: the model has about {params / 1e9:.3g}B "
                           "parameters: "
                           f"{params * 8 / 2**30:.1f} GiB of state"), err
+
+    (big / "config.json").write_text(json_.dumps({**config, "n_embd": -32}))
+    assert _convert_error(big, out, capsys).startswith(
+        f"{big / 'config.json'}: model.hidden_size=-32 must be >= 1")
 
     weights = hf_folder / "model.safetensors"
     data = weights.read_bytes()
