@@ -37,6 +37,7 @@ it), and pruning runs after the publish, so it never meets a folder being writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -245,29 +246,32 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     final = root / f"step_{step:08d}"
     tmp = temp_name(final)
     group = _save_group()
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+    with _removed_on_failure(tmp, final):
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
     _barrier(group)
     items, shapes, scalars = _save_items(model, ctx, cfg.model.vocab_size, optimizer, zero)
     if async_save:  # a copy of this rank's share: training may change the tensors now
         for it in items:
             it.tensor = it.tensor.to("cpu", copy=True)
-    torch.save({**rng_state(ctx.rng), **(rank_state or {})},
-               tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
-    if ctx.is_main:
-        base = zero.base if zero is not None else optimizer
-        if base is not None:
-            torch.save({"param_groups": group_hyperparameters(base), "scalars": scalars},
-                       tmp / "optim_groups.pt")
-        save_config(cfg, tmp / "config.yaml")
-        meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
-                "dp_size": ctx.dp_size, "world_size": ctx.world_size, **extra,
-                "full_shapes": shapes}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with _removed_on_failure(tmp, final):
+        torch.save({**rng_state(ctx.rng), **(rank_state or {})},
+                   tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
+        if ctx.is_main:
+            base = zero.base if zero is not None else optimizer
+            if base is not None:
+                torch.save({"param_groups": group_hyperparameters(base), "scalars": scalars},
+                           tmp / "optim_groups.pt")
+            save_config(cfg, tmp / "config.yaml")
+            meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
+                    "dp_size": ctx.dp_size, "world_size": ctx.world_size, **extra,
+                    "full_shapes": shapes}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def write_and_publish():
-        write_pieces(tmp, items, group)  # collective over the save group; .metadata last
+        with _removed_on_failure(tmp, final):
+            write_pieces(tmp, items, group)  # collective over the save group; .metadata last
         _barrier(group)
         if ctx.is_main:
             publish(tmp, final)  # fsync, rename (an old copy of the step is replaced safely)
@@ -281,6 +285,31 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     else:
         write_and_publish()
     return final
+
+
+class SaveFailed(OSError):
+    """A checkpoint that could not be written (a full disk...): its partial temporary
+    folder is removed and ``latest`` still names the previous checkpoint. An ``OSError``,
+    so every rank says its own (one line each)."""
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path):
+    """A write of the save that fails (``OSError``, or DCP's ``CheckpointException``
+    wrapping one) removes the temporary folder and becomes one :class:`SaveFailed` line."""
+    try:
+        yield
+    except (OSError, CheckpointException) as err:
+        if isinstance(err, SaveFailed):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = ""
+        raise SaveFailed(f"{final}: the checkpoint could not be written ({_one_line(err)}); "
+                         f"its partial temporary folder {tmp.name} was removed and the last "
+                         f"complete checkpoint is kept{free}") from None
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -542,12 +571,21 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
               flush=True)
     if restore_rng:
         same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
-        if same and (ckpt / "rng").is_dir():
-            state = _torch_load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt")
+        rng_file = ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"
+        if same and rng_file.is_file():
+            state = _torch_load(rng_file)
             set_rng_state(ctx.rng, state)
             meta["rank_state"] = {k: v for k, v in state.items()
                                   if k not in ("cpu", "cuda", "tracker")}
-        elif ctx.is_main:
+        elif same and (ctx.is_main or rng_file.parent.is_dir()):
+            # the layout is the same: the RNG states are what is missing (no rng/ folder
+            # at all: the main rank says it once; one rank's file: that rank)
+            what = (f"{rng_file} is missing" if rng_file.parent.is_dir() else
+                    f"{ckpt} has no rng/ folder (the ranks' RNG states)")
+            print(f"warning{f' (rank {ctx.rank})' if ctx.rank else ''}: {what}: dropout RNG "
+                  "streams are reseeded (and any Transformer-XL memory starts empty), so "
+                  "the continuation is not bitwise identical", flush=True)
+        elif not same and ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
                   f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded (and any "
                   "Transformer-XL memory starts empty), so the continuation is not bitwise "
