@@ -1,0 +1,56 @@
+"""Sequence parallelism through the trainer: TP=N with it equals TP=1; exact resume."""
+
+import json
+
+import pytest
+
+from megatron_lite.config import load_config
+from megatron_lite.training.trainer import Trainer
+from tests.training import test_checkpoints
+from tests.training.conftest import tiny_overrides
+
+
+def _train(ctx, overrides):
+    cfg = load_config(None, overrides)
+    Trainer(cfg, ctx).fit()
+    # the last forward (validation, seq_length divisible by TP) split the sequence
+    assert ctx.sequence_parallel.active == (cfg.parallel.sequence_parallel and ctx.tp_size > 1)
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows
+                                                      if "val_loss" in r]
+
+
+@pytest.mark.parametrize("runs", [{"tp2-sp": (2, 2)},
+                                  pytest.param({"tp4-sp": (4, 4), "tp2xdp2-sp": (4, 2)},
+                                               marks=pytest.mark.slow)],
+                         ids=["tp2", "tp4-and-tp2xdp2"])
+def test_sequence_parallel_trains_like_tp1(distributed, gpt_shard, bpe_files, tmp_path, runs):
+    """Through the trainer (fp32, dropout off): the losses of TP=N with sequence
+    parallelism equal TP=1's within 1e-5 relative, step by step and in validation."""
+    common = {"train.max_steps": 6, "train.eval_interval": 3}
+    ref_dir = tmp_path / "tp1"
+    distributed(_train, 1, tiny_overrides(gpt_shard, bpe_files, ref_dir, **common), tp_size=1)
+    ref, ref_val = _losses(ref_dir)
+    assert len(ref) == 6 and ref[-1] < ref[0]
+    for name, (world, tp) in runs.items():
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **common,
+                              **{"parallel.tensor_parallel_size": tp,
+                                 "parallel.sequence_parallel": True})
+        distributed(_train, world, over, tp_size=tp)
+        got, val = _losses(tmp_path / name)
+        rel = max(abs(a - b) / abs(b) for a, b in zip(got + val, ref + ref_val, strict=True))
+        print(f"{name}: max relative loss difference vs TP=1 {rel:.2e}")
+        assert rel <= 1e-5, f"{name} deviates from TP=1 by {rel:.2e}"
+
+
+@pytest.mark.slow
+def test_sequence_parallel_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path):
+    # the checkpoint test's own harness (dropout on, a run split at step 6 vs straight)
+    test_checkpoints.test_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path, 2, 2,
+                                 {"parallel.sequence_parallel": True,
+                                  "model.activation_checkpointing": "selective"})
+
+
