@@ -3,6 +3,7 @@ independent references: the dense one-process model, the collectives it makes, a
 TP ranks' norm weights (the trainer: tests/training/test_sequence_parallel_training.py)."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,13 @@ from megatron_lite.parallel.mappings import (
     scatter_to_sequence_region,
     sequence_parallel_linear,
 )
+from megatron_lite.plan import (
+    activation_bytes,
+    apply_overrides,
+    measured_activation_bytes,
+    plan,
+    suggest,
+)
 from megatron_lite.resolve import check_config
 from tests.distributed import max_dev
 from tests.models.test_models_tp import (
@@ -26,6 +34,8 @@ from tests.models.test_models_tp import (
     make_batch,
     tiny_cfg,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _with_sp(ctx, check, *args) -> None:
@@ -216,3 +226,49 @@ def _check_generation_falls_back(ctx) -> None:
 
 def test_sequence_parallel_generation_and_odd_lengths_run_plain_tp(distributed):
     distributed(_check_generation_falls_back, 2)
+
+
+PLAN_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+             "model.seq_length=64", "model.max_position_embeddings=64", "model.vocab_size=500",
+             "model.make_vocab_size_divisible_by=8", "model.hidden_dropout=0.1",
+             "model.attention_dropout=0.1", "parallel.tensor_parallel_size=2"]
+
+
+def _measure_saved(ctx, overrides, out):
+    cfg = load_config(None, overrides)
+    ctx.sequence_parallel.enabled = cfg.parallel.sequence_parallel
+    model = build_model(cfg.model, ctx)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 500, (2, 64), generator=g),
+             "labels": torch.randint(0, 500, (2, 64), generator=g)}
+    saved = measured_activation_bytes(model, batch, "fp32", ctx.device)
+    if ctx.rank == 0:
+        Path(out).write_text(str(saved))
+
+
+@pytest.mark.parametrize("ck", ["none", "selective"])
+def test_planner_counts_sequence_parallelism(distributed, tmp_path, ck):
+    """What autograd keeps on a TP rank with and without sequence parallelism: the
+    planner's figure within 5 % of each, and the split really shrinks it."""
+    got = {}
+    for sp in (False, True):
+        over = PLAN_TINY + [f"model.activation_checkpointing={ck}",
+                            f"parallel.sequence_parallel={str(sp).lower()}"]
+        distributed(_measure_saved, 2, over, str(tmp_path / "saved"))
+        measured = int((tmp_path / "saved").read_text())
+        predicted = activation_bytes(load_config(None, over), 2, 2)["saved"]
+        assert abs(predicted / measured - 1) <= 0.05, (sp, predicted, measured)
+        got[sp] = measured
+    assert got[True] < 0.9 * got[False]
+
+
+def test_planner_suggests_sequence_parallelism_when_a_layout_does_not_fit():
+    cfg = load_config(ROOT / "configs/gpt2/8.3b.yaml", ["train.micro_batch_size=8"])
+    with torch.device("meta"):
+        plain = plan(cfg, 8, 1, "a100-80g")
+        fix = suggest(cfg, 8, 1, f"{int(plain['memory_per_rank']['total'] * 0.95 / 2**20)}M")
+        assert fix == {"overrides": ["parallel.sequence_parallel=true"], "tp": 8,
+                       "why": fix["why"]}
+        sp = plan(apply_overrides(cfg, fix["overrides"]), 8, 1, "a100-80g")
+    assert sp["config"]["sequence_parallel"]
+    assert sp["memory_per_rank"]["activations"] < plain["memory_per_rank"]["activations"]
