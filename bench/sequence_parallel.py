@@ -94,6 +94,8 @@ def main(argv=None) -> int:
                                plan=activation_bytes(load_config(None, over), tp,
                                                      MICRO_BATCH)["saved"])
                     rows.append(row)
+                    print(f"  measured TP={tp} {ck} SP={'on' if sp else 'off'}: "
+                          f"{row['saved'] / 2**20:.1f} MiB, {row['step']:.3f} s", flush=True)
     mib = 2**20
     print(f"GPT-2 124M shape ({layers} layers, h 768, 12 heads), seq 256, micro-batch 1, fp32, "
           "dropout 0.1; per TP rank (rank 0):")

@@ -146,10 +146,9 @@ class ParallelConfig:
     ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
     zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
     zero_overlap_comm: bool = False  # deepspeed: overlap gradient reduction with backward
-    # split the activations between the TP cores (norms, dropouts, residuals) along the
-    # sequence over the TP group (Korthikanti et al. 2022): ~(t-1)/t less of them per rank
-    # at the same bytes of communication; worth it whenever TP > 1 (no-op at TP=1)
-    sequence_parallel: bool = False
+    # Korthikanti et al. 2022: norms, dropouts and residuals split over TP along the
+    # sequence (same communication bytes); worth it whenever TP > 1 (no-op at TP=1)
+    sequence_parallel: bool = False  # split activations between TP cores along the sequence
 
 
 @dataclass
