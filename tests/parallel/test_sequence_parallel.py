@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.models import build_model
+from megatron_lite.models import KVCache, build_model
 from megatron_lite.models.transformer import region_dropout
 from megatron_lite.parallel.comm import all_gather_list
 from megatron_lite.parallel.mappings import (
@@ -206,8 +206,6 @@ def test_sequence_parallel_refusals_are_one_line(overrides, message):
 def _check_generation_falls_back(ctx) -> None:
     """Sequences not divisible by TP and decoding steps with a KV cache run plain TP
     (same weights, same logits): neither padded nor refused."""
-    from megatron_lite.models import KVCache
-
     ctx.seed(0)
     model = build_model(tiny_cfg("gpt"), ctx).eval()
     ids = make_batch("gpt")["input_ids"][:, :7]  # 7: not divisible by 2

@@ -8,6 +8,7 @@ from megatron_lite.config import load_config
 from megatron_lite.training.trainer import Trainer
 from tests.training import test_checkpoints
 from tests.training.conftest import tiny_overrides
+from tests.training.test_compile import _count_breaks
 
 
 def _train(ctx, overrides):
@@ -57,8 +58,6 @@ def test_sequence_parallel_resume_is_bitwise_exact(distributed, gpt_shard, bpe_f
 
 
 def _count_breaks_sp(ctx) -> None:
-    from tests.training.test_compile import _count_breaks
-
     ctx.sequence_parallel.enabled = True
     _count_breaks(ctx)
     assert ctx.sequence_parallel.active
