@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError, load_config
+from megatron_lite.experiments.search import build_supernet
 from megatron_lite.models import KVCache, build_model
 from megatron_lite.models.transformer import region_dropout
+from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_gather_list
 from megatron_lite.parallel.mappings import (
     gather_from_sequence_region,
@@ -270,3 +272,28 @@ def test_planner_suggests_sequence_parallelism_when_a_layout_does_not_fit():
         sp = plan(apply_overrides(cfg, fix["overrides"]), 8, 1, "a100-80g")
     assert sp["config"]["sequence_parallel"]
     assert sp["memory_per_rank"]["activations"] < plain["memory_per_rank"]["activations"]
+
+
+def _check_supernet(ctx) -> None:
+    """PAR's supernet: its branch weights and final norm see this rank's tokens only;
+    with their gradients summed over TP it equals the dense supernet."""
+    cfg = tiny_cfg("gpt")
+    make = build_supernet(3, "sfi")
+    ctx.sequence_parallel.enabled = True
+    ctx.seed(0)
+    model = make(cfg, ctx).train()
+    torch.manual_seed(0)
+    dense = make(cfg, ParallelContext()).train()
+    batch = make_batch("gpt")
+    loss, ref = model(**batch), dense(**batch)
+    loss.backward()
+    ref.backward()
+    assert ctx.sequence_parallel.active and abs(loss.item() - ref.item()) <= 1e-5
+    for name in ("transformer.alpha", "transformer.final_ln.weight"):
+        got = dict(model.named_parameters())[name].grad
+        want = dict(dense.named_parameters())[name].grad
+        assert max_dev(got, want) <= 1e-5, name
+
+
+def test_sequence_parallel_supernet_matches_dense(distributed):
+    distributed(_check_supernet, 2)
