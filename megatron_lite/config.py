@@ -147,6 +147,9 @@ class ParallelConfig:
     ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
     zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
     zero_overlap_comm: bool = False  # deepspeed: overlap gradient reduction with backward
+    # Korthikanti et al. 2022: norms, dropouts and residuals split over TP along the
+    # sequence (same communication bytes); worth it whenever TP > 1 (no-op at TP=1)
+    sequence_parallel: bool = False  # split activations between TP cores along the sequence
 
 
 @dataclass
@@ -294,6 +297,7 @@ class Config:
                                          or self.parallel.engine != "ddp"):
             problems.append("train.params_dtype=bf16 needs train.precision=bf16 and "
                             "parallel.engine=ddp (DeepSpeed's bf16 keeps its own masters)")
+        problems += _sequence_parallel_problems(self)
         if t.phase2_seq_length and m.arch != "bert":
             problems.append("train.phase2_seq_length is for model.arch=bert only")
         if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:
@@ -311,6 +315,26 @@ class Config:
         if problems := self.problems():
             raise ConfigError("; ".join(problems))
         return self
+
+
+def _sequence_parallel_problems(cfg: Config) -> list[str]:
+    """``parallel.sequence_parallel`` at TP > 1: the training sequence splits evenly, and
+    no memory or relative positions (their inputs are built from the whole segment on
+    every rank; evaluation and generation of other lengths run plain TP by themselves)."""
+    m, t, tp = cfg.model, cfg.train, cfg.parallel.tensor_parallel_size
+    if not cfg.parallel.sequence_parallel or tp <= 1:
+        return []
+    problems = []
+    for key, seq in (("model.seq_length", m.seq_length),
+                     ("train.phase2_seq_length", t.phase2_seq_length)):
+        if seq and seq % tp:
+            problems.append(f"parallel.sequence_parallel needs {key}={seq} divisible by "
+                            f"parallel.tensor_parallel_size={tp}")
+    if m.position_embedding == "relative":
+        problems.append(f"parallel.sequence_parallel does not support model.position_embedding="
+                        f"{m.position_embedding} (Transformer-XL's memory and the adaptive span "
+                        "attend over the whole segment of every rank)")
+    return problems
 
 
 # sizes that must be >= 1 (a model of no layers, or a batch of no samples, is a typo)

@@ -15,7 +15,7 @@ Memory per rank, in bytes:
   (ZeRO, Rajbhandari et al. 2020): 16-bit weights and gradients with fp32 masters and
   moments (12 bytes/param) partitioned over DP (stage 1), gradients too (stage 2).
 - activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation", adapted to our layout; no sequence parallelism): per layer and token,
+  Recomputation", adapted to our layout): per layer and token,
   ``R + P / tp`` h-sized tensors plus ``S a s / (h tp)`` for the attention scores, where
   P covers what lives inside TP regions (Q, K, V, the attention context, the FFN's
   4h-wide input and GeLU output), R what every TP rank keeps (LayerNorm inputs, residual
@@ -29,7 +29,12 @@ Memory per rank, in bytes:
   scores (S = 0), as does ``selective`` recomputation. ``full`` keeps each sublayer's
   input (``FULL_TERM``) and, in backward, one layer's activations at a time. Outside the
   layers: the embedding output, the final LayerNorm and the vocab-parallel cross-entropy's
-  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``).
+  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``). With sequence parallelism
+  (``parallel.sequence_parallel``, TP > 1) R divides by TP as well (the paper's
+  ``s b h (34/t + 5 a s/(h t))``: every term over t; the cores' inputs are kept as the
+  sequence shard and gathered again in backward), and so do ``FULL_TERM`` and 8 h of the
+  12 h outside the layers (the final LayerNorm on the shard; the head's gathered input
+  stays whole); ``bench/sequence_parallel.py`` measures it.
 - temporary: the gradient of the logits in backward (fp32 ``[tokens, V/tp]``).
 
 Compute: FLOPs per step as in :func:`megatron_lite.training.metrics.model_flops_per_step`
@@ -144,14 +149,16 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
     dropout = m.hidden_dropout > 0 or m.attention_dropout > 0
     scores = terms["S"] if m.attention_dropout > 0 and m.activation_checkpointing == "none" \
         else 0.0
-    per_layer = tokens * h * (terms["R"] + terms["R_dropout"] * dropout + terms["P"] / tp
-                              + scores * a * s / (h * tp))
+    sp = tp if cfg.parallel.sequence_parallel and tp > 1 else 1  # what R is split over
+    per_layer = tokens * h * ((terms["R"] + terms["R_dropout"] * dropout) / sp
+                              + terms["P"] / tp + scores * a * s / (h * tp))
     layers = len(m.pattern) / 2  # sublayer pairs
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
-    outside = tokens * (LOGITS_TERM * vocab + 12 * h)  # + embeddings, final LayerNorm
+    # + embeddings, final LayerNorm (the head's input is whole under sequence parallelism)
+    outside = tokens * (LOGITS_TERM * vocab + (4 + 8 / sp) * h)
     with_scores = terms["S"] * a * s / (h * tp) * tokens * h if m.attention_dropout > 0 else 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one layer at a time
-        stored, recompute = tokens * h * FULL_TERM * layers, per_layer + with_scores
+        stored, recompute = tokens * h * FULL_TERM / sp * layers, per_layer + with_scores
     elif m.activation_checkpointing == "selective":  # ... or one attention core
         stored, recompute = per_layer * layers, with_scores
     else:
@@ -210,8 +217,11 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     # Megatron's f and g: two all-reduces of [b, s, h] per layer forward (16-bit outputs
     # under autocast; again when full recomputation reruns the layer) and two backward
     # (gradients of the fp32 LayerNorm outputs: 4 bytes)
+    # (sequence parallelism: the same bytes as an all-gather and a reduce-scatter each, and
+    # backward gathers each core's input again for its weight gradient: 1.5x backward)
     forwards = 2 if m.activation_checkpointing == "full" else 1
-    tp_bytes = (layers * mb * m.seq_length * m.hidden_size * (2 * e * forwards + 2 * 4)
+    backward = 2 * 4 * (1.5 if par.sequence_parallel else 1)
+    tp_bytes = (layers * mb * m.seq_length * m.hidden_size * (2 * e * forwards + backward)
                 * accum) if tp > 1 else 0
     dp_bytes = (2 if zero and t.precision != "fp32" else 4) * p if dp > 1 else 0
     step_time = None
@@ -227,7 +237,8 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         "config": {"tp": tp, "dp": dp, "micro_batch_size": mb, "accumulation": accum,
                    "global_batch_size": t.global_batch_size, "seq_length": m.seq_length,
                    "precision": t.precision, "activation_checkpointing": m.activation_checkpointing,
-                   "engine": par.engine, "zero_stage": par.zero_stage if zero else None},
+                   "engine": par.engine, "zero_stage": par.zero_stage if zero else None,
+                   "sequence_parallel": bool(par.sequence_parallel and tp > 1)},
         "device": dev["name"], "device_memory": dev["memory"],
         "params_total": params["total"], "params_per_rank": p,
         "params_embedding": params["embedding"], "padded_vocab": params["padded_vocab"],
@@ -256,11 +267,16 @@ def checkpoint_cost(stored_params: int, tp: int, dp: int) -> dict:
 
 def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     """The cheapest change that makes a plan that does not fit fit: ``{"overrides": [...],
-    "tp": N, "why": ...}``, tried in order of cost (selective recomputation, a smaller
-    micro-batch dividing the per-rank batch, full recomputation, ZeRO-2, more TP), or
-    None."""
+    "tp": N, "why": ...}``, tried in order of cost (sequence parallelism at TP > 1,
+    selective recomputation, a smaller micro-batch dividing the per-rank batch, full
+    recomputation, ZeRO-2, more TP), or None."""
     m, t = cfg.model, cfg.train
     tries = []
+    if tp > 1 and not cfg.parallel.sequence_parallel and m.seq_length % tp == 0 \
+            and m.position_embedding != "relative":
+        tries.append((["parallel.sequence_parallel=true"], tp,
+                      "sequence parallelism: norms, dropouts and residuals split over the "
+                      "TP group (the same communication bytes, no recomputation)"))
     if m.activation_checkpointing == "none":
         tries.append((["model.activation_checkpointing=selective"], tp,
                       "recompute attention's core (a few % more compute)"))
@@ -313,7 +329,8 @@ def report(out: dict) -> str:
              f"{out['padded_vocab']}), "
              f"{out['params_per_rank'] / 1e9:.3f} B per TP rank (TP={c['tp']}, DP={c['dp']})",
              f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
-             f"checkpointing {c['activation_checkpointing']}, {c['engine']}"
+             f"checkpointing {c['activation_checkpointing']}, "
+             f"{'sequence parallel, ' if c['sequence_parallel'] else ''}{c['engine']}"
              f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
     for key in ("weights", "gradients", "masters", "optimizer", "ddp_buckets", "activations",
                 "temporary"):

@@ -211,6 +211,7 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
     # the state it will hold: weights, gradients and the optimizer's when training
     tokenizer, run_notes = resolve_config(cfg, ctx, training=training and data)
     ctx.seed(cfg.train.seed)
+    ctx.sequence_parallel.enabled = cfg.parallel.sequence_parallel and ctx.tp_size > 1
     model = (make_model or build_model)(cfg.model, ctx, device=ctx.device)
     run = Run(cfg, ctx, tokenizer, model, notes=run_notes)
     if data:

@@ -159,11 +159,13 @@ class SelfAttention(nn.Module):
         h, std = cfg.hidden_size, cfg.init_std
         self.head_dim, self.causal = h // cfg.num_attention_heads, causal
         self.selective = cfg.activation_checkpointing == "selective"
+        sp = ctx.sequence_parallel  # x arrives as a sequence shard while it is active
         self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
-                                        tp_group=ctx.tp_group, device=device)
+                                        tp_group=ctx.tp_group, sequence_parallel=sp,
+                                        device=device)
         self.proj = RowParallelLinear(
             h, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
         self.positions = position_scheme(cfg)
         self.positions.attention_modules(self, ctx, device)
         core = ATTENTION_CORES.of(cfg)
@@ -181,9 +183,10 @@ class SelfAttention(nn.Module):
         """Attention of ``x`` ``[b, s, h]`` (normalized): ``[b, qlen, h]``. ``pos`` are the
         position scheme's inputs (:meth:`PositionScheme.attention_input`); ``z`` the core's
         (:meth:`AttentionCore.inputs`)."""
-        b, s, _ = x.shape
         core = self.attention_core
-        qkv = self.qkv(x).view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
+        qkv = self.qkv(x)  # [b, s, 3 * h/tp] (sequence parallelism: all of it gathered)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
         q, k, values = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
         q, k, values, mask, causal = self.positions.attend(self, q, k, values, mask, cache,
                                                            index, *pos)
@@ -194,4 +197,5 @@ class SelfAttention(nn.Module):
             heads = checkpoint(core, core.rng, q, k, values, mask, causal, z)
         else:
             heads = core(q, k, values, mask, causal, z)  # [b, heads/tp, qlen, d]
-        return self.proj(heads.transpose(1, 2).reshape(b, q.shape[2], -1))  # [b, qlen, h]
+        # [b, qlen, h] (sequence parallelism: this rank's [b, qlen/tp, h])
+        return self.proj(heads.transpose(1, 2).reshape(b, q.shape[2], -1))

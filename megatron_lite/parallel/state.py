@@ -167,6 +167,28 @@ def validate_parallel_config(
 # ---------------------------------------------------------------------------------------
 
 
+class SequenceParallel:
+    """Sequence parallelism (Korthikanti et al. 2022) of the models built on one context.
+
+    ``enabled``: ``parallel.sequence_parallel`` at TP > 1 (set once, before the model is
+    built; the layers and the norm-gradient hooks hold this object). ``active``: whether
+    the forward in progress splits the sequence: the model sets it at the start of each
+    forward (a sequence not divisible by TP, or a decoding step with a KV cache, runs
+    the plain TP path: same weights, same result). A checkpointed sublayer recomputed
+    in backward reads the flag of the forward it belongs to (the latest).
+    """
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.active = False
+
+    def begin(self, seq_len: int, tp_size: int, plain: bool = False) -> bool:
+        """Decide (and return) ``active`` for a forward of ``seq_len`` positions;
+        ``plain``: this forward cannot split (e.g. it extends a KV cache)."""
+        self.active = self.enabled and tp_size > 1 and not plain and seq_len % tp_size == 0
+        return self.active
+
+
 @dataclass
 class ParallelContext:
     """The single truth about this process's place in the TP x DP grid.
@@ -184,6 +206,8 @@ class ParallelContext:
     dp_group: dist.ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rng: TPRNGTracker = field(default_factory=TPRNGTracker)
+    # parallel.sequence_parallel: set before building a model (megatron_lite.run.build_run)
+    sequence_parallel: SequenceParallel = field(default_factory=SequenceParallel)
 
     @property
     def is_main(self) -> bool:
