@@ -65,6 +65,11 @@ class TrainingHook:
 
     # ------------------------------------------------------------------ building
 
+    def describe(self, trainer: Trainer) -> str:
+        """One line the main rank prints when the run starts (after :meth:`setup`): what
+        this hook adds and its settings, so a variant announces itself; ``""`` for none."""
+        return ""
+
     def setup(self, trainer: Trainer) -> None:
         """Once, when the model, optimizer, engine and micro-batch size are final,
         before a checkpoint is loaded (make per-micro-batch state, check the run)."""

@@ -109,7 +109,8 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, record["step"])
         parts = [f"step {record['step']:>6}"]
-        for key, fmt in (("loss", ".4f"), ("mlm_accuracy", ".3f"), ("nsp_accuracy", ".3f"),
+        for key, fmt in (("loss", ".4f"), ("kl", ".4f"), ("lm_loss", ".4f"),
+                         ("mlm_accuracy", ".3f"), ("nsp_accuracy", ".3f"),
                          ("val_loss", ".4f"), ("val_ppl", ".1f"), ("val_mlm_accuracy", ".3f"),
                          ("val_nsp_accuracy", ".3f"), ("lr", ".2e"),
                          ("grad_norm", ".3f"), ("tokens_per_sec", ".0f"), ("tflops", ".2f"),

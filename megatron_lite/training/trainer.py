@@ -32,7 +32,9 @@ from megatron_lite.checkpoint import (
 )
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.files import FolderInUse, FolderLock
+from megatron_lite.generate import SampleHook
 from megatron_lite.hooks import TrainingHook, model_hooks
+from megatron_lite.models.registry import describe_parts
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
@@ -95,6 +97,8 @@ class Trainer:
         said = list(self.run.notes)
         self.model, self.accum = self.run.model, self.run.accum
         self.hooks = [*model_hooks(self.model, cfg), *hooks]
+        if t.sample_interval:
+            self.hooks.append(SampleHook(t.sample_interval))
         # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
         self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
         if t.compile:
@@ -130,6 +134,10 @@ class Trainer:
             if pattern != "sf" * cfg.model.num_layers:
                 print(f"sublayer pattern ({pattern.count('s')} attention, {pattern.count('f')} "
                       f"feed-forward, bottom to top): {pattern}", flush=True)
+            # every variant in one start line: the model's parts, then the hooks
+            for line in [*describe_parts(cfg.model), *(h.describe(self) for h in self.hooks)]:
+                if line:
+                    print(f"variant: {line}", flush=True)
         self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device, cfg.train.precision)

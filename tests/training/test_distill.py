@@ -142,7 +142,7 @@ def test_tp2_distillation_equals_tp1(distributed, teacher_run, gpt_shard, bpe_fi
     keys = ["kl_attention", "kl_value"] if method == "minilm" else \
         ["kl_query", "kl_key", "kl_value"]
     for a, b in zip(rows[1], rows[2], strict=True):
-        for key in ["loss", "student_loss", *keys]:
+        for key in ["loss", "kl", "lm_loss", *keys]:
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
     assert rows[1][-1]["loss"] < rows[1][0]["loss"]  # it learns the relations
 
@@ -191,7 +191,7 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     assert f"done: {tmp_path / 'student' / 'assistant'} at step 2" in out
     assert f"done: {tmp_path / 'student'} at step 2" in out
     rows = [json.loads(x) for x in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
-    assert {"kl_query", "kl_key", "kl_value", "student_loss", "mlm_accuracy"} <= set(rows[-1])
+    assert {"kl", "kl_query", "kl_key", "kl_value", "lm_loss", "mlm_accuracy"} <= set(rows[-1])
     saved = load_config(tmp_path / "student/config.yaml")
     assert saved.model.hidden_size == 32
     assert saved.distill.teacher == str(tmp_path / "student" / "assistant")
