@@ -4,6 +4,7 @@ and the shell of the commands that run a config (:func:`config_command`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -24,7 +25,26 @@ def _rank() -> int:
     return int(value) if value.isdigit() else 0
 
 
+# set by ``python -m megatron_lite.launch`` (launch/torchrun.sh): a folder where each
+# worker leaves its exit code, so the launcher exits with it instead of torchrun's 1
+EXIT_DIR = "MEGATRON_LITE_EXIT_DIR"
+
+
+def record_exit_code(code: int) -> int:
+    """Under :mod:`megatron_lite.launch`: leave this rank's exit code for it. Returns it."""
+    folder, rank = os.environ.get(EXIT_DIR), os.environ.get("RANK")
+    if folder and rank is not None and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank{rank}").write_text(f"{code}\n")
+    return code
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
+    """:func:`_run_cli`, its exit code recorded for the launcher (:func:`record_exit_code`)."""
+    return record_exit_code(_run_cli(body))
+
+
+def _run_cli(body: Callable[[], int | None]) -> int:
     """Run ``body``; turn user-facing errors into one line on stderr and exit code 2.
 
     Config, layout, data, tokenizer and checkpoint errors are ``ValueError``s and the same

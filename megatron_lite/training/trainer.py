@@ -40,7 +40,12 @@ from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
 from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
-from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
+from megatron_lite.training.metrics import (
+    MetricsLogger,
+    check_wandb,
+    model_flops_per_step,
+    peak_flops,
+)
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
@@ -79,6 +84,8 @@ class Trainer:
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
                               "(DeepSpeed fixes its batch sizes when it starts)")
+        if cfg.log.wandb:
+            check_wandb()  # before anything is written
         if auto:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
@@ -138,7 +145,10 @@ class Trainer:
             for line in [*describe_parts(cfg.model), *(h.describe(self) for h in self.hooks)]:
                 if line:
                     print(f"variant: {line}", flush=True)
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
+        wandb = {"project": cfg.log.wandb_project, "config": cfg.to_dict()} \
+            if cfg.log.wandb else None
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step,
+                                     wandb=wandb)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device, cfg.train.precision)
 
