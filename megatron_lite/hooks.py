@@ -20,6 +20,10 @@ The model's hooks come first, then the command's, and every method is called on 
 hook in that order. Methods that run collectives (``step_metrics``, ``log_metrics``,
 ``at_end`` may) are called on every rank alike.
 
+When the run starts, the main rank prints one ``variant: ...`` line for each chosen model
+part and hook that describes itself (:meth:`TrainingHook.describe`, and the parts'
+``describe``: :mod:`megatron_lite.models.registry`), so every variant announces itself.
+
 One step of the Trainer, with the hooks' places::
 
     before_step                          the step's settings (a phase, a temperature)
