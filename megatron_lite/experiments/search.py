@@ -87,6 +87,9 @@ def check_search(cfg: Config) -> None:
         problems.append("the supernet has no full activation checkpointing (use selective)")
     if cfg.train.compile:
         problems.append("the supernet is not compiled (train.compile=false)")
+    if cfg.train.sample_interval:
+        problems.append("the supernet has no KV cache to sample with (train.sample_interval=0;"
+                        " sample the run of found.yaml)")
     if problems:
         raise ConfigError("; ".join(problems))
 
