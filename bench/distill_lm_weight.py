@@ -10,6 +10,20 @@ layers and width (2 layers, h 64, 4 heads) distilled from it for ``steps`` steps
 old default), 0.5, 1 and 2, and for reference the same student trained on its LM loss
 alone. Prints each student's validation loss and perplexity (the same 20 batches) and
 its relations' KL at the last step.
+
+Measured (2-core CPU, shared and loaded; 150 steps, ~55 minutes under that load):
+
+    student (2L h64), 150 steps         val loss  perplexity  last kl
+    distilled, lm_weight=0                 9.063      8632.6   0.0040
+    distilled, lm_weight=0.5               6.752       856.2   0.0076
+    distilled, lm_weight=1                 6.772       873.0   0.0130
+    distilled, lm_weight=2                 6.779       879.6   0.0265
+    LM loss alone (no teacher)             6.829       924.4
+    (teacher, 4L h128: validation loss 6.486, perplexity 656.1)
+
+Relations alone leave the output head untrained (worse than a uniform guess over 8192
+tokens); any weight > 0 trains it, and 0.5 measured best (by 0.02 nats, one seed), so
+it is the default for a GPT student.
 """
 
 from __future__ import annotations

@@ -238,10 +238,10 @@ class DistillConfig:
     relation_heads: int = 0  # minilmv2: relation heads; 0: the student's attention heads
     teacher_layer: int = -1  # the teacher's attention layer distilled (-1: its last)
     assistant: str = ""  # a config: distil teacher -> assistant -> student (MiniLM 3.3)
-    # the student's own LM/MLM loss is added at this weight; unset: 1 for a GPT student
+    # the student's own LM/MLM loss is added at this weight; unset: 0.5 for a GPT student
     # (its LM head is its output: relations alone never train it), 0 for BERT (MiniLM's
     # task-agnostic relations only; its MLM head is not what fine-tuning uses)
-    lm_weight: float | None = None  # the student's own loss's weight (unset: GPT 1, BERT 0)
+    lm_weight: float | None = None  # the student's own loss's weight (unset: GPT 0.5, BERT 0)
 
 
 @dataclass

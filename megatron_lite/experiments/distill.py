@@ -13,7 +13,7 @@ teacher's layer ``distill.teacher_layer`` (default its last; MiniLMv2 uses an up
 one for large teachers): see :mod:`megatron_lite.experiments.relations`. The loss is the sum
 (MiniLM) or mean (MiniLMv2) of the relations' KL divergences (``kl``), plus
 ``distill.lm_weight`` times the student's own loss (``lm_loss``; the weight defaults to
-1 for a GPT student, whose LM head would otherwise never train, and 0 for BERT, MiniLM's
+0.5 for a GPT student, whose LM head would otherwise never train, and 0 for BERT, MiniLM's
 relations only); every parameter of the student stays in the graph (its
 other layers at weight zero), so DDP needs nothing special.
 
@@ -112,9 +112,12 @@ def check_pair(cfg: Config, teacher, tp: int) -> None:
 
 def default_lm_weight(arch: str) -> float:
     """``distill.lm_weight`` when it is not set: a GPT student learns its own LM loss at
-    weight 1 beside the relations (without it its output head never trains: a student
-    that cannot predict a token), a BERT student the relations alone (MiniLM)."""
-    return 1.0 if arch == "gpt" else 0.0
+    weight 0.5 beside the relations (without it its output head never trains: a student
+    that cannot predict a token), a BERT student the relations alone (MiniLM).
+    ``python bench/distill_lm_weight.py`` (150 steps, 2L h64 student of a 4L h128 teacher,
+    8k vocabulary): validation perplexity 8633 at weight 0, 856 at 0.5, 873 at 1, 880 at
+    2, 924 for the student trained on its LM loss alone."""
+    return 0.5 if arch == "gpt" else 0.0
 
 
 class DistillHook(TrainingHook):

@@ -234,7 +234,7 @@ def test_a_hugging_face_teacher_and_a_student_transformers_reads(teacher_run, gp
 
 def test_a_gpt_student_trains_its_lm_head_by_default(teacher_run, gpt_shard, bpe_files,
                                                       tmp_path, capsys):
-    """distill.lm_weight unset: 1 for a GPT student (its own LM loss beside the relations),
+    """distill.lm_weight unset: 0.5 for a GPT student (its own LM loss beside the relations),
     recorded in config.yaml; the screen and metrics.jsonl give kl and lm_loss apart."""
     rows = {}
     for name, extra in (("default", {}), ("relations-only", {"distill.lm_weight": 0.0})):
@@ -245,12 +245,12 @@ def test_a_gpt_student_trains_its_lm_head_by_default(teacher_run, gpt_shard, bpe
         rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text()
                       .splitlines()]
     out = capsys.readouterr().out
-    assert "loss = kl + 1 x lm_loss (distill.lm_weight)" in out
+    assert "loss = kl + 0.5 x lm_loss (distill.lm_weight)" in out
     line = next(x for x in out.splitlines() if x.startswith("step      4"))
     assert " | kl " in line and " | lm_loss " in line
-    assert load_config(tmp_path / "default/config.yaml").distill.lm_weight == 1.0
+    assert load_config(tmp_path / "default/config.yaml").distill.lm_weight == 0.5
     first, last = rows["default"][0], rows["default"][-1]
-    assert first["loss"] == pytest.approx(first["kl"] + first["lm_loss"], rel=1e-6)
+    assert first["loss"] == pytest.approx(first["kl"] + 0.5 * first["lm_loss"], rel=1e-6)
     zero = rows["relations-only"]
     assert zero[-1]["loss"] == pytest.approx(zero[-1]["kl"], rel=1e-6)
     assert first["lm_loss"] == zero[0]["lm_loss"]  # the same student before any update
