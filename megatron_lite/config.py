@@ -10,6 +10,7 @@ the wrong type is one error that names the file (or override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -198,6 +199,7 @@ class TrainConfig:
     params_dtype: str = "fp32"  # bf16: Megatron's mixed precision (training/mixed.py)
     compile: bool = False  # torch.compile each sublayer and the GPT loss (training/compile.py)
     log_interval: int = 10  # steps between metrics lines
+    sample_interval: int = 0  # GPT: a short greedy sample printed every N steps (0: off)
     eval_interval: int = 100  # steps between validations (0: none)
     eval_iters: int = 10  # global batches per validation
     save_interval: int = 0  # 0: only at the end
@@ -242,12 +244,17 @@ class DistillConfig:
     relation_heads: int = 0  # minilmv2: relation heads; 0: the student's attention heads
     teacher_layer: int = -1  # the teacher's attention layer distilled (-1: its last)
     assistant: str = ""  # a config: distil teacher -> assistant -> student (MiniLM 3.3)
-    lm_weight: float = 0.0  # weight of the student's own LM/MLM loss added (0: relations only)
+    # the student's own LM/MLM loss is added at this weight; unset: 0.5 for a GPT student
+    # (its LM head is its output: relations alone never train it), 0 for BERT (MiniLM's
+    # task-agnostic relations only; its MLM head is not what fine-tuning uses)
+    lm_weight: float | None = None  # the student's own loss's weight (unset: GPT 0.5, BERT 0)
 
 
 @dataclass
 class LogConfig:
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; offline by default)
+    wandb_project: str = "megatron-lite"  # log.wandb: the W&B project (WANDB_MODE=online syncs)
 
 
 @dataclass
@@ -345,6 +352,7 @@ POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads"
 NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.max_steps",
                 "train.log_interval", "train.eval_interval", "train.eval_iters",
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
+                "train.sample_interval",
                 "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
                 "optim.warmup_steps", "optim.adam_eps")
 FRACTIONS = ("model.hidden_dropout", "model.attention_dropout")  # in [0, 1)
@@ -485,11 +493,29 @@ REMOVED: dict[str, Any] = {"train.inject_nan_at_step": 0, "train.inject_nan_time
                            "train.fail_at_step": 0, "train.fail_rank": 0}
 
 
+def _did_you_mean(section: str, key: str) -> str:
+    """`` (did you mean section.k?)`` for the closest known key (of this section, else of
+    any section: a key put in the wrong section), or ``""``."""
+    fields = {f.name: f.name for f in dataclasses.fields(getattr(Config(), section))}
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {section}.{close[0]}?)"
+    everywhere = {f"{s.name}.{f.name}": f.name for s in dataclasses.fields(Config)
+                  for f in dataclasses.fields(getattr(Config(), s.name))}
+    same = [dotted for dotted, name in everywhere.items() if name == key]
+    if same:
+        return f" (did you mean {same[0]}?)"
+    return ""
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     node = getattr(cfg, section, None)
     if not dataclasses.is_dataclass(node) or section.startswith("_"):
-        sections = ", ".join(f.name for f in dataclasses.fields(Config))
-        raise ConfigError(f"{where}: unknown section {section!r} (known: {sections})")
+        names = [f.name for f in dataclasses.fields(Config)]
+        close = difflib.get_close_matches(section, names, n=1)
+        hint = f"did you mean {close[0]}.{key}? " if close else ""
+        raise ConfigError(f"{where}: unknown section {section!r} ({hint}known: "
+                          f"{', '.join(names)})")
     hints = typing.get_type_hints(type(node))
     if f"{section}.{key}" in REMOVED:
         if value == REMOVED[f"{section}.{key}"]:
@@ -497,7 +523,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {section}.{key} is no longer a config key (test-only "
                           "fault injection: tests install a TrainingHook, megatron_lite/hooks.py)")
     if key not in hints:
-        raise ConfigError(f"{where}: unknown key {section}.{key}")
+        raise ConfigError(f"{where}: unknown key {section}.{key}{_did_you_mean(section, key)}")
     if f"{section}.{key}" == "train.micro_batch_size" and value == "auto":
         value = 0  # probed at start (megatron_lite/training/probe.py)
     if f"{section}.{key}" in BLEND_KEYS and isinstance(value, list):
@@ -575,7 +601,9 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: see :mod:`megatron_lite.files`)."""
+def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config as YAML (atomically: see :mod:`megatron_lite.files`),
+    after ``comment`` as ``# ...`` lines (what made it; ignored when it is loaded)."""
     with atomic_write(path) as f:
+        f.writelines(f"# {line}\n" for line in comment.splitlines())
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -211,7 +211,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-hf", type=Path, help="a local Hugging Face model folder")
     p.add_argument("--to", type=Path, help="the megatron-lite checkpoint folder to write")
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1,
+                   help="with --from-hf: the parallel.tensor_parallel_size the checkpoint's "
+                        "config.yaml records (default 1); its weights load at any TP size")
     p.add_argument("--from", dest="src", type=Path, help="a megatron-lite checkpoint or run")
     p.add_argument("--to-hf", type=Path, help="the Hugging Face folder to write")
     a = p.parse_args(argv)

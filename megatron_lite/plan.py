@@ -339,9 +339,15 @@ def report(out: dict) -> str:
     lines.append(f"  {'total':<12} {_gib(mem['total']):>12}  of {_gib(out['device_memory'])} "
                  f"({out['device']}, {MARGIN:.0%} kept free)")
     lines.append(f"compute: {out['flops_per_token'] / 1e9:.2f} GFLOP per token, "
-                 f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step; TP all-reduce "
-                 f"{out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB, DP gradient all-reduce "
-                 f"{out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB per step per rank")
+                 f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step")
+    tp, dp = c["tp"], c["dp"]
+    tp_part = (f"TP all-reduce {out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB (full "
+               f"[micro-batch, seq, hidden] activations and gradients: the same at any TP size;"
+               f" a ring sends {2 * (tp - 1) / tp:.2f} x that)") if tp > 1 else "no TP all-reduce"
+    dp_part = (f"DP gradient all-reduce {out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB "
+               f"(this rank's gradients; a ring sends {2 * (dp - 1) / dp:.2f} x that)") \
+        if dp > 1 else "no DP all-reduce"
+    lines.append(f"communication per step, per rank: {tp_part}, {dp_part}")
     lines.append(f"checkpoint: {_gib(out['checkpoint_bytes'])} (weights + Adam, vocab unpadded), "
                  f"{_gib(out['checkpoint_bytes_per_rank'])} written by each rank; save "
                  f"~{out['checkpoint_save_s']:.1f} s at "

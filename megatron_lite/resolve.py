@@ -27,7 +27,7 @@ import os
 import torch
 
 from megatron_lite.config import Config, ConfigError, resolve_paths
-from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.data.tokenizer import CONFIG_KEYS, Tokenizer, build_tokenizer
 from megatron_lite.devices import host_memory
 from megatron_lite.memory import estimate_parameters
 from megatron_lite.models import model_problems
@@ -46,7 +46,8 @@ def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
     d = cfg.data
     if not names_tokenizer(cfg):
         return None
-    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
+                           names=CONFIG_KEYS)
 
 
 def check_config(cfg: Config, world_size: int = 1) -> None:

@@ -177,9 +177,10 @@ def progress_line(plan: Plan, key: str, stage: str, tasks: int, before: int,
         (f" ({before} done earlier)" if before else "")
     if stage == "prepare":
         mb = sum(s["bytes_read"] for s in st) / 2**20
+        # a rate only when every task ran now: tasks done earlier add bytes, not seconds
+        rate = f" at {mb / max(seconds, 1e-9):.1f} MB/s" if not before else ""
         what = (f"{sum(s['documents_read'] for s in st)} documents, "
-                f"{sum(s['stored'] for s in st)} kept by length, {mb:.1f} MB at "
-                f"{mb / max(seconds, 1e-9):.1f} MB/s")
+                f"{sum(s['stored'] for s in st)} kept by length, {mb:.1f} MB{rate}")
     elif stage == "candidates":
         what = (f"{sum(s['pairs'] for s in st)} candidate pairs, "
                 f"{sum(s['identical'] for s in st)} identical-set links, largest bucket "

@@ -194,6 +194,10 @@ class BertPhase2Hook(TrainingHook):
         self.start = int(t.phase2_start * t.max_steps)
         self.begun = False  # a first step (also of a resumed run) may start in phase 2
 
+    def describe(self, trainer) -> str:
+        return (f"BERT two-phase schedule: from step {self.start} on (train.phase2_start), "
+                f"samples of train.phase2_seq_length={self.seq_length} tokens")
+
     def before_step(self, trainer) -> None:
         first, self.begun = not self.begun, True
         if trainer.step == self.start or (first and trainer.step > self.start):

@@ -45,6 +45,12 @@ class Part:
         """Write out, in place, what this part's keys imply (called once, after the
         checks pass, by :func:`megatron_lite.resolve.resolve_config`)."""
 
+    @classmethod
+    def describe(cls, m: ModelConfig) -> str:
+        """One line announcing this part when a run starts with it chosen (what it is,
+        its settings), or ``""`` for a default that needs no word (GPT-2's own parts)."""
+        return ""
+
 
 class Registry:
     """Parts of one kind by name, chosen by the config key ``key`` (``model.x``)."""
@@ -116,6 +122,11 @@ REGISTRIES = (POSITIONS, ATTENTION_CORES, NORMS, MLPS)
 def model_problems(cfg: Config) -> list[str]:
     """Every registry's problems with ``cfg`` (its parts' own checks)."""
     return [p for registry in REGISTRIES for p in registry.problems(cfg)]
+
+
+def describe_parts(m: ModelConfig) -> list[str]:
+    """The chosen parts' start lines (:meth:`Part.describe`), the silent ones left out."""
+    return [line for registry in REGISTRIES if (line := registry.of(m).describe(m))]
 
 
 def resolve_parts(m: ModelConfig) -> None:

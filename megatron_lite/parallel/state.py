@@ -111,6 +111,15 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
 # ---------------------------------------------------------------------------------------
 
 
+def _world_hint(world_size: int, tp: int) -> str:
+    """Which launcher or key to change when the world size does not split into TP groups."""
+    if world_size == 1:
+        return (f"run with torchrun --nproc-per-node {tp} (launch/torchrun.sh), or add "
+                "parallel.tensor_parallel_size=1")
+    return (f"start a multiple of {tp} processes (torchrun --nproc-per-node), or add "
+            f"parallel.tensor_parallel_size=N with N dividing {world_size}")
+
+
 def validate_parallel_config(
     world_size: int,
     tensor_parallel_size: int,
@@ -136,7 +145,7 @@ def validate_parallel_config(
     elif world_size % tp:
         problems.append(
             f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp}"
-        )
+            f": {_world_hint(world_size, tp)}")
     else:
         for key, value in (
             ("model.hidden_size", hidden_size),

@@ -32,13 +32,20 @@ from megatron_lite.checkpoint import (
 )
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.files import FolderInUse, FolderLock
+from megatron_lite.generate import SampleHook
 from megatron_lite.hooks import TrainingHook, model_hooks
+from megatron_lite.models.registry import describe_parts
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
 from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
-from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
+from megatron_lite.training.metrics import (
+    MetricsLogger,
+    check_wandb,
+    model_flops_per_step,
+    peak_flops,
+)
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
 from megatron_lite.training.precision import DynamicLossScaler, autocast
@@ -77,6 +84,8 @@ class Trainer:
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
                               "(DeepSpeed fixes its batch sizes when it starts)")
+        if cfg.log.wandb:
+            check_wandb()  # before anything is written
         if auto:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
@@ -95,6 +104,8 @@ class Trainer:
         said = list(self.run.notes)
         self.model, self.accum = self.run.model, self.run.accum
         self.hooks = [*model_hooks(self.model, cfg), *hooks]
+        if t.sample_interval:
+            self.hooks.append(SampleHook(t.sample_interval))
         # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
         self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
         if t.compile:
@@ -130,7 +141,14 @@ class Trainer:
             if pattern != "sf" * cfg.model.num_layers:
                 print(f"sublayer pattern ({pattern.count('s')} attention, {pattern.count('f')} "
                       f"feed-forward, bottom to top): {pattern}", flush=True)
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
+            # every variant in one start line: the model's parts, then the hooks
+            for line in [*describe_parts(cfg.model), *(h.describe(self) for h in self.hooks)]:
+                if line:
+                    print(f"variant: {line}", flush=True)
+        wandb = {"project": cfg.log.wandb_project, "config": cfg.to_dict()} \
+            if cfg.log.wandb else None
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step,
+                                     wandb=wandb)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device, cfg.train.precision)
 
