@@ -97,8 +97,9 @@ def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext]
                    overrides_help: str = "section.key=value", epilog: str | None = None) -> int:
     """The shell of a command that runs a config (train, search, distill): ``CONFIG
     [section.key=value ...]`` parsed (overrides anywhere), the config loaded, a parallel
-    session of ``parallel.tensor_parallel_size`` opened around ``body(cfg, ctx)``, and
-    every user error one line (:func:`run_cli`). Returns the exit code."""
+    session of ``parallel.tensor_parallel_size`` (and ``pipeline_parallel_size``) opened
+    around ``body(cfg, ctx)``, and every user error one line (:func:`run_cli`). Returns
+    the exit code."""
     p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=config_help)
@@ -107,7 +108,8 @@ def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext]
 
     def run() -> int | None:
         cfg = load_config(a.config, a.overrides)
-        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
+                              pipeline_parallel_size=cfg.parallel.pipeline_parallel_size) as ctx:
             return body(cfg, ctx)
 
     return run_cli(run)

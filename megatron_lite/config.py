@@ -146,6 +146,11 @@ class ParallelConfig:
     ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
     zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
     zero_overlap_comm: bool = False  # deepspeed: overlap gradient reduction with backward
+    # pipeline parallelism (TP innermost, then DP, then PP): stages of consecutive layers
+    pipeline_parallel_size: int = 1  # PP stages; data-parallel size = world / (TP x PP)
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe (torch's schedules)
+    virtual_pipeline_size: int = 1  # interleaved_1f1b: model chunks per stage (V)
+    pipeline_layers: str = ""  # layers per stage, e.g. "5,5,6" (default: an even split)
 
 
 @dataclass
@@ -313,7 +318,8 @@ class Config:
 POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
             "model.seq_length", "model.max_position_embeddings", "model.vocab_size",
             "model.make_vocab_size_divisible_by", "model.num_tokentypes",
-            "train.global_batch_size")
+            "train.global_batch_size", "parallel.pipeline_parallel_size",
+            "parallel.virtual_pipeline_size")
 NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.max_steps",
                 "train.log_interval", "train.eval_interval", "train.eval_iters",
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
@@ -394,6 +400,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
     "parallel.engine": ("ddp", "deepspeed"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.params_dtype": ("fp32", "bf16"),

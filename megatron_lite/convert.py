@@ -32,6 +32,7 @@ from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
 from megatron_lite.models.hf import config_from_hf, hf_to_full_state, load_hf_model, to_hf
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.resolve import tokenizer_from_config
 from megatron_lite.run import build_run
 
@@ -106,6 +107,7 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
     cfg.parallel.tensor_parallel_size = 1  # one process builds the full model
+    unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
     cfg.train.global_batch_size = cfg.train.micro_batch_size
     try:
         tokenizer_from_config(cfg)

@@ -170,6 +170,11 @@ class RelativePositions(PositionScheme):
             problems.append("model.mem_len and model.clamp_len must be >= 0")
         return problems
 
+    @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        return ("Transformer-XL's memory and its u, v are shared by every layer of the "
+                "stack, across the stages")
+
     def embed(self, table, x, cache=None, memory=None):
         if cache is not None:
             raise ValueError("model.position_embedding=relative caches with a Memory "
