@@ -3,19 +3,24 @@ losses and gradient norms step by step, the tied embedding's two copies, bitwise
 checkpoints across PP sizes, and the one-line refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.evaluate import main as evaluate_main
+from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.pipeline import chunk_layers
+from megatron_lite.plan import apply_overrides, plan, suggest
 from megatron_lite.resolve import check_config
 from megatron_lite.train import main as train_main
+from megatron_lite.training.pipeline import build_pipeline_model
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import gather_shards
 from tests.training.conftest import gpt_yaml, tiny_overrides
 
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # 4 micro-batches of 2 per step and DP rank: 1F1B at P=2 has a steady state
 PP = {"model.num_layers": 4, "train.max_steps": STEPS, "train.global_batch_size": 8,
@@ -166,3 +171,35 @@ def test_pipeline_error_is_one_line_through_the_cli(gpt_shard, bpe_files, tmp_pa
 def test_chunk_layers_split():
     assert chunk_layers(4, 2) == [range(0, 2), range(2, 4)]
     assert chunk_layers(6, 3, [1, 2, 3]) == [range(0, 1), range(1, 3), range(3, 6)]
+
+
+def test_planner_stage_parameters_equal_the_built_stages():
+    """The planner's largest stage against the stages really built (meta device)."""
+    cfg = _cfg(**{"model.num_layers": 6, "parallel.pipeline_layers": "2,4",
+                  "model.vocab_size": 500, "model.hidden_size": 64})
+    with torch.device("meta"):
+        planned = plan(cfg, 1, 1, "h100", pp=2)["params_per_rank"]
+        one = plan(cfg, 1, 1, "h100", pp=1)["params_per_rank"]
+    built = []
+    for rank in (0, 1):
+        ctx = ParallelContext(pp_size=2, pp_rank=rank, pp_ranks=(0, 1))
+        stage = build_pipeline_model(cfg, cfg.model, ctx, device="meta")
+        built.append(sum(p.numel() for p in stage.parameters()))
+    # the largest stage: the last (4 layers, the head's copy of the embedding, the final
+    # norm); the planner counts every non-layer parameter there (+ the position table)
+    print(f"stage parameters {built}, planned largest {planned}, one process {one}")
+    assert max(built) <= planned <= max(built) + 64 * cfg.model.max_position_embeddings
+    assert planned < one
+
+
+def test_planner_suggests_pipeline_stages_when_tp_in_a_node_does_not_fit():
+    cfg = load_config(ROOT / "configs/gpt2/8.3b.yaml")
+    with torch.device("meta"):
+        assert not plan(cfg, 8, 1, "16GiB")["fits"]
+        fix = suggest(cfg, 8, 1, "16GiB")
+        assert fix["pp"] > 1 and f"parallel.pipeline_parallel_size={fix['pp']}" in \
+            fix["overrides"]
+        fixed = plan(apply_overrides(cfg, fix["overrides"]), fix["tp"], 1, "16GiB",
+                     pp=fix["pp"])
+        assert fixed["fits"] and fixed["pipeline_bubble"] == pytest.approx(
+            (fix["pp"] - 1) / (fixed["config"]["accumulation"] + fix["pp"] - 1))
