@@ -224,7 +224,7 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         states = {"weights": 2 * p, "gradients": 4 * p, "masters": 4 * p, "optimizer": 8 * p}
     else:
         states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p}
-        if dp > 1:
+        if dp > 1 and pp == 1:  # a pipeline all-reduces its gradients in place (buckets)
             states["ddp_buckets"] = 4 * p
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
     fixed = sum(states.values())
@@ -382,8 +382,9 @@ def report(out: dict) -> str:
     lines = [f"parameters: {out['params_total'] / 1e9:.3f} B total "
              f"({out['params_embedding'] / 1e6:.1f} M in the word embedding, vocab padded to "
              f"{out['padded_vocab']}), "
-             f"{out['params_per_rank'] / 1e9:.3f} B per rank (TP={c['tp']}, DP={c['dp']}"
-             f"{', PP=' + str(c['pp']) + ': the largest stage' if c['pp'] > 1 else ''})",
+             f"{out['params_per_rank'] / 1e9:.3f} B per "
+             + (f"TP rank (TP={c['tp']}, DP={c['dp']})" if c["pp"] == 1 else
+                f"rank (TP={c['tp']}, DP={c['dp']}, PP={c['pp']}: the largest stage)"),
              f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
              f"checkpointing {c['activation_checkpointing']}, {c['engine']}"
              f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
