@@ -202,9 +202,10 @@ def report(pp: dict, tp: dict, args) -> None:
     for m in args.micro_batches:
         one = pp[("1f1b", m)]
         inter = pp[("interleaved_1f1b", m)]
-        red = 1 - (inter[0][0] + inter[1][0]) / (one[0][0] + one[1][0])
+        ratio = (inter[0][0] + inter[1][0]) / (one[0][0] + one[1][0])
         step_pp = max(one[0][1], one[1][1])
-        print(f"m={m}: interleaved V=2 bubble {red:+.0%} lower than 1F1B; step PP=2 "
+        print(f"m={m}: interleaved V=2 bubble / 1F1B bubble {ratio:.2f} (theory "
+              f"{(m + 1) / (2 * m + 1):.2f}); step PP=2 "
               f"{step_pp * 1e3:.1f} ms vs TP=2 {tp[('tp2', m)] * 1e3:.1f} ms "
               f"(PP/TP {step_pp / tp[('tp2', m)]:.2f})")
     if worst_m8 is not None:

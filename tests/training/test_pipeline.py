@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_lite.config import ConfigError, load_config
+from megatron_lite.convert import main as convert_main
 from megatron_lite.evaluate import main as evaluate_main
+from megatron_lite.generate import main as generate_main
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.pipeline import chunk_layers
+from megatron_lite.parallel.state import _grid
 from megatron_lite.plan import apply_overrides, plan, suggest
 from megatron_lite.resolve import check_config
 from megatron_lite.train import main as train_main
@@ -106,6 +110,18 @@ def test_pipeline_equals_one_process(distributed, gpt_shard, bpe_files, tmp_path
         assert evaluate_main([str(run), "--iters", "1"]) == 0
         loss = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
         assert abs(loss - got[-1]["val_loss"]) <= 1e-5 * got[-1]["val_loss"]
+        # generate and convert read it as any checkpoint: its Hugging Face export holds
+        # the one-process run's tensors (equal to 1e-5 after 4 equal steps)
+        assert generate_main([str(run), "--prompt", "The", "--max-new-tokens", "4",
+                              "--greedy"]) == 0
+        exports = {}
+        for name, src in (("pp", run), ("ref", one_process)):
+            assert convert_main(["--from", str(src), "--to-hf", str(tmp_path / name)]) == 0
+            exports[name] = {k: v for f in sorted((tmp_path / name).glob("*.safetensors"))
+                             for k, v in load_file(f).items()}
+        assert exports["pp"].keys() == exports["ref"].keys() and exports["pp"]
+        for k, v in exports["ref"].items():
+            torch.testing.assert_close(exports["pp"][k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_one_process_checkpoint_loads_at_pp2(distributed, gpt_shard, bpe_files, tmp_path,
@@ -203,3 +219,12 @@ def test_planner_suggests_pipeline_stages_when_tp_in_a_node_does_not_fit():
                      pp=fix["pp"])
         assert fixed["fits"] and fixed["pipeline_bubble"] == pytest.approx(
             (fix["pp"] - 1) / (fixed["config"]["accumulation"] + fix["pp"] - 1))
+
+
+def test_grid_is_tp_then_dp_then_pp():
+    """Megatron's order, written out by hand for world 8 = TP 2 x DP 2 x PP 2."""
+    tp, dp, pp = _grid(8, 2, 2)
+    assert tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dp == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert pp == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert _grid(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0], [1], [2], [3]])
