@@ -22,6 +22,7 @@ with plain sends and receives, the loss broadcast the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -35,10 +36,12 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from megatron_lite.config import Config, ConfigError, ModelConfig
 from megatron_lite.models import build_model
 from megatron_lite.models.gpt import GPTModel
+from megatron_lite.models.transformer import Sublayer, Transformer
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.pipeline import chunk_layers, parse_layers
@@ -157,19 +160,45 @@ class PipelineModel(nn.Module):
 
 def build_pipeline_model(cfg: Config, model_cfg: ModelConfig, ctx: ParallelContext,
                          device=None) -> PipelineModel:
-    """This rank's :class:`PipelineModel`: the GPT model drawn exactly as one process
-    draws it (the same seeded stream, so every layer starts as at PP=1), then only this
-    rank's chunks kept; the rest is freed."""
+    """This rank's :class:`PipelineModel`. The GPT model is drawn in one process's order
+    (the same seeded stream, so every layer starts as at PP=1), but each module this rank
+    does not run goes to the meta device the moment it is built (:func:`_only_stage`):
+    besides its own layers a rank holds one other layer (or the embedding) at a time."""
     par = cfg.parallel
     p, v = ctx.pp_size, par.virtual_pipeline_size
     chunks = chunk_layers(model_cfg.num_layers, p * v, parse_layers(par.pipeline_layers))
     stage_ids = [ctx.pp_rank + k * p for k in range(v)]
-    full = build_model(model_cfg, ctx, device=device)
     # a layer of the pattern "sf" * N is two sublayers: chunk layers -> sublayer indices
     mine = [range(2 * chunks[s].start, 2 * chunks[s].stop) for s in stage_ids]
-    model = PipelineModel(full, model_cfg, ctx, mine, stage_ids, p * v)
-    del full
-    return model
+    first, last = 0 in stage_ids, p * v - 1 in stage_ids
+    keep = {i for r in mine for i in r}
+    with _only_stage(keep, embeddings=first or last, positions=first, final=last):
+        full = build_model(model_cfg, ctx, device=device)
+    return PipelineModel(full, model_cfg, ctx, mine, stage_ids, p * v)
+
+
+@contextlib.contextmanager
+def _only_stage(keep: set[int], embeddings: bool, positions: bool, final: bool):
+    """While a GPT model is built: its sublayers not in ``keep`` (and the word embedding,
+    the position table, the final norm where this stage has none) move to the meta device
+    as they are registered, after their weights were drawn (the stream stays the one
+    process's)."""
+    def hook(parent: nn.Module, name: str, module: nn.Module | None):
+        if module is None:
+            return None
+        if isinstance(module, Sublayer) and isinstance(parent, nn.ModuleList):
+            drop = int(name) not in keep
+        else:
+            drop = (name == "wte" and isinstance(parent, GPTModel) and not embeddings) or \
+                (name == "wpe" and isinstance(parent, GPTModel) and not positions) or \
+                (name == "final_ln" and isinstance(parent, Transformer) and not final)
+        return module.to("meta") if drop else None
+
+    handle = register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def pipelined_build(cfg: Config, ctx: ParallelContext, build: Callable | None

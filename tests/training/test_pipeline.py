@@ -13,6 +13,7 @@ from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.evaluate import main as evaluate_main
 from megatron_lite.generate import main as generate_main
+from megatron_lite.models import build_model
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.pipeline import chunk_layers
 from megatron_lite.parallel.state import _grid
@@ -228,3 +229,24 @@ def test_grid_is_tp_then_dp_then_pp():
     assert dp == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert pp == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert _grid(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0], [1], [2], [3]])
+
+
+def test_a_stage_holds_its_layers_drawn_as_one_process_draws_them():
+    """Each stage's parameters are real and bitwise the one-process model's under the
+    same names; nothing else of the model is held."""
+    cfg = _cfg(**{"model.num_layers": 4, "parallel.pipeline_layers": "1,3"})
+    ctx = ParallelContext()
+    ctx.seed(7)
+    whole = dict(build_model(cfg.model, ctx).named_parameters())
+    seen = set()
+    for rank in (0, 1):
+        stage_ctx = ParallelContext(pp_size=2, pp_rank=rank, pp_ranks=(0, 1))
+        stage_ctx.seed(7)
+        stage = build_pipeline_model(cfg, cfg.model, stage_ctx)
+        names = dict(stage.named_parameters())
+        layers = {n.split(".")[2] for n in names if n.startswith("transformer.layers.")}
+        assert layers == ({"0", "1"} if rank == 0 else {"2", "3", "4", "5", "6", "7"})
+        for name, p in names.items():
+            assert p.device.type == "cpu" and torch.equal(p, whole[name]), name
+        seen |= set(names)
+    assert seen == set(whole)
