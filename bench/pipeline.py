@@ -11,8 +11,9 @@ computations (``PipelineStage.forward_one_chunk`` / ``backward_one_chunk``, time
 stage itself); its bubble is ``1 - busy / step``, the share of the step it waited. The
 theory is ``(P - 1) / (m + P - 1)`` (Narayanan et al. 2021), ``(P - 1) / (V m + P - 1)``
 interleaved with V chunks per stage. Then the step time (forward and backward of the same
-m micro-batches) of the same model at PP=2 and at TP=2. Medians over ``--steps`` after a
-warm-up step. The layers are even; the loss's head is small next to them (vocab 512).
+m micro-batches) of the same model at PP=2 and at TP=2. Each figure is the fastest of
+``--steps`` steps after a warm-up step (the least disturbed by other processes). The
+layers are even; the loss's head is small next to them (vocab 512).
 The host's load average is printed: on a shared CPU the other processes' time lands in
 the measured bubble (a stage waits for a peer that was descheduled).
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,7 +63,8 @@ def sync(ctx) -> None:
 
 
 def time_pipeline(ctx, args, m: int, schedule: str, v: int) -> tuple[float, float]:
-    """(median step seconds, median bubble share) of this stage."""
+    """(step seconds, bubble share) of this stage's fastest step (the least disturbed by
+    other processes on a shared host)."""
     cfg = config(args, 2, 1, m, schedule, v)
     ctx.seed(1234)
     model = build_pipeline_model(cfg, cfg.model, ctx, device=ctx.device)
@@ -97,7 +98,8 @@ def time_pipeline(ctx, args, m: int, schedule: str, v: int) -> tuple[float, floa
         if i:
             steps.append(step)
             bubbles.append(1 - busy[0] / step)
-    return statistics.median(steps), statistics.median(bubbles)
+    best = min(range(len(steps)), key=steps.__getitem__)
+    return steps[best], bubbles[best]
 
 
 def time_tp(ctx, args, m: int) -> float:
@@ -116,7 +118,7 @@ def time_tp(ctx, args, m: int) -> float:
         sync(ctx)
         steps.append(time.perf_counter() - tick)
         model.zero_grad(set_to_none=True)
-    return statistics.median(steps[1:])
+    return min(steps[1:])
 
 
 def worker(rank: int, port: int, args, kind: str, out) -> None:
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
         f"CPU gloo, 2 processes x 1 thread, load average {os.getloadavg()[0]:.1f} on " \
         f"{os.cpu_count()} cores"
     print(f"GPT {args.layers} layers, hidden {args.hidden}, seq {args.seq}, micro-batch "
-          f"{args.micro_batch}; {where}; median of {args.steps} steps (forward + backward) "
+          f"{args.micro_batch}; {where}; fastest of {args.steps} steps (forward + backward) "
           "after 1", flush=True)
     pp = run("pp", args)
     tp = run("tp", args)
