@@ -16,12 +16,14 @@ over the row, next to what ``python -m megatron_lite.plan`` predicts for it.
 
 With two or more GPUs it also times the TP=2 all-reduce of one layer's activation
 ``[micro-batch, seq, hidden]`` in bf16 on two NCCL processes and the share of a step
-that Megatron's four per layer would take, and trains the first config at TP=2 (eager)
-without and with ``parallel.sequence_parallel``: step time and peak memory of rank 0,
-and the planner's figure for each. ``--budget-s`` stops before a row that would
-start after it (a slow first GPU still reports the rows it finished). ``--cpu --tiny``
-runs every step of this on the CPU (gloo for the all-reduce) on 2-layer, hidden-64
-shapes so the check cannot rot between GPUs.
+that Megatron's four per layer would take, trains the first config at TP=2 (eager)
+without and with ``parallel.sequence_parallel`` (step time and peak memory of rank 0,
+and the planner's figure for each), and (GPUs only) a PP row: a 24-layer, hidden-1024
+GPT at PP=2 (1F1B, 8 micro-batches) against TP=2, its measured bubble against
+``(P - 1) / (m + P - 1)`` (``bench/pipeline.py``). ``--budget-s`` stops before a row
+that would start after it (a slow first GPU still reports the rows it finished).
+``--cpu --tiny`` runs every step of this (but the PP row) on the CPU (gloo for the
+all-reduce) on 2-layer, hidden-64 shapes so the check cannot rot between GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ from megatron_lite.devices import DEVICES  # noqa: E402
 from megatron_lite.parallel import init_parallel  # noqa: E402
 from megatron_lite.plan import plan  # noqa: E402
 from megatron_lite.training.metrics import model_flops_per_step, peak_flops  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import pipeline as bench_pipeline  # noqa: E402 (bench/pipeline.py)
 
 CONFIGS = ("124m", "355m", "1.5b")
 # name -> (train.compile, model.activation_checkpointing)
@@ -216,6 +221,22 @@ def format_row(cfg_name: str, variant: str, mb: int, r: dict) -> str:
             f"{r['planned_gib']:>9.2f}{r['warmup_s']:>11.1f}")
 
 
+def pp_row() -> None:
+    """PP=2 against TP=2 on two GPUs (bench/pipeline.py's measurement, one size)."""
+    args = bench_pipeline.parser().parse_args(
+        ["--cuda", "--layers", "24", "--hidden", "1024", "--seq", "1024", "--micro-batch",
+         "4", "--micro-batches", "8", "--steps", "5"])
+    pp = bench_pipeline.run("pp", args)
+    tp = bench_pipeline.run("tp", args)
+    (b0, s0), (b1, s1) = pp[("1f1b", 8)]
+    (i0, _), (i1, _) = pp[("interleaved_1f1b", 8)]
+    step_tp = tp[("tp2", 8)]
+    print(f"PP=2 (1F1B, 8 micro-batches of 4 x 1024, 24 layers, hidden 1024, fp32): step "
+          f"{max(s0, s1) * 1e3:.1f} ms vs TP=2 {step_tp * 1e3:.1f} ms; bubble "
+          f"{(b0 + b1) / 2:.3f} (theory {1 / 9:.3f}), interleaved V=2 {(i0 + i1) / 2:.3f} "
+          f"(theory {1 / 17:.3f})", flush=True)
+
+
 def _fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -310,6 +331,10 @@ def main(argv=None) -> int:
     else:
         print(f"TP=2 all-reduce and sequence parallelism: skipped ({gpus} "
               f"GPU{'s' if gpus != 1 else ''})")
+    if gpus >= 2 and time.perf_counter() - start <= args.budget_s:
+        pp_row()
+    else:
+        print(f"PP=2 row: skipped ({'--cpu' if args.cpu else f'{gpus} GPUs'}; 2 GPUs needed)")
     print(f"gpu_check: {rows} rows in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -120,9 +120,10 @@ def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext]
                    ) -> int:
     """The shell of a command that runs a config (train, search, distill): ``CONFIG
     [section.key=value ...]`` parsed (overrides anywhere), the config loaded, a parallel
-    session of ``parallel.tensor_parallel_size`` opened around ``body(cfg, ctx)``, and
-    every user error one line (:func:`run_cli`). With ``dry_run``, ``--dry-run`` calls it
-    instead of ``body`` (:mod:`megatron_lite.dryrun`). Returns the exit code."""
+    session of ``parallel.tensor_parallel_size`` (and ``pipeline_parallel_size``) opened
+    around ``body(cfg, ctx)``, and every user error one line (:func:`run_cli`). With
+    ``dry_run``, ``--dry-run`` calls it instead of ``body`` (:mod:`megatron_lite.dryrun`).
+    Returns the exit code."""
     p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=config_help)
@@ -135,7 +136,8 @@ def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext]
 
     def run() -> int | None:
         cfg = load_config(a.config, a.overrides)
-        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
+                              pipeline_parallel_size=cfg.parallel.pipeline_parallel_size) as ctx:
             if getattr(a, "dry_run", False):
                 return dry_run(cfg, ctx)
             return body(cfg, ctx)

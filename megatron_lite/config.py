@@ -151,6 +151,11 @@ class ParallelConfig:
     # Korthikanti et al. 2022: norms, dropouts and residuals split over TP along the
     # sequence (same communication bytes); worth it whenever TP > 1 (no-op at TP=1)
     sequence_parallel: bool = False  # split activations between TP cores along the sequence
+    # pipeline parallelism (TP innermost, then DP, then PP): stages of consecutive layers
+    pipeline_parallel_size: int = 1  # PP stages; data-parallel size = world / (TP x PP)
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe (torch's schedules)
+    virtual_pipeline_size: int = 1  # interleaved_1f1b: model chunks per stage (V)
+    pipeline_layers: str = ""  # layers per stage, e.g. "5,5,6" (default: an even split)
 
 
 @dataclass
@@ -348,7 +353,8 @@ def _sequence_parallel_problems(cfg: Config) -> list[str]:
 POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
             "model.seq_length", "model.max_position_embeddings", "model.vocab_size",
             "model.make_vocab_size_divisible_by", "model.num_tokentypes",
-            "train.global_batch_size")
+            "train.global_batch_size", "parallel.pipeline_parallel_size",
+            "parallel.virtual_pipeline_size")
 NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.max_steps",
                 "train.log_interval", "train.eval_interval", "train.eval_iters",
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
@@ -453,6 +459,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
     "parallel.engine": ("ddp", "deepspeed"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.params_dtype": ("fp32", "bf16"),

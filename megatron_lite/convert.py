@@ -40,6 +40,7 @@ from megatron_lite.models.hf import (
     to_hf,
 )
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.resolve import check_fits, tokenizer_from_config
 from megatron_lite.run import build_run
 
@@ -142,6 +143,7 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
     cfg.parallel.tensor_parallel_size = 1  # one process builds the full model
+    unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
     cfg.train.global_batch_size = cfg.train.micro_batch_size
     try:
         tokenizer_from_config(cfg)

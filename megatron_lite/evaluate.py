@@ -33,6 +33,7 @@ from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import parallel_session, read_launch_env
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.run import build_run
 from megatron_lite.training.evaluation import evaluate
 
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
         world = read_launch_env().world_size
         tp = a.tp or world
         cfg.parallel.tensor_parallel_size = tp
+        unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
         cfg.train.load = None
         t = cfg.train
         if world % tp == 0 and t.global_batch_size % (t.micro_batch_size * (world // tp)):

@@ -27,6 +27,7 @@ from megatron_lite.parallel import (
     parallel_session,
     read_launch_env,
 )
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.resolve import names_tokenizer
 from megatron_lite.run import build_run
 
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
             raise ConfigError("--prompt must not be empty")
         world = read_launch_env().world_size
         cfg.parallel.tensor_parallel_size = world  # heads and hidden must split over it
+        unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
         cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
         with parallel_session(world, seed=cfg.train.seed) as ctx:
             run = build_run(cfg, ctx, data=False)

@@ -99,9 +99,10 @@ def _one_of(optimizer, zero) -> None:
 
 
 def _owner(t: torch.Tensor, ctx: ParallelContext) -> tuple[int, int]:
-    """(index, count) of this rank among the ranks holding the same copy of ``t``."""
-    if getattr(t, "tp_dim", None) is None:
-        return ctx.rank, ctx.world_size  # replicated on every rank
+    """(index, count) of this rank among the ranks holding the same copy of ``t``: its
+    pipeline stage's ranks (all ranks without pipelining)."""
+    if getattr(t, "tp_dim", None) is None:  # replicated on every rank of the stage
+        return ctx.tp_rank + ctx.tp_size * ctx.dp_rank, ctx.tp_size * ctx.dp_size
     return ctx.dp_rank, ctx.dp_size  # one TP shard, replicated over DP
 
 
@@ -158,6 +159,8 @@ def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], d
                                     flat=src.narrow(0, flat_start, n))
     m = _unwrap(model)
     for name, p in [*m.named_parameters(), *m.named_buffers()]:
+        if getattr(p, "pipeline_copy", False):
+            continue  # the last stage's copy of the tied embedding: the first saves it
         if name not in held:
             note(MODEL + name, p)
             items += _replica_pieces(MODEL + name, p, p, ctx, vocab_size)
@@ -165,6 +168,8 @@ def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], d
         names = {id(p): n for n, p in m.named_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
+                if getattr(p, "pipeline_copy", False):
+                    continue
                 tensors, rest = _tensor_state(optimizer.state.get(p, {}), p)
                 scalars[names[id(p)]] = rest
                 for key, value in tensors.items():
@@ -252,6 +257,12 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
             (tmp / "rng").mkdir(parents=True)
     _barrier(group)
     items, shapes, scalars = _save_items(model, ctx, cfg.model.vocab_size, optimizer, zero)
+    if ctx.pp_size > 1:  # each stage knows its own layers': the main rank writes them all
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, (shapes, scalars), group=group)
+        for their_shapes, their_scalars in parts:
+            shapes.update(their_shapes)
+            scalars.update(their_scalars)
     if async_save:  # a copy of this rank's share: training may change the tensors now
         for it in items:
             it.tensor = it.tensor.to("cpu", copy=True)
@@ -265,8 +276,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
                            tmp / "optim_groups.pt")
             save_config(cfg, tmp / "config.yaml")
             meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
-                    "dp_size": ctx.dp_size, "world_size": ctx.world_size, **extra,
-                    "full_shapes": shapes}
+                    "dp_size": ctx.dp_size, "pp_size": ctx.pp_size,
+                    "world_size": ctx.world_size, **extra, "full_shapes": shapes}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def write_and_publish():
@@ -453,7 +464,9 @@ def _load_sharded(ckpt: Path, model, ctx: ParallelContext, optimizer, zero) -> b
     m = _unwrap(model)
     own = dict(m.named_parameters()) | dict(m.named_buffers())
     saved = {k[len(MODEL):] for k in stored if k.startswith(MODEL)}
-    missing, extra = sorted(set(own) - saved), sorted(saved - set(own))
+    # a pipeline stage holds some of the model: its names are the whole model's
+    expected = getattr(m, "global_names", None) or set(own)
+    missing, extra = sorted(set(own) - saved), sorted(saved - expected)
     if missing or extra:
         raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
     has_optim = (ckpt / "optim_groups.pt").is_file()
@@ -570,7 +583,8 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
         print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
               flush=True)
     if restore_rng:
-        same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
+        same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size \
+            and meta.get("pp_size", 1) == ctx.pp_size
         rng_file = ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"
         if same and rng_file.is_file():
             state = _torch_load(rng_file)
@@ -587,7 +601,8 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
                   "the continuation is not bitwise identical", flush=True)
         elif not same and ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
-                  f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded (and any "
+                  f"DP={meta.get('dp_size')} x PP={meta.get('pp_size', 1)}; dropout RNG "
+                  "streams are reseeded (and any "
                   "Transformer-XL memory starts empty), so the continuation is not bitwise "
                   "identical", flush=True)
     return meta

@@ -50,6 +50,10 @@ class AdaptiveSpan(AttentionCore):
         ctx: the parallel context (the heads are split over its TP group).
     """
 
+    @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        return "its span penalty reads every layer's spans in one loss"
+
     attr = "adaptive"  # SelfAttention.adaptive (the state-dict name of the spans)
 
     @classmethod

@@ -41,6 +41,12 @@ class Part:
         return []
 
     @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        """Why this part cannot run in a pipeline (``parallel.pipeline_parallel_size`` >
+        1), or None when it can."""
+        return None
+
+    @classmethod
     def resolve(cls, m: ModelConfig) -> None:
         """Write out, in place, what this part's keys imply (called once, after the
         checks pass, by :func:`megatron_lite.resolve.resolve_config`)."""
@@ -105,6 +111,9 @@ class Registry:
                 if value != getattr(defaults, key) and key not in chosen.requires:
                     problems.append(f"model.{key}={value} needs {self.key}={part.name}"
                                     f"{f' ({why})' if why else ''}")
+        if cfg.parallel.pipeline_parallel_size > 1 and (why := chosen.pipeline_refusal(cfg)):
+            problems.append(f"{self.key}={name} refuses parallel.pipeline_parallel_size="
+                            f"{cfg.parallel.pipeline_parallel_size} ({why})")
         return problems + chosen.problems(cfg)
 
 

@@ -177,6 +177,11 @@ class RelativePositions(PositionScheme):
         clamp = f", distances capped at model.clamp_len={m.clamp_len}" if m.clamp_len else ""
         return (f"Transformer-XL (Dai et al. 2019): relative positions, {memory}{clamp}")
 
+    @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        return ("Transformer-XL's memory and its u, v are shared by every layer of the "
+                "stack, across the stages")
+
     def embed(self, table, x, cache=None, memory=None):
         if cache is not None:
             raise ValueError("model.position_embedding=relative caches with a Memory "

@@ -48,6 +48,7 @@ from megatron_lite.training.metrics import (
 )
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
+from megatron_lite.training.pipeline import PipelineEngine, pipelined_build
 from megatron_lite.training.precision import DynamicLossScaler, autocast
 from megatron_lite.training.probe import probe_micro_batch
 from megatron_lite.training.schedule import schedule_of, scheduled_lr
@@ -81,6 +82,9 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         t = cfg.train
         auto = t.micro_batch_size == 0
+        if auto and cfg.parallel.pipeline_parallel_size > 1:
+            raise ConfigError("train.micro_batch_size=auto is not pipelined: set it "
+                              "(parallel.pipeline_parallel_size > 1)")
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
                               "(DeepSpeed fixes its batch sizes when it starts)")
@@ -89,7 +93,7 @@ class Trainer:
         if auto:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
-        self.run = build_run(cfg, ctx, training=True, make_model=build)
+        self.run = build_run(cfg, ctx, training=True, make_model=pipelined_build(cfg, ctx, build))
         self._lock(t.run_dir)  # the config holds; before anything is written there
         try:
             self._build(hooks, auto)
@@ -117,6 +121,9 @@ class Trainer:
         unclipped = {id(p) for g in groups if not g.get("clip", True) for p in g["params"]}
         self.clipped = [p for p in self.params if id(p) not in unclipped]
         self.zero, self.engine = self._build_engine()
+        # parallel.pipeline_parallel_size > 1: the schedule runs each step's micro-batches
+        self.pipeline = PipelineEngine(self.model, cfg, ctx, self.accum) \
+            if ctx.pp_size > 1 else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         if auto:
             said.append(probe_micro_batch(self))
@@ -174,7 +181,8 @@ class Trainer:
         if cfg.parallel.engine == "deepspeed":
             zero = ZeroEngine(self.model, self.optimizer, cfg, ctx)
             return zero, zero
-        if ctx.dp_size > 1 and self.mixed is None:  # MainParams reduces its fp32 grads
+        if ctx.dp_size > 1 and self.mixed is None and ctx.pp_size == 1:
+            # (MainParams reduces its fp32 grads; a pipeline after its schedule)
             return None, DistributedDataParallel(
                 self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -379,7 +387,12 @@ class Trainer:
         self._set_lr(self.optimizer.param_groups, lr)
         total = torch.zeros((), device=self.ctx.device)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        for k in range(self.accum):
+        if self.pipeline is not None:  # every micro-batch through the stages at once
+            with self._autocast():
+                total = self.pipeline.step([self._micro_batch(k) for k in range(self.accum)])
+            for _ in range(self.accum):
+                self._after_micro_batch()
+        for k in range(self.accum if self.pipeline is None else 0):
             batch = self._micro_batch(k)
             last = k == self.accum - 1
             sync = contextlib.nullcontext() if last or self.engine is self.model else \
