@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import megatron_lite.training.distopt as distopt
+from megatron_lite.checkpoint import load_file, resolve_checkpoint
 from megatron_lite.config import load_config
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
@@ -150,3 +151,49 @@ def test_bf16_params_follow_ddp_bf16_with_sharded_fp32_masters(gpt_shard, bpe_fi
     run_distributed(_bf16_checked, 2, ddp, dist, tp_size=1)
     _assert_close(_rows(tmp_path / "ddp"), _rows(tmp_path / "dist"), 2e-3)
     assert not any(math.isnan(r["loss"]) for r in _rows(tmp_path / "dist"))
+
+
+def _parts(ctx, ddp_drop, dist_drop, span, fp16):
+    """LayerDrop under DDP and the distributed optimizer; adaptive span with bf16
+    weights; an fp16 overflow that skips the step (all on the same processes)."""
+    _runs(ctx, [ddp_drop, dist_drop, span])
+    trainer = Trainer(load_config(None, fp16), ctx)
+    params = list(trainer.model.parameters())
+    before = [p.detach().clone() for p in params]
+    trainer.scaler.scale = 3e38  # loss x scale overflows: every gradient becomes inf
+    out = trainer.train_step()
+    assert out["skipped"] and math.isnan(out["grad_norm"])
+    assert trainer.scaler.scale == 1.5e38
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert all(not s for s in trainer.optimizer.state.values())  # Adam untouched
+    trainer.scaler.scale = 2.0**10
+    out = trainer.train_step()
+    assert not out["skipped"] and math.isfinite(out["loss"]) and out["grad_norm"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+def test_layerdrop_adaptive_span_and_fp16(gpt_shard, bpe_files, tmp_path):
+    drop = {"model.num_layers": 4, "model.layerdrop": 0.5, "train.save_interval": 0}
+    span = {"model.position_embedding": "relative", "model.adaptive_span": True,
+            "model.attn_span": 64, "model.adaptive_span_init": 0.0005,
+            "model.adaptive_span_loss": 10.0, "data.ordering": "consecutive",
+            "train.max_steps": 4, "train.precision": "bf16", "train.params_dtype": "bf16"}
+    run_distributed(_parts, 2,
+                    _over(gpt_shard, bpe_files, tmp_path / "ddp_drop", **drop),
+                    _over(gpt_shard, bpe_files, tmp_path / "drop", **drop, **DISTOPT),
+                    _over(gpt_shard, bpe_files, tmp_path / "span", **span, **DISTOPT),
+                    _over(gpt_shard, bpe_files, tmp_path / "fp16", **DISTOPT, **{
+                        "train.precision": "fp16", "model.seq_length": 8,
+                        "train.global_batch_size": 4, "train.micro_batch_size": 2}),
+                    tp_size=1)
+    # LayerDrop p=0.5, each DP rank dropping its own layers: zero gradients reduce like
+    # any other (the tolerance of the ZeRO engine's test: Adam amplifies the engines'
+    # different summation orders on the elements LayerDrop zeroes or halves)
+    _assert_close(_rows(tmp_path / "ddp_drop"), _rows(tmp_path / "drop"), 1e-3)
+    # a large penalty pushes every span below 0: the clamp reaches the sharded fp32
+    # masters, so the spans stay at 0 (the saved masters in range) instead of drifting
+    assert _rows(tmp_path / "span")[-1]["span_max"] == [0.0, 0.0]
+    state = load_file(resolve_checkpoint(tmp_path / "span") / "model.pt")
+    spans = [v for k, v in state.items() if k.endswith("adaptive.fraction")]
+    assert len(spans) == 2 and all(((s >= 0) & (s <= 1)).all() for s in spans)
+    assert all(s.dtype == torch.float32 for s in spans)
