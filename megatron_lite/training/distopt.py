@@ -204,43 +204,48 @@ class DistributedOptimizer:
             pos = start + size
         self.numel = pos
 
-        # the buffers; the parameters become views of them
+        # this rank's pieces and each parameter's fragment of them
+        self.pieces: list[_Piece] = []
+        self.fragments: dict[int, tuple[int, int, int] | None] = {}
+        piece_of: dict[int, _Piece] = {}
+        for i, g, g_start, g_stop, members in regions:
+            b = self.buckets[i]
+            a = min(max(g_start, b.own), g_stop)
+            e = max(min(g_stop, b.own + b.slice), a)
+            piece = _Piece(g, a, e, members)
+            self.pieces.append(piece)
+            for q in members:
+                o = self.offset[id(q)]
+                lo, hi = max(o, a), min(o + q.numel(), e)
+                self.fragments[id(q)] = (lo - o, lo - a, hi - lo) if hi > lo else None
+                piece_of[id(q)] = piece
+
+        # the buffers; each parameter moves in (its old storage freed at once, so the
+        # model is never held twice) and becomes a view of them
+        device = ctx.device
         with torch.no_grad():
-            staging = torch.zeros(self.numel, dtype=torch.float32, device=ctx.device)
-            for p in params:
-                o = self.offset[id(p)]
-                staging[o:o + p.numel()].copy_(p.detach().reshape(-1))
-            self.param_buffer = staging if not self.low else staging.to(dtype)
-            self.grad_buffer = torch.zeros(self.numel, dtype=torch.float32, device=ctx.device)
+            self.param_buffer = torch.zeros(self.numel, dtype=dtype, device=device)
+            self.grad_buffer = torch.zeros(self.numel, dtype=torch.float32, device=device)
+            for pc in self.pieces:  # masters: the fp32 weights' own slice, or fp32 copies
+                pc.flat = (self.param_buffer[pc.start:pc.stop] if not self.low else
+                           torch.zeros(pc.stop - pc.start, dtype=torch.float32, device=device))
+                pc.grad = self.grad_buffer[pc.start:pc.stop]
             self.main_grad: dict[int, torch.Tensor] = {}
             for p in params:
-                o = self.offset[id(p)]
-                p.data = self.param_buffer[o:o + p.numel()].view(p.shape)
-                self.main_grad[id(p)] = self.grad_buffer[o:o + p.numel()].view(p.shape)
+                o, n = self.offset[id(p)], p.numel()
+                flat = p.detach().reshape(-1)
+                self.param_buffer[o:o + n].copy_(flat)
+                if self.low and (frag := self.fragments[id(p)]) is not None:
+                    start, at, k = frag  # the fp32 value, before the cast
+                    piece_of[id(p)].flat.narrow(0, at, k).copy_(flat.narrow(0, start, k))
+                p.data = self.param_buffer[o:o + n].view(p.shape)
+                self.main_grad[id(p)] = self.grad_buffer[o:o + n].view(p.shape)
                 if not self.low:
                     p.grad = self.main_grad[id(p)]  # autograd accumulates into it in place
             if self.low:  # non-trainable floating parameters follow the dtype
                 for p in model.parameters():
                     if id(p) not in group_of and p.is_floating_point():
                         p.data = p.data.to(dtype)
-
-            # this rank's pieces: masters (fp32 views of the parameters, or fp32 copies)
-            self.pieces: list[_Piece] = []
-            self.fragments: dict[int, tuple[int, int, int] | None] = {}
-            for i, g, g_start, g_stop, members in regions:
-                b = self.buckets[i]
-                a = min(max(g_start, b.own), g_stop)
-                e = max(min(g_stop, b.own + b.slice), a)
-                piece = _Piece(g, a, e, members)
-                piece.flat = (self.param_buffer[a:e] if not self.low
-                              else staging[a:e].clone())
-                piece.grad = self.grad_buffer[a:e]
-                self.pieces.append(piece)
-                for q in members:
-                    o = self.offset[id(q)]
-                    lo, hi = max(o, a), min(o + q.numel(), e)
-                    self.fragments[id(q)] = (lo - o, lo - a, hi - lo) if hi > lo else None
-            del staging
 
         # AdamW over the pieces, one group per group of the model's optimizer
         new_groups = []
