@@ -358,8 +358,7 @@ class DistributedOptimizer:
         not stepped: its pieces lose their ``.grad`` too."""
         if self.low:
             return
-        for i, g in enumerate(self.base.param_groups):
-            del g  # the model's group i: its parameters are the pieces' members
+        for i in range(len(self.base.param_groups)):  # group i: its pieces' members
             members = [p for pc in self.pieces if pc.group == i for p in pc.params]
             if members and all(p.grad is None for p in members):
                 for pc in self.pieces:

@@ -23,6 +23,9 @@ DISTOPT = {"parallel.distributed_optimizer": True}
 # several buckets (the tiny GPT has ~90k parameters, 5k a bucket): the bucket logic is exercised
 SMALL_BUCKETS = {"parallel.ddp_bucket_mb": 0.02}
 STEP3 = "checkpoints/step_00000003"
+# a new run from the step-3 weights in bf16: the fp32 masters must come from the file
+FINETUNE = {"train.finetune": True, "train.max_steps": 2, "train.save_interval": 0,
+            "train.precision": "bf16", "train.params_dtype": "bf16"}
 
 
 def _over(gpt_shard, bpe_files, run, **kw):
@@ -77,6 +80,9 @@ def dp2(gpt_shard, bpe_files, tmp_path_factory, one_process):
         over("dist"),
         over("resumed", **{"train.exit_after": 3}), over("resumed"),
         over("from_ddp", **{"train.load": one_process / STEP3}),
+        *(_over(gpt_shard, bpe_files, tmp / f"finetune_{name}", **{
+            **FINETUNE, **extra, "train.load": one_process / STEP3})
+          for name, extra in (("ddp", {}), ("dist", {**DISTOPT, **SMALL_BUCKETS}))),
     ], tp_size=1)
     return tmp
 
@@ -102,6 +108,14 @@ def test_resume_is_bitwise_and_checkpoints_cross_engines(gpt_shard, bpe_files, t
     _runs(ParallelContext(), [_over(gpt_shard, bpe_files, tmp_path / "to_ddp", **{
         "train.load": dp2 / "dist" / STEP3})])
     _assert_close(_rows(dp2 / "dist"), _rows(tmp_path / "to_ddp"), 1e-5)
+
+
+def test_finetune_starts_from_the_fp32_masters_with_a_fresh_optimizer(dp2):
+    # DDP's bf16 (MainParams) loads the fp32 masters from the checkpoint; so must the
+    # distributed optimizer's sharded ones (masters from the rounded bf16 weights would
+    # differ by bf16's rounding, ~1e-3)
+    _assert_close(_rows(dp2 / "finetune_ddp"), _rows(dp2 / "finetune_dist"), 1e-5)
+    assert [r["step"] for r in _rows(dp2 / "finetune_dist")] == [1, 2]
 
 
 def _bf16_checked(ctx, ddp, dist):
