@@ -190,10 +190,11 @@ class Trainer:
             return
         saved = read_meta(resolve_checkpoint(source))
         if t.finetune and not own:  # Megatron's --finetune: a new run from these weights
-            with self._fp32():
-                load_checkpoint(source, self.model, self.ctx)
             if self.distopt is not None:  # bf16 weights: their fp32 masters from the file
                 self._load_masters_only(source)
+            else:
+                with self._fp32():
+                    load_checkpoint(source, self.model, self.ctx)
             if self.ctx.is_main:
                 print(f"fine-tuning from {source} (its step {saved['step']}): weights only; "
                       "fresh optimizer, step 0, this config's schedule", flush=True)
