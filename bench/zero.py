@@ -7,7 +7,9 @@
     python bench/zero.py --breakdown # also one step's phases, memory copies and collectives
 
 Each engine trains the same model for a few steps on two (or --dp) gloo processes over a
-random-token shard. Reported per rank: the median step time, and the growth of RSS from
+random-token shard. Reported per rank: the median step time, the median CPU time of a
+step (every thread of the rank: compute and gloo's transfers, no waiting; the fairer
+figure when other jobs share the machine), and the growth of RSS from
 just before the trainer is built, at the end of training (what the run holds: weights,
 gradients, fp32 masters, Adam moments, buffers) and at its peak (which includes
 DeepSpeed's transient copies while it flattens the model), and the optimizer state the
@@ -121,18 +123,19 @@ def _worker(ctx, overrides, out_dir, breakdown=False):
         import_deepspeed(ctx.device)  # imported before the baseline, like torch
     base = rss_mib()
     trainer = Trainer(load_config(None, overrides), ctx)
-    times, per_step, comm = [], [], {}
+    times, cpu, per_step, comm = [], [], [], {}
     last = trainer.cfg.train.max_steps - 1
     for i in range(last + 1):
         # --breakdown: one more step after the timed ones, instrumented and profiled
         phases = _instrument(trainer) if breakdown and i == last else None
         profile = torch.profiler.profile() if phases is not None else contextlib.nullcontext()
         with profile as prof:
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             trainer.train_step()
             took = time.perf_counter() - tick
         if phases is None:
             times.append(took)
+            cpu.append(time.process_time() - cpu_tick)
             continue
         if trainer.zero is None:
             phases["backward"] = took - phases["forward"] - phases["step"]
@@ -146,7 +149,8 @@ def _worker(ctx, overrides, out_dir, breakdown=False):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     params = sum(p.numel() for p in trainer.model.parameters())
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps({
-        "step_s": statistics.median(times[1:]), "end_mib": rss_mib() - base,
+        "step_s": statistics.median(times[1:]), "cpu_s": statistics.median(cpu[1:]),
+        "end_mib": rss_mib() - base,
         "peak_mib": peak - base, "params": params, "phases": per_step, "comm": comm,
         "optim_mib": optimizer_bytes(trainer) / 2**20}))
 
@@ -180,9 +184,10 @@ def main() -> None:
                    "zero-1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
                    "zero-2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"]}
         print(f"GPT {args.layers}L h{args.hidden}, vocab {VOCAB}, seq 128, micro-batch 2, "
-              f"fp32, TP=1 x DP={args.dp}, {args.steps} timed steps, 1 thread per rank")
-        print(f"{'engine':8} {'step s':>7} {'x ddp':>6}   RSS growth MiB/rank: {'end':>5} "
-              f"{'x ddp':>6} {'peak':>6} {'x ddp':>6}   optimizer MiB/rank {'x ddp':>6}")
+              f"fp32 unless --set, TP=1 x DP={args.dp}, {args.steps} timed steps, 1 thread/rank")
+        print(f"{'engine':8} {'step s':>7} {'x ddp':>6} {'cpu s':>6} {'x ddp':>6}   "
+              f"RSS growth MiB/rank: {'end':>5} {'x ddp':>6} {'peak':>6} {'x ddp':>6}   "
+              f"optimizer MiB/rank {'x ddp':>6}")
         ddp, breakdown = None, {}
         if args.set:
             print(f"with {' '.join(args.set)}")
@@ -197,8 +202,10 @@ def main() -> None:
             end = max(r["end_mib"] for r in ranks)
             peak = max(r["peak_mib"] for r in ranks)
             optim = max(r["optim_mib"] for r in ranks)
-            ddp = ddp or (end, peak, step, optim)  # the first engine listed is the reference
-            print(f"{name:8} {step:7.3f} {step / ddp[2]:5.2f}x {'':21}{end:5.0f} "
+            cpu = statistics.median(r["cpu_s"] for r in ranks)
+            ddp = ddp or (end, peak, step, optim, cpu)  # the first engine listed: reference
+            print(f"{name:8} {step:7.3f} {step / ddp[2]:5.2f}x {cpu:6.2f} {cpu / ddp[4]:5.2f}x"
+                  f" {'':21}{end:5.0f} "
                   f"{end / ddp[0]:5.2f}x {peak:6.0f} {peak / ddp[1]:5.2f}x   {optim:18.0f} "
                   f"{optim / ddp[3]:5.2f}x", flush=True)
         params = ranks[0]["params"]
