@@ -73,8 +73,32 @@ from megatron_lite.parallel.state import group_size
 from megatron_lite.parallel.state_dict import shard_like
 
 # the non-deprecated names where torch has them (2.13), else the older ones
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_TENSOR = getattr(dist, "reduce_scatter_single", None) or \
+    dist.reduce_scatter_tensor
+_ALL_GATHER_TENSOR = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter(own: torch.Tensor, whole: torch.Tensor, group):
+    """Start the sum over ``group`` of ``whole`` (one equal chunk per rank), this rank's
+    chunk into ``own`` (which may be that chunk itself); returns the work handle.
+
+    NOTE: gloo's single-tensor reduce-scatter costs about 9x its list form here (25 MiB
+    over 2 ranks: 0.36 s against 0.028 s, all-reduce 0.042 s; torch 2.13), so gloo gets
+    the list of chunks (views, no copy); NCCL the single tensor, which it wants."""
+    if dist.get_backend(group) == "gloo":
+        return dist.reduce_scatter(own, list(whole.chunk(group_size(group))), group=group,
+                                   async_op=True)
+    return _REDUCE_SCATTER_TENSOR(own, whole, group=group, async_op=True)
+
+
+def _all_gather(whole: torch.Tensor, own: torch.Tensor, group):
+    """Start gathering every rank's ``own`` (this rank's chunk of ``whole``, in place)
+    into ``whole``; returns the work handle. gloo: the list form, as above (0.07 s
+    against 0.32 s for 25 MiB over 2 ranks)."""
+    if dist.get_backend(group) == "gloo":
+        return dist.all_gather(list(whole.chunk(group_size(group))), own, group=group,
+                               async_op=True)
+    return _ALL_GATHER_TENSOR(whole, own, group=group, async_op=True)
 
 
 def all_reduce_sequence_parallel_grads(params, tp_group, main_grads: bool = False) -> None:
@@ -318,7 +342,7 @@ class DistributedOptimizer:
         if self.dp > 1:
             whole = self.grad_buffer[b.start:b.start + b.size]
             own = self.grad_buffer[b.own:b.own + b.slice]
-            b.handle = _REDUCE_SCATTER(own, whole, group=self.ctx.dp_group, async_op=True)
+            b.handle = _reduce_scatter(own, whole, self.ctx.dp_group)
 
     def finish_grad_sync(self) -> None:
         """After the last micro-batch's backward: finish every bucket's reduce-scatter
@@ -402,9 +426,9 @@ class DistributedOptimizer:
                 self.param_buffer[pc.start:pc.stop].copy_(pc.flat)
         if self.dp == 1:
             return
-        handles = [_ALL_GATHER(self.param_buffer[b.start:b.start + b.size],
-                               self.param_buffer[b.own:b.own + b.slice],
-                               group=self.ctx.dp_group, async_op=True) for b in self.buckets]
+        handles = [_all_gather(self.param_buffer[b.start:b.start + b.size],
+                               self.param_buffer[b.own:b.own + b.slice], self.ctx.dp_group)
+                   for b in self.buckets]
         for h in handles:
             h.wait()
 

@@ -125,15 +125,15 @@ def _bf16_checked(ctx, ddp, dist):
     trainer = Trainer(load_config(None, dist), ctx)
     do = trainer.distopt
     calls = []
-    real = distopt._REDUCE_SCATTER
+    real = distopt._reduce_scatter
 
     def spy(*args, **kwargs):
         calls.append(len(do.events))  # the collective starts after this many events
         return real(*args, **kwargs)
 
-    distopt._REDUCE_SCATTER, do.record = spy, True
+    distopt._reduce_scatter, do.record = spy, True
     trainer.fit()
-    distopt._REDUCE_SCATTER = real
+    distopt._reduce_scatter = real
     # overlap: in the first step's (last micro-batch's) backward, the first bucket's
     # reduce-scatter started before the last gradient arrived
     grads = [i for i, (kind, _) in enumerate(do.events) if kind == "grad"]
