@@ -91,10 +91,10 @@ def _instrument(trainer) -> dict:
     if trainer.zero is not None:
         trainer.zero.backward = _timed(phases, "backward", trainer.zero.backward)
         trainer.zero.step = _timed(phases, "step", trainer.zero.step)
+    elif trainer.distopt is not None:  # Adam on the slices and their all-gather
+        trainer.distopt.step = _timed(phases, "step", trainer.distopt.step)
     else:
         trainer.optimizer.step = _timed(phases, "step", trainer.optimizer.step)
-    if trainer.distopt is not None:  # the all-gather of the updated slices: the step's too
-        trainer.distopt.gather_params = _timed(phases, "step", trainer.distopt.gather_params)
     return phases
 
 

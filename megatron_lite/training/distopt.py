@@ -141,8 +141,9 @@ class _Piece:
     """This rank's elements of one optimizer group in one bucket: ``[start, stop)`` of
     the buffers (possibly empty), its fp32 masters (``flat``) and gradients."""
 
-    def __init__(self, group: int, start: int, stop: int, params: list):
-        self.group, self.start, self.stop, self.params = group, start, stop, params
+    def __init__(self, bucket: int, group: int, start: int, stop: int, params: list):
+        self.bucket, self.group, self.start, self.stop = bucket, group, start, stop
+        self.params = params
         self.flat: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
 
@@ -166,8 +167,8 @@ class DistributedOptimizer:
     """The model and AdamW with sharded masters and moments (see the module docstring).
 
     Used by the Trainer like DDP (``engine(**batch)``, :meth:`no_sync`), then per step:
-    :meth:`finish_grad_sync`, the scaler/clip on :meth:`shard_params`, ``base.step()``,
-    :meth:`gather_params`, :meth:`zero_grad`.
+    :meth:`finish_grad_sync`, the scaler/clip on :meth:`shard_params`, :meth:`step`
+    (Adam on the slices and their all-gather), :meth:`zero_grad`.
 
     Args:
         model: the model (fp32 weights, not wrapped); its trainable parameters become
@@ -236,7 +237,7 @@ class DistributedOptimizer:
             b = self.buckets[i]
             a = min(max(g_start, b.own), g_stop)
             e = max(min(g_stop, b.own + b.slice), a)
-            piece = _Piece(g, a, e, members)
+            piece = _Piece(i, g, a, e, members)
             self.pieces.append(piece)
             for q in members:
                 o = self.offset[id(q)]
@@ -418,17 +419,27 @@ class DistributedOptimizer:
         return norm
 
     @torch.no_grad()
-    def gather_params(self) -> None:
-        """The updated slices into the parameters: bf16 masters copied into the
-        parameter buffer's slice, then one all-gather per bucket, in place."""
-        if self.low:
-            for pc in self.pieces:
-                self.param_buffer[pc.start:pc.stop].copy_(pc.flat)
-        if self.dp == 1:
-            return
-        handles = [_all_gather(self.param_buffer[b.start:b.start + b.size],
-                               self.param_buffer[b.own:b.own + b.slice], self.ctx.dp_group)
-                   for b in self.buckets]
+    def step(self) -> None:
+        """AdamW on this rank's slices, then the updated slices into every rank's weights:
+        bucket by bucket in the order forward needs them (the last bucket holds the first
+        layers), each bucket's all-gather started as soon as its slices are updated, so
+        it overlaps the next bucket's Adam (elementwise: the same update as one call)."""
+        grads = [pc.flat.grad for pc in self.pieces]
+        handles = []
+        for b in reversed(self.buckets):
+            for pc, grad in zip(self.pieces, grads, strict=True):
+                pc.flat.grad = grad if pc.bucket == b.index else None
+            self.base.step()
+            if self.low:
+                for pc in self.pieces:
+                    if pc.bucket == b.index:
+                        self.param_buffer[pc.start:pc.stop].copy_(pc.flat)
+            if self.dp > 1:
+                handles.append(_all_gather(self.param_buffer[b.start:b.start + b.size],
+                                           self.param_buffer[b.own:b.own + b.slice],
+                                           self.ctx.dp_group))
+        for pc, grad in zip(self.pieces, grads, strict=True):
+            pc.flat.grad = grad
         for h in handles:
             h.wait()
 

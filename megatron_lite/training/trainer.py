@@ -418,9 +418,10 @@ class Trainer:
             else:
                 grad_norm = clip_grads_(self.clipped, cfg.optim.clip_grad, self.ctx)
             if finite:
-                self.optimizer.step()
-                if do is not None:
-                    do.gather_params()  # the updated slices into every rank's weights
+                if do is not None:  # this rank's slices, then all-gathered into the weights
+                    do.step()
+                else:
+                    self.optimizer.step()
                 for hook in self.hooks:
                     hook.after_optimizer_step(self)
             if self.scaler is not None:
