@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_lite.checkpoint import load_checkpoint
+from megatron_lite.cli import EXIT_DIR
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.data.indexed import IndexedDataset
@@ -343,3 +344,15 @@ def test_the_launcher_takes_the_lowest_failing_ranks_code(tmp_path):
     codes = reported_codes(tmp_path)
     assert codes == {0: 0, 1: 2, 3: 143} and failure_code(codes) == 2
     assert failure_code({0: 0, 1: 0}) is None and failure_code({}) is None
+
+
+def test_a_usage_error_under_the_launcher_is_reported_with_its_code(tmp_path, monkeypatch,
+                                                                    capsys):
+    """argparse's usage errors end a worker before run_cli: the launcher must still get
+    the worker's 2 (else it prints torchrun's failure summary and exits 1)."""
+    monkeypatch.setenv(EXIT_DIR, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as err:
+        train_main(["config.yaml", "--no-such-flag"])
+    assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert failure_code(reported_codes(tmp_path)) == 2
