@@ -251,7 +251,10 @@ def test_found_yaml_records_how_far_the_search_got(gpt_shard, bpe_files, tmp_pat
 def test_samples_during_training_are_the_greedy_continuation_and_change_nothing(
         gpt_shard, bpe_files, tmp_path, capsys):
     config = str(gpt_yaml(tmp_path))
-    steps = {"train.max_steps": 4, "train.eval_interval": 0}
+    # with dropout: a sample that drew from the training's random streams (or left the
+    # model in eval mode) would change the losses after it
+    steps = {"train.max_steps": 4, "train.eval_interval": 0, "model.hidden_dropout": 0.1,
+             "model.attention_dropout": 0.1}
     assert train_main([config, *tiny_overrides(gpt_shard, bpe_files, tmp_path / "plain",
                                                **steps)]) == 0
     assert train_main([config, *tiny_overrides(gpt_shard, bpe_files, tmp_path / "sampled",
