@@ -4,6 +4,7 @@ announce themselves, --dry-run, train.sample_interval, log.wandb, the launcher's
 import importlib.util
 import json
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -323,6 +324,14 @@ def test_wandb_logs_the_metrics_offline(gpt_shard, bpe_files, tmp_path, monkeypa
     assert [v["loss"] for _, v in fake.logged] == [r["loss"] for r in rows]
     assert fake.finished == 1
     assert (tmp_path / "w/wandb/run_id").read_text().strip() == init["id"]
+    # resumed (from step 3): the same W&B run goes on; a fresh start in the folder (no
+    # checkpoint: step 0 again) is a new W&B run, which would drop steps 1.. otherwise
+    assert train_main([str(gpt_yaml(tmp_path)), *over, "train.max_steps=4"]) == 0
+    assert fake.inits[1]["id"] == init["id"] and fake.logged[-1][0] == 4
+    shutil.rmtree(tmp_path / "w/checkpoints")
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+    assert fake.inits[2]["id"] != init["id"] and fake.logged[-3][0] == 1
+    assert (tmp_path / "w/wandb/run_id").read_text().strip() == fake.inits[2]["id"]
 
 
 def test_wandb_missing_is_one_line_before_anything_is_written(gpt_shard, bpe_files, tmp_path,
