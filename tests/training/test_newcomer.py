@@ -3,6 +3,7 @@ announce themselves, --dry-run, train.sample_interval, log.wandb, the launcher's
 
 import importlib.util
 import json
+import logging
 import re
 import shutil
 import sys
@@ -20,7 +21,7 @@ from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.experiments.distill import main as distill_main
 from megatron_lite.experiments.search import main as search_main
 from megatron_lite.generate import SAMPLE_TOKENS, generate
-from megatron_lite.launch import failure_code, reported_codes
+from megatron_lite.launch import _QuietWhenReported, failure_code, reported_codes
 from megatron_lite.models.adaptive_span import span_summary
 from megatron_lite.parallel import ParallelContext, validate_parallel_config
 from megatron_lite.plan import main as plan_main
@@ -368,3 +369,12 @@ def test_a_usage_error_under_the_launcher_is_reported_with_its_code(tmp_path, mo
         train_main(["config.yaml", "--no-such-flag"])
     assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
     assert failure_code(reported_codes(tmp_path)) == 2
+
+
+def test_the_launcher_quiets_torchrun_only_after_a_reported_failure(tmp_path):
+    quiet = _QuietWhenReported(tmp_path)
+    record = logging.LogRecord("torch", logging.WARNING, "x", 1, "worker failed", None, None)
+    (tmp_path / "rank0").write_text("0\n")  # rank 0 ended well: rank 1 may have crashed
+    assert quiet.filter(record)
+    (tmp_path / "rank1").write_text("2\n")  # its own line said why
+    assert not quiet.filter(record)
