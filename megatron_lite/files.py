@@ -205,8 +205,11 @@ class FolderLock:
             return []
 
     def release(self) -> None:
+        """Remove the lock if it is still this job's (a job that removed its folder itself,
+        preprocessing's work folder, may find another job's fresh lock there by now)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._read()[:2] == [socket.gethostname(), str(os.getpid())]:
+                self.path.unlink(missing_ok=True)
             self.held = False
             if self.made:  # a job that stopped before writing anything leaves no folder
                 with contextlib.suppress(OSError):

@@ -96,3 +96,15 @@ def test_two_jobs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monke
     assert lock.read_text().split()[1] == str(os.getpid()) and len(said) == 1
     mine.release()
     assert not lock.exists()
+
+
+def test_a_lock_released_after_its_folder_was_removed_leaves_anothers_lock(tmp_path):
+    """Preprocessing removes its work folder (lock included) before releasing: a job that
+    took the folder in between keeps its lock."""
+    folder = tmp_path / "work"
+    mine = FolderLock(folder, "--work-dir")
+    mine.acquire()
+    other = f"{socket.gethostname()} {os.getppid()} 2026-01-02T00:00:00\n"
+    (folder / ".lock").write_text(other)  # removed and taken by another job meanwhile
+    mine.release()
+    assert (folder / ".lock").read_text() == other
