@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lite.data.gpt_dataset import ErrorSync, build_once, cache_key
-from megatron_lite.data.indexed import IndexedDataError, IndexedDataset, prefix_hint
+from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 
 BLEND_VERSION = 1
 
@@ -258,8 +258,8 @@ def check_sources_exist(sources: list[Source], key: str) -> None:
     for s in sources:
         for ext in (".idx", ".bin"):
             if not Path(s.prefix + ext).is_file():
-                raise IndexedDataError(f"{key}: {s.prefix}{ext}: no such file "
-                                       f"({prefix_hint(s.prefix)})")
+                raise IndexedDataError(f"{key}: {s.prefix}{ext}: no such file (is the data "
+                                       "prefix right?)")
 
 
 def blend_plan(data: BlendedDataset, shards: dict[str, IndexedDataset],

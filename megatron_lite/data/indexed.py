@@ -125,14 +125,6 @@ class IndexedDatasetWriter:
             p.unlink(missing_ok=True)
 
 
-def prefix_hint(prefix: str) -> str:
-    """What to check when a shard of ``prefix`` is missing (a path given with its suffix:
-    drop it)."""
-    if prefix.endswith((".bin", ".idx")):
-        return f"the data path is a prefix without .bin/.idx: drop the suffix, {prefix[:-4]}"
-    return "is the data prefix right?"
-
-
 class IndexedDataset:
     """Memory-mapped reader of a shard.
 
@@ -149,7 +141,11 @@ class IndexedDataset:
         idx_path, bin_path = Path(self.prefix + ".idx"), Path(self.prefix + ".bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
-                raise IndexedDataError(f"{p}: no such file ({prefix_hint(self.prefix)})")
+                hint = "is the data prefix right?"
+                if self.prefix.endswith((".bin", ".idx")):
+                    hint = (f"the data path is a prefix without .bin/.idx: drop the suffix, "
+                            f"{self.prefix[:-4]}")
+                raise IndexedDataError(f"{p}: no such file ({hint})")
         size = idx_path.stat().st_size
         with open(idx_path, "rb") as f:
             head = f.read(HEADER.size)
