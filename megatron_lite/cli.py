@@ -70,8 +70,13 @@ def _run_cli(body: Callable[[], int | None]) -> int:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     """Parse a command line whose ``section.key=value`` overrides may come anywhere:
     before, between or after the options (``parse_intermixed_args``; plain
-    ``parse_args`` stops collecting positionals once an option has appeared)."""
-    return parser.parse_intermixed_args(argv)
+    ``parse_args`` stops collecting positionals once an option has appeared). A usage
+    error's exit code (2) is recorded for the launcher, as :func:`run_cli`'s are."""
+    try:
+        return parser.parse_intermixed_args(argv)
+    except SystemExit as err:  # --help (0) or a usage error (2), printed by argparse
+        record_exit_code(err.code if isinstance(err.code, int) else 2)
+        raise
 
 
 def path_and_overrides(parser: argparse.ArgumentParser, args, required: bool = True) -> None:

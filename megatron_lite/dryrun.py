@@ -21,6 +21,7 @@ import yaml
 
 from megatron_lite.checkpoint import read_meta, resolve_checkpoint
 from megatron_lite.config import Config
+from megatron_lite.data.blend import check_sources_exist, parse_blend
 from megatron_lite.data.gpt_dataset import split_ranges
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.devices import DEVICES, device_for_cuda_name
@@ -51,32 +52,60 @@ def layout_lines(cfg: Config, ctx: ParallelContext, auto: bool = False) -> list[
 
 
 def data_lines(cfg: Config) -> list[str]:
-    """The shard, its split and how much of the training split the run reads."""
+    """The shard (or each source of a blend), its split and how much of the training
+    split the run reads; separate validation/test data by their keys. Reads only the
+    shards' own indexes (a blend's plan is weight x samples, within one sample of the
+    blend index the run builds)."""
     d, t, m = cfg.data, cfg.train, cfg.model
     if not d.data_path:
         return ["data: data.data_path is not set"]
-    shard = IndexedDataset(d.data_path)
-    lengths = shard.sequence_lengths.astype("int64")
-    docs = shard.document_indices
-    ranges = split_ranges(shard.num_documents, d.split)
-
-    def tokens(lo: int, hi: int) -> int:
-        return int(lengths[docs[lo]:docs[hi]].sum()) if hi > lo else 0
-
     names = ("train", "valid", "test")
-    parts = ", ".join(f"{n} {hi - lo} docs / {tokens(lo, hi)} tokens"
-                      for n, (lo, hi) in zip(names, ranges, strict=True))
-    lines = [f"data: {d.data_path}: {shard.num_documents} documents, {shard.num_tokens} "
-             f"tokens; data.split={d.split}: {parts}"]
+    lines, have = [], 0
+    sources = parse_blend(d.data_path)
+    if len(sources) > 1:
+        lines.append(f"data: a blend of {len(sources)} corpora (data.data_path)")
     need = t.max_steps * t.global_batch_size * m.seq_length
-    have = tokens(*ranges[0])
-    epochs = f" = {need / have:.2f} epochs of the train split" if have else ""
+    for source in sources:
+        check_sources_exist([source], "data.data_path")
+        shard = IndexedDataset(source.prefix)
+        ranges = split_ranges(shard.num_documents, d.split)
+        parts = ", ".join(f"{n} {hi - lo} docs / {_tokens(shard, lo, hi)} tokens"
+                          for n, (lo, hi) in zip(names, ranges, strict=True))
+        weight = f"weight {source.weight:.4f} " if len(sources) > 1 else ""
+        lines.append(f"{'  ' if weight else ''}{weight}data: {source.prefix}: "
+                     f"{shard.num_documents} documents, {shard.num_tokens} tokens; "
+                     f"data.split={d.split}: {parts}")
+        train_tokens = _tokens(shard, *ranges[0])
+        if len(sources) > 1:
+            share = source.weight * need
+            epochs = f" = {share / train_tokens:.2f} epochs" if train_tokens else ""
+            lines.append(f"    reads about {share:.0f} tokens of its train split{epochs}")
+        have += train_tokens
+    epochs = f" = {need / have:.2f} epochs of the train split" if have and len(sources) == 1 \
+        else ""
     lines.append(f"reads: {t.max_steps} steps x {t.global_batch_size} samples x "
                  f"{m.seq_length} tokens = {need} tokens{epochs}")
+    for key, value in (("data.valid_data_path", d.valid_data_path),
+                       ("data.test_data_path", d.test_data_path)):
+        if value:
+            for source in parse_blend(value, key):
+                check_sources_exist([source], key)
+                shard = IndexedDataset(source.prefix)
+                lines.append(f"{key}: {source.prefix}: {shard.num_documents} documents, "
+                             f"{shard.num_tokens} tokens (read whole)")
     if t.eval_interval > 0 and t.eval_iters > 0:
+        where = "data.valid_data_path" if d.valid_data_path else "the valid split"
         lines.append(f"validation: every {t.eval_interval} steps, {t.eval_iters} x "
-                     f"{t.global_batch_size} samples of the valid split")
+                     f"{t.global_batch_size} samples of {where}")
     return lines
+
+
+def _tokens(shard: IndexedDataset, lo: int, hi: int) -> int:
+    """Tokens of documents ``lo`` to ``hi`` of ``shard``."""
+    if hi <= lo:
+        return 0
+    docs = shard.document_indices
+    return int(shard.sequence_lengths[docs[lo]:docs[hi]].sum(dtype="int64"))
 
 
 def resume_line(cfg: Config) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -169,10 +170,10 @@ class FolderLock:
                     self.path.unlink(missing_ok=True)  # this process's, not released
                     continue
                 if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                    warn(f"warning: {self.path.parent} was held by process {pid} (since "
-                         f"{since}), which is gone; taking it over")
-                    self.path.unlink(missing_ok=True)
-                    continue
+                    if self._remove_if_unchanged([host, pid, since]):
+                        warn(f"warning: {self.path.parent} was held by process {pid} (since "
+                             f"{since}), which is gone; taking it over")
+                    continue  # (else another job took it over first: look again)
                 raise FolderInUse(
                     f"{self.what}={self.path.parent} is in use by process {pid} on {host} "
                     f"(since {since}): one job per folder; wait for it, or use another "
@@ -183,6 +184,20 @@ class FolderLock:
             return
         raise FolderInUse(f"{self.what}={self.path.parent}: could not take {self.path}")
 
+    def _remove_if_unchanged(self, seen: list[str]) -> bool:
+        """Remove the lock if it still names ``seen`` (a dead holder). Takeovers hold an
+        ``flock`` on the folder, so of two jobs finding the same stale lock the second
+        sees the first's fresh lock instead of removing it (both would hold the folder)."""
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if (self._read() + ["?", "?", "?"])[:3] != seen:
+                return False
+            self.path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
+
     def _read(self) -> list[str]:
         try:
             return self.path.read_text().split()
@@ -190,8 +205,11 @@ class FolderLock:
             return []
 
     def release(self) -> None:
+        """Remove the lock if it is still this job's (a job that removed its folder itself,
+        preprocessing's work folder, may find another job's fresh lock there by now)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._read()[:2] == [socket.gethostname(), str(os.getpid())]:
+                self.path.unlink(missing_ok=True)
             self.held = False
             if self.made:  # a job that stopped before writing anything leaves no folder
                 with contextlib.suppress(OSError):

@@ -56,14 +56,15 @@ def failure_code(codes: dict[int, int]) -> int | None:
 
 class _QuietWhenReported(logging.Filter):
     """Drops torchrun's own log lines (workers being stopped, "failed (exitcode: 2)")
-    once a worker has reported its exit code: its one line said what happened."""
+    once a worker has reported a failure: its one line said what happened. (A worker
+    that ended well, code 0, silences nothing: another may have crashed unreported.)"""
 
     def __init__(self, folder: Path):
         super().__init__()
         self.folder = folder
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(self.folder.glob("rank*"))
+        return failure_code(reported_codes(self.folder)) is None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,18 @@
 """Outputs are complete or absent: atomic_write, atomic_path and written_dir."""
 
+import os
+import socket
+
 import pytest
 
-from megatron_lite.files import atomic_path, atomic_write, written_dir
+from megatron_lite import files
+from megatron_lite.files import (
+    FolderInUse,
+    FolderLock,
+    atomic_path,
+    atomic_write,
+    written_dir,
+)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -54,3 +64,47 @@ def test_a_full_disk_removes_the_partial_output_and_says_so(tmp_path):
         assert str(err.value) == (f"[Errno 28] No space left on device while writing {out}; "
                                   f"its partial temporary {tmp.name} was removed")
         assert list(tmp_path.iterdir()) == []
+
+
+def test_two_jobs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monkeypatch):
+    """Job B finds a dead job's lock; before B removes it, job A (alive) has taken it over
+    and written its own: B must see A's lock and refuse, not delete it and hold too."""
+    lock = tmp_path / ".lock"
+    host = socket.gethostname()
+    lock.write_text(f"{host} 999999999 2026-01-01T00:00:00\n")  # a dead job's
+    other = f"{host} {os.getppid()} 2026-01-02T00:00:00\n"  # job A: a live process
+
+    alive = files._alive
+
+    def dead_and_taken_over(pid):  # B checks the dead holder: meanwhile A takes over
+        if pid != 999999999:
+            return alive(pid)
+        lock.unlink(missing_ok=True)
+        lock.write_text(other)
+        return False
+
+    monkeypatch.setattr(files, "_alive", dead_and_taken_over)
+    said = []
+    with pytest.raises(FolderInUse, match=f"in use by process {os.getppid()} on {host}"):
+        FolderLock(tmp_path, "train.run_dir").acquire(warn=said.append)
+    assert lock.read_text() == other and not said
+    # a stale lock nobody else takes: taken over, with the warning
+    lock.write_text(f"{host} 999999999 2026-01-01T00:00:00\n")
+    monkeypatch.setattr(files, "_alive", lambda pid: False)
+    mine = FolderLock(tmp_path, "train.run_dir")
+    mine.acquire(warn=said.append)
+    assert lock.read_text().split()[1] == str(os.getpid()) and len(said) == 1
+    mine.release()
+    assert not lock.exists()
+
+
+def test_a_lock_released_after_its_folder_was_removed_leaves_anothers_lock(tmp_path):
+    """Preprocessing removes its work folder (lock included) before releasing: a job that
+    took the folder in between keeps its lock."""
+    folder = tmp_path / "work"
+    mine = FolderLock(folder, "--work-dir")
+    mine.acquire()
+    other = f"{socket.gethostname()} {os.getppid()} 2026-01-02T00:00:00\n"
+    (folder / ".lock").write_text(other)  # removed and taken by another job meanwhile
+    mine.release()
+    assert (folder / ".lock").read_text() == other

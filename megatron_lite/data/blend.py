@@ -49,16 +49,23 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _one_prefix(fields: list[str]) -> bool:
+    """Whether the fields are one prefix: a single field, or no number among them (a
+    path holding spaces, as a single prefix could before blends; a blend's weights are
+    numbers)."""
+    return len(fields) == 1 or all(_number(f) is None for f in fields)
+
+
 def parse_blend(value: str, key: str = "data.data_path") -> list[Source]:
     """The sources of a prefix or a ``"W1 PREFIX1 W2 PREFIX2 ..."`` blend, weights
     normalised. Raises one-line :class:`ValueError`s naming ``key`` and the field."""
     fields = str(value).split()
     if not fields:
         raise ValueError(f"{key} is empty (a shard prefix, or 'WEIGHT PREFIX ...' pairs)")
-    if len(fields) == 1:
-        if _number(fields[0]) is not None:
-            raise ValueError(f"{key}={value!r}: weight {fields[0]} has no prefix after it")
-        return [Source(1.0, fields[0])]
+    if len(fields) == 1 and _number(fields[0]) is not None:
+        raise ValueError(f"{key}={value!r}: weight {fields[0]} has no prefix after it")
+    if _one_prefix(fields):
+        return [Source(1.0, str(value).strip())]
     weights, prefixes = fields[0::2], fields[1::2]
     if len(fields) % 2:
         # a prefix standing where a weight belongs: the pair before it lost its weight
@@ -126,8 +133,8 @@ def format_blend(sources: list[tuple[float, str]]) -> str:
 def raw_blend(value: str) -> list[tuple[float, str]]:
     """``(weight as written, prefix)`` pairs of a valid blend string (one prefix: weight 1)."""
     fields = str(value).split()
-    if len(fields) == 1:
-        return [(1.0, fields[0])]
+    if _one_prefix(fields):
+        return [(1.0, str(value).strip())]
     return [(float(w), p) for w, p in zip(fields[0::2], fields[1::2], strict=True)]
 
 

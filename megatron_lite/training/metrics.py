@@ -64,7 +64,7 @@ class MetricsLogger:
         if enabled:
             self._continue_from(step)
         if enabled and wandb is not None:
-            self.wandb = start_wandb(self.run_dir, **wandb)
+            self.wandb = start_wandb(self.run_dir, **wandb, step=step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -143,18 +143,21 @@ class MetricsLogger:
         return plot_losses(self.path, self.run_dir / "loss.png")
 
 
-def start_wandb(run_dir: Path, project: str, config: dict):
+def start_wandb(run_dir: Path, project: str, config: dict, step: int = 0):
     """A Weights & Biases run for ``log.wandb=true``: offline unless ``WANDB_MODE`` says
     otherwise (no network needed; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads
-    later), its files under ``RUN_DIR/wandb``, one W&B run per run folder (its id kept in
-    ``RUN_DIR/wandb/run_id``, so a resumed run continues it). Imported only here: the
-    package is optional (:func:`check_wandb` refuses a run without it first)."""
+    later), its files under ``RUN_DIR/wandb``, one W&B run per start of the run folder
+    (its id kept in ``RUN_DIR/wandb/run_id``, so a run resumed at ``step`` > 0 continues
+    it; a fresh start at step 0, whose earlier metrics were moved aside, gets a new one:
+    W&B drops steps logged below a run's last). Imported only here: the package is
+    optional (:func:`check_wandb` refuses a run without it first)."""
     import wandb
 
     folder = run_dir / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
     id_file = folder / "run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    run_id = id_file.read_text().strip() if step > 0 and id_file.is_file() \
+        else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow",
                       dir=str(run_dir), config=config,

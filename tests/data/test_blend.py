@@ -195,6 +195,18 @@ def test_one_prefix_is_a_source_of_weight_one():
     assert [round(s.weight, 6) for s in parse_blend("0.3 a 0.7 b 1 c")] == [0.15, 0.35, 0.5]
 
 
+def test_one_prefix_may_hold_spaces_as_before_blends(tmp_path, monkeypatch):
+    """A single prefix with a space (a folder "my data") worked before blends; a blend
+    starts with a number, a path with no number among its words is one prefix."""
+    monkeypatch.chdir(tmp_path)
+    assert [(s.weight, s.prefix) for s in parse_blend(" my data/x_text_document ")] == \
+        [(1.0, "my data/x_text_document")]
+    cfg = load_config(None, ["data.data_path=my data/x_text_document"])
+    resolve_paths(cfg)
+    assert cfg.data.data_path == f"{tmp_path}/my data/x_text_document"
+    assert cfg.problems() == []
+
+
 def test_each_prefix_of_a_blend_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.data_path=0.3 data/a 0.7 ~/b", "data.valid_data_path=v",

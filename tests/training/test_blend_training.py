@@ -202,3 +202,23 @@ def test_a_memory_model_evaluates_each_sources_stream(gpt_shard, web_shard, bpe_
     assert per == {str(gpt_shard): results["a"]["loss"], str(web_shard): results["b"]["loss"]}
     assert results["blend"]["loss"] == pytest.approx(0.25 * results["a"]["loss"] +
                                                      0.75 * results["b"]["loss"], rel=1e-12)
+
+
+def test_dry_run_of_a_blend_prints_each_source_and_writes_nothing(gpt_shard, web_shard,
+                                                                  bpe_files, tmp_path, capsys):
+    """--dry-run reads each source's own index (it took the blend string for one prefix)."""
+    before = {p: set(p.parent.iterdir()) for p in (gpt_shard, web_shard)}
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
+        "train.max_steps": 3, "data.data_path": f"'1 {gpt_shard} 3 {web_shard}'",
+        "data.valid_data_path": str(web_shard)})
+    assert train_main([str(gpt_yaml(tmp_path)), *over, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "data: a blend of 2 corpora (data.data_path)" in out
+    for prefix, weight in ((gpt_shard, 0.25), (web_shard, 0.75)):
+        shard = IndexedDataset(prefix)
+        assert f"weight {weight:.4f} data: {prefix}: {shard.num_documents} documents" in out
+        assert f"reads about {weight * 3 * 8 * 32:.0f} tokens of its train split" in out
+    assert f"data.valid_data_path: {web_shard}: " in out
+    assert "reads: 3 steps x 8 samples x 32 tokens = 768 tokens\n" in out
+    assert not (tmp_path / "run").exists()
+    assert {p: set(p.parent.iterdir()) for p in (gpt_shard, web_shard)} == before

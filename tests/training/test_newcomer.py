@@ -3,7 +3,9 @@ announce themselves, --dry-run, train.sample_interval, log.wandb, the launcher's
 
 import importlib.util
 import json
+import logging
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -12,13 +14,14 @@ import numpy as np
 import pytest
 
 from megatron_lite.checkpoint import load_checkpoint
+from megatron_lite.cli import EXIT_DIR
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.experiments.distill import main as distill_main
 from megatron_lite.experiments.search import main as search_main
 from megatron_lite.generate import SAMPLE_TOKENS, generate
-from megatron_lite.launch import failure_code, reported_codes
+from megatron_lite.launch import _QuietWhenReported, failure_code, reported_codes
 from megatron_lite.models.adaptive_span import span_summary
 from megatron_lite.parallel import ParallelContext, validate_parallel_config
 from megatron_lite.plan import main as plan_main
@@ -250,7 +253,10 @@ def test_found_yaml_records_how_far_the_search_got(gpt_shard, bpe_files, tmp_pat
 def test_samples_during_training_are_the_greedy_continuation_and_change_nothing(
         gpt_shard, bpe_files, tmp_path, capsys):
     config = str(gpt_yaml(tmp_path))
-    steps = {"train.max_steps": 4, "train.eval_interval": 0}
+    # with dropout: a sample that drew from the training's random streams (or left the
+    # model in eval mode) would change the losses after it
+    steps = {"train.max_steps": 4, "train.eval_interval": 0, "model.hidden_dropout": 0.1,
+             "model.attention_dropout": 0.1}
     assert train_main([config, *tiny_overrides(gpt_shard, bpe_files, tmp_path / "plain",
                                                **steps)]) == 0
     assert train_main([config, *tiny_overrides(gpt_shard, bpe_files, tmp_path / "sampled",
@@ -319,6 +325,14 @@ def test_wandb_logs_the_metrics_offline(gpt_shard, bpe_files, tmp_path, monkeypa
     assert [v["loss"] for _, v in fake.logged] == [r["loss"] for r in rows]
     assert fake.finished == 1
     assert (tmp_path / "w/wandb/run_id").read_text().strip() == init["id"]
+    # resumed (from step 3): the same W&B run goes on; a fresh start in the folder (no
+    # checkpoint: step 0 again) is a new W&B run, which would drop steps 1.. otherwise
+    assert train_main([str(gpt_yaml(tmp_path)), *over, "train.max_steps=4"]) == 0
+    assert fake.inits[1]["id"] == init["id"] and fake.logged[-1][0] == 4
+    shutil.rmtree(tmp_path / "w/checkpoints")
+    assert train_main([str(gpt_yaml(tmp_path)), *over]) == 0
+    assert fake.inits[2]["id"] != init["id"] and fake.logged[-3][0] == 1
+    assert (tmp_path / "w/wandb/run_id").read_text().strip() == fake.inits[2]["id"]
 
 
 def test_wandb_missing_is_one_line_before_anything_is_written(gpt_shard, bpe_files, tmp_path,
@@ -343,3 +357,24 @@ def test_the_launcher_takes_the_lowest_failing_ranks_code(tmp_path):
     codes = reported_codes(tmp_path)
     assert codes == {0: 0, 1: 2, 3: 143} and failure_code(codes) == 2
     assert failure_code({0: 0, 1: 0}) is None and failure_code({}) is None
+
+
+def test_a_usage_error_under_the_launcher_is_reported_with_its_code(tmp_path, monkeypatch,
+                                                                    capsys):
+    """argparse's usage errors end a worker before run_cli: the launcher must still get
+    the worker's 2 (else it prints torchrun's failure summary and exits 1)."""
+    monkeypatch.setenv(EXIT_DIR, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as err:
+        train_main(["config.yaml", "--no-such-flag"])
+    assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert failure_code(reported_codes(tmp_path)) == 2
+
+
+def test_the_launcher_quiets_torchrun_only_after_a_reported_failure(tmp_path):
+    quiet = _QuietWhenReported(tmp_path)
+    record = logging.LogRecord("torch", logging.WARNING, "x", 1, "worker failed", None, None)
+    (tmp_path / "rank0").write_text("0\n")  # rank 0 ended well: rank 1 may have crashed
+    assert quiet.filter(record)
+    (tmp_path / "rank1").write_text("2\n")  # its own line said why
+    assert not quiet.filter(record)
