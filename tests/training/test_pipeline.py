@@ -3,6 +3,8 @@ losses and gradient norms step by step, the tied embedding's two copies, bitwise
 checkpoints across PP sizes, and the one-line refusals."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from megatron_lite.training.pipeline import build_pipeline_model
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import gather_shards
 from tests.training.conftest import gpt_yaml, tiny_overrides
+from tests.training.test_run_life import _children, _freeze_mid_run, _torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -317,3 +320,46 @@ def test_bf16_params_pipelined_follow_the_unpipelined_bf16_run(distributed, gpt_
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.1  # it learns: the steps were taken
     val = [r["val_loss"] for r in got if "val_loss" in r]
     assert len(val) == 1 and _rel(val, [r["val_loss"] for r in ref if "val_loss" in r]) <= 4e-3
+
+
+@pytest.mark.slow  # three torchrun jobs of 2 processes
+def test_sigterm_at_pp2_saves_and_the_rerun_resumes_bitwise(gpt_shard, bpe_files, tmp_path):
+    """SIGTERM (as a batch system sends it, to torchrun and both stages at once) during a
+    PP=2 run with dropout: both stages finish the step, one checkpoint, one line; the
+    rerun resumes and reproduces the uninterrupted run's losses and gradient norms bit
+    for bit. The stages are frozen (SIGSTOP) before the signal, so it lands mid-run
+    however fast the machine trains."""
+    steps = 30
+    run = tmp_path / "run"
+    args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, run, **{"parallel.pipeline_parallel_size": 2,
+                                      "model.num_layers": 4, "train.max_steps": steps,
+                                      "train.eval_interval": 0, "train.global_batch_size": 4,
+                                      "model.hidden_dropout": 0.1,
+                                      "model.attention_dropout": 0.1})]
+    proc = _torchrun(args, start_new_session=True)  # its own process group, like a job's
+    workers = _freeze_mid_run(proc, lambda: _children(proc.pid), run / "metrics.jsonl", steps)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it too, to stages still stopped
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    out = proc.communicate(timeout=120)[0]
+    lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
+    assert len(lines) == 1, out
+    stopped = int(lines[0].split()[3])
+    assert 3 <= stopped < steps
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert [r["step"] for r in _records(run)] == list(range(1, stopped + 1))
+
+    resumed = _torchrun(args)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed from {run} at step {stopped}" in out
+    reference = tmp_path / "reference"
+    straight = _torchrun([a.replace(str(run), str(reference)) for a in args])
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out
+    got, want = _records(run), _records(reference)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [(r["loss"], r["grad_norm"]) for r in got] == \
+        [(r["loss"], r["grad_norm"]) for r in want]
