@@ -18,6 +18,15 @@ per bucket, after the schedule) and sums the tied embedding's. The last stage co
 the loss; the step's loss is then broadcast over the pipeline, so every rank logs the
 same line. Evaluation (``model(input_ids, labels)``) is a forward through the stages
 with plain sends and receives, the loss broadcast the same way.
+
+Sequence parallelism (``parallel.sequence_parallel``): the step (or evaluation) decides
+it once from the sequence length (``SequenceParallel.begin``), the first chunk scatters
+the embeddings' output over TP as :class:`GPTModel` does, and every stage boundary
+carries each TP rank's ``[b, s/tp, h]`` shard, so the point-to-point bytes divide by TP
+(Megatron's way); the head gathers the sequence on the last stage. bf16 parameters
+(``train.params_dtype=bf16``, :class:`~megatron_lite.training.mixed.MainParams`): the
+stages pass bf16 activations, and the tied embedding's fp32 main gradients are what
+the embedding group sums.
 """
 
 from __future__ import annotations
