@@ -259,6 +259,21 @@ class PipelineEngine:
         # pipelining (the trainer's loss / accum), so the schedule scales nothing
         self.schedule = cls(stage, n_microbatches=accum, loss_fn=self._loss,
                             scale_grads=False)
+        # NOTE: a process's first step runs a metadata inference (a forward and backward
+        # of real tensors) before the micro-batches; torch 2.13 forks the default
+        # generator around it but not this house's TP RNG streams (attention dropout
+        # under TP, sequence-parallel dropout), which it would advance: a resumed
+        # process would then draw other masks than the uninterrupted one (not bitwise)
+        initialize = self.schedule._initialize_pp_stages
+
+        def keep_tp_streams(*args, **kwargs):
+            states = ctx.rng.get_states()
+            try:
+                return initialize(*args, **kwargs)
+            finally:
+                ctx.rng.set_states(states)
+
+        self.schedule._initialize_pp_stages = keep_tp_streams
 
     def _loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(output, labels) / self.accum

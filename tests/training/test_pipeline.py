@@ -98,6 +98,11 @@ LAYOUTS = [
     pytest.param(4, 2, 2, {}, id="tp2xpp2", marks=pytest.mark.slow),
     # the stages pass each TP rank's sequence shard (~11 s: kept in the fast suite)
     pytest.param(4, 2, 2, {"parallel.sequence_parallel": True}, id="tp2xpp2_sp"),
+    pytest.param(4, 2, 2, {"parallel.sequence_parallel": True,
+                           "parallel.pipeline_schedule": "interleaved_1f1b",
+                           "parallel.virtual_pipeline_size": 2,
+                           "model.activation_checkpointing": "full"},
+                 id="tp2xpp2_sp_interleaved_recompute", marks=pytest.mark.slow),
     pytest.param(4, 1, 2, {}, id="pp2xdp2", marks=pytest.mark.slow),
     pytest.param(2, 1, 2, {"parallel.pipeline_schedule": "gpipe"}, id="gpipe",
                  marks=pytest.mark.slow),
@@ -149,15 +154,22 @@ def test_one_process_checkpoint_loads_at_pp2(distributed, gpt_shard, bpe_files, 
     distributed(_load_and_evaluate, 2, over, expected, tp_size=1, pp_size=2)
 
 
-def test_bitwise_resume_at_pp2(distributed, gpt_shard, bpe_files, tmp_path):
+@pytest.mark.parametrize("world,tp,extra", [
+    pytest.param(2, 1, {}, id="pp2"),
+    # each TP rank's own dropout masks on its sequence shard (the TP-region stream)
+    pytest.param(4, 2, {"parallel.sequence_parallel": True}, id="tp2xpp2_sp",
+                 marks=pytest.mark.slow),
+])
+def test_bitwise_resume_at_pp2(distributed, gpt_shard, bpe_files, tmp_path, world, tp, extra):
     """With dropout on: 4 steps at once equal 2 steps, an exit, and a resume, bit for bit."""
     drop = {**PP, "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
-            "parallel.pipeline_parallel_size": 2, "train.eval_interval": 0}
-    for name, extra in (("straight", {}), ("resumed", {"train.exit_after": 2})):
-        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **drop, **extra)
-        distributed(_train, 2, over, tp_size=1, pp_size=2)
+            "parallel.pipeline_parallel_size": 2, "train.eval_interval": 0,
+            "parallel.tensor_parallel_size": tp, **extra}
+    for name, more in (("straight", {}), ("resumed", {"train.exit_after": 2})):
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **drop, **more)
+        distributed(_train, world, over, tp_size=tp, pp_size=2)
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "resumed", **drop)
-    distributed(_train, 2, over, tp_size=1, pp_size=2)
+    distributed(_train, world, over, tp_size=tp, pp_size=2)
     straight = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "straight")]
     resumed = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "resumed")]
     assert len(straight) == STEPS and resumed == straight
