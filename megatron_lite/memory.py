@@ -41,17 +41,20 @@ def saved_tensor_bytes(model) -> Iterator[dict[int, int]]:
         saved.pop(p.untyped_storage().data_ptr(), None)
 
 
-def estimate_parameters(m: ModelConfig, tp: int = 1) -> int:
+def estimate_parameters(m: ModelConfig, tp: int = 1, layer_share: float = 1.0) -> int:
     """The model's parameter count from its sizes alone (nothing is built), the vocab padded
     for ``tp``: what a fit check can afford before allocating anything. Counts the
     position scheme's input table, BERT's heads and each sublayer of the pattern; leaves out
-    what is small next to those (Transformer-XL's biases, adaptive spans, W_R)."""
+    what is small next to those (Transformer-XL's biases, adaptive spans, W_R).
+    ``layer_share``: count only that share of the layers (a pipeline's largest stage,
+    which still holds every embedding: the first stage's and the tied head's copy)."""
     h, ffn, pattern = m.hidden_size, m.ffn_size, m.pattern
     multiple = m.make_vocab_size_divisible_by * tp
     vocab = -(-m.vocab_size // multiple) * multiple
     attention = 4 * h * h + 4 * h + 2 * h  # QKV, output projection, biases, norm
     mlp = 2 * h * ffn + ffn + h + 2 * h
-    total = pattern.count("s") * attention + pattern.count("f") * mlp + vocab * h + 2 * h
+    layers = pattern.count("s") * attention + pattern.count("f") * mlp
+    total = round(layers * layer_share) + vocab * h + 2 * h
     table = position_scheme(m).input_table(device="meta")  # learned positions
     total += sum(p.numel() for p in table.parameters()) if table is not None else 0
     if m.arch == "bert":  # token types, MLM dense + norm + bias, pooler, NSP

@@ -55,7 +55,9 @@ the last stage one micro-batch plus the logits. The bubble is the share of a ste
 stage idles, ``(P - 1) / (m + P - 1)`` for ``m`` micro-batches, ``(P - 1) / (V m + P -
 1)`` interleaved (the bubble divided by V); the step time divides the compute by it.
 Point-to-point bytes: each rank sends each micro-batch's fp32 ``[b, s, h]`` forward and
-its gradient back, once per chunk boundary.
+its gradient back, once per chunk boundary (bf16 under ``train.params_dtype=bf16``); with
+sequence parallelism each TP rank sends its ``[b, s/TP, h]`` shard, so the bytes divide by
+TP (Megatron's scatter/gather of the stage boundary).
 
 Checkpoints (sharded, :mod:`megatron_lite.checkpoint`): the weights and Adam's two
 moments at 4 bytes each, vocab unpadded (12 bytes/param, under either engine: ZeRO
@@ -80,7 +82,7 @@ from megatron_lite.memory import parse_memory as memory_size
 from megatron_lite.memory import saved_tensor_bytes
 from megatron_lite.models import build_model, model_problems
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.parallel.pipeline import pipeline_problems
+from megatron_lite.parallel.pipeline import largest_stage_share, pipeline_problems
 from megatron_lite.resolve import resolve_global_batch
 from megatron_lite.training.metrics import model_flops_per_step
 from megatron_lite.training.precision import autocast
@@ -160,13 +162,9 @@ def count_parameters(cfg: Config, tp: int) -> dict:
 def pipeline_terms(cfg: Config, pp: int, accum: int) -> dict:
     """The pipeline's shape (see the module docstring): micro-batches of activations the
     first stage holds, the share of the layers on the largest stage, and the bubble."""
-    par, m = cfg.parallel, cfg.model
+    par = cfg.parallel
     v = par.virtual_pipeline_size if pp > 1 else 1
-    layers = m.num_layers
-    counts = [int(x) for x in par.pipeline_layers.split(",")] if \
-        par.pipeline_layers.strip() and pp > 1 else [layers / (pp * v)] * (pp * v)
-    share = max(sum(counts[r::pp]) for r in range(pp)) / layers if len(counts) == pp * v \
-        else 1 / pp
+    share = largest_stage_share(cfg, pp)
     if pp == 1:
         in_flight = 1.0
     elif par.pipeline_schedule == "gpipe":
@@ -285,9 +283,12 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
                 * accum) if tp > 1 else 0
     tp_bytes *= pipe["share"]  # a stage's layers
     dp_bytes = (2 if zero and t.precision != "fp32" else 4) * p if dp > 1 else 0
-    # each micro-batch's fp32 [b, s, h] forward and its gradient, per chunk boundary
-    p2p_bytes = 2 * pipe["virtual"] * accum * mb * m.seq_length * m.hidden_size * 4 \
-        if pp > 1 else 0
+    # each micro-batch's [b, s, h] forward and its gradient, per chunk boundary (fp32, or
+    # bf16 weights' bf16 activations); sequence parallelism sends each TP rank's [b, s/tp,
+    # h] shard (Megatron's way: the bytes divide by TP)
+    sp = tp if par.sequence_parallel and tp > 1 else 1
+    p2p_bytes = 2 * pipe["virtual"] * accum * mb * m.seq_length * m.hidden_size \
+        * (2 if t.params_dtype == "bf16" else 4) / sp if pp > 1 else 0
     step_time = None
     if dev["peak_flops"] is not None:
         peak = dev["peak_flops"]["fp32" if t.precision == "fp32" else "bf16"]

@@ -33,7 +33,7 @@ from megatron_lite.memory import estimate_parameters
 from megatron_lite.models import model_problems
 from megatron_lite.models.registry import resolve_parts
 from megatron_lite.parallel import ParallelConfigError, ParallelContext, validate_parallel_config
-from megatron_lite.parallel.pipeline import pipeline_problems
+from megatron_lite.parallel.pipeline import largest_stage_share, pipeline_problems
 
 
 def names_tokenizer(cfg: Config) -> bool:
@@ -93,10 +93,13 @@ def resolve_global_batch(cfg: Config, dp: int) -> str | None:
 def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: float) -> None:
     """Refuse, before anything is allocated, a model whose state cannot fit this rank's
     device (its memory; a CPU's host memory shared by the ranks on it): one line with
-    the estimate (:func:`megatron_lite.memory.estimate_parameters`)."""
-    tp = cfg.parallel.tensor_parallel_size
+    the estimate (:func:`megatron_lite.memory.estimate_parameters`). A pipelined run
+    counts its largest stage (:func:`~megatron_lite.parallel.pipeline.largest_stage_share`
+    of the layers, as the planner does, plus the embeddings)."""
+    tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
     params = estimate_parameters(cfg.model, tp)
-    need = params / tp * bytes_per_param
+    stage = estimate_parameters(cfg.model, tp, largest_stage_share(cfg)) if pp > 1 else params
+    need = stage / tp * bytes_per_param
     if ctx.device.type == "cuda":
         have, where = torch.cuda.get_device_properties(ctx.device).total_memory, "GPU"
     else:
@@ -105,9 +108,10 @@ def check_fits(cfg: Config, ctx: ParallelContext, bytes_per_param: float) -> Non
     if need > have:
         raise ConfigError(
             f"the model has about {params / 1e9:.3g}B parameters: {need / 2**30:.1f} GiB of "
-            f"state per rank at TP={tp} ({bytes_per_param:g} B/param), more than this rank's "
-            f"{have / 2**30:.1f} GiB ({where}); python -m megatron_lite.plan CONFIG --tp N "
-            "says what fits")
+            f"state per rank at TP={tp}"
+            f"{f' x PP={pp} (its largest stage)' if pp > 1 else ''} ({bytes_per_param:g} "
+            f"B/param), more than this rank's {have / 2**30:.1f} GiB ({where}); "
+            "python -m megatron_lite.plan CONFIG --tp N --pp P says what fits")
 
 
 def state_bytes_per_param(cfg: Config, dp: int) -> float:

@@ -37,6 +37,26 @@ def chunk_layers(num_layers: int, chunks: int, counts: list[int] | None = None
     return [range(s, s + n) for s, n in zip(starts, counts, strict=True)]
 
 
+def largest_stage_share(cfg: Config, pp: int | None = None) -> float:
+    """The share of ``model.num_layers`` on the pipeline rank holding the most layers
+    (all of its chunks), at ``pp`` stages (default ``parallel.pipeline_parallel_size``):
+    1 without pipelining. What the planner and the fit check scale the layers' weights
+    and activations by (a layout's own problems are :func:`pipeline_problems`' to say:
+    uneven counts that do not parse or add up fall back to the even split)."""
+    par, layers = cfg.parallel, cfg.model.num_layers
+    pp = pp or par.pipeline_parallel_size
+    if pp <= 1 or layers < 1:
+        return 1.0
+    v = max(par.virtual_pipeline_size, 1)
+    try:
+        counts = parse_layers(par.pipeline_layers)
+    except ValueError:
+        counts = None
+    if counts is None or len(counts) != pp * v or sum(counts) != layers:
+        return 1 / pp
+    return max(sum(counts[r::pp]) for r in range(pp)) / layers
+
+
 def unpipelined(cfg: Config) -> None:
     """Set ``cfg`` (a run's, in place) to run without pipelining: what evaluate, generate
     and convert do with a checkpoint of a pipelined run (its names are global)."""
@@ -97,9 +117,6 @@ def pipeline_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     if t.precision == "fp16":
         problems.append(f"parallel.pipeline_parallel_size={p}: train.precision=fp16 (loss "
                         "scaling) is not pipelined; use bf16 or fp32")
-    if t.params_dtype == "bf16":
-        problems.append(f"parallel.pipeline_parallel_size={p}: train.params_dtype=bf16 is "
-                        "not pipelined; use the default fp32 parameters")
     if t.compile:
         problems.append(f"parallel.pipeline_parallel_size={p}: train.compile is not "
                         "pipelined")
@@ -107,10 +124,6 @@ def pipeline_problems(cfg: Config, world_size: int | None = None) -> list[str]:
         problems.append(f"parallel.pipeline_parallel_size={p}: parallel.distributed_optimizer "
                         "is not pipelined yet (the stages average their gradients over DP "
                         "after the schedule); use the DDP engine")
-    if par.sequence_parallel and par.tensor_parallel_size > 1:
-        problems.append(f"parallel.pipeline_parallel_size={p}: parallel.sequence_parallel "
-                        "is not pipelined yet (the stages pass whole sequences); use "
-                        "pipeline_parallel_size=1 or sequence_parallel=false")
     if world_size is not None and t.micro_batch_size and world_size % (
             p * par.tensor_parallel_size) == 0:
         dp = world_size // (p * par.tensor_parallel_size)

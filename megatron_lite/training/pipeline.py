@@ -18,6 +18,15 @@ per bucket, after the schedule) and sums the tied embedding's. The last stage co
 the loss; the step's loss is then broadcast over the pipeline, so every rank logs the
 same line. Evaluation (``model(input_ids, labels)``) is a forward through the stages
 with plain sends and receives, the loss broadcast the same way.
+
+Sequence parallelism (``parallel.sequence_parallel``): the step (or evaluation) decides
+it once from the sequence length (``SequenceParallel.begin``), the first chunk scatters
+the embeddings' output over TP as :class:`GPTModel` does, and every stage boundary
+carries each TP rank's ``[b, s/tp, h]`` shard, so the point-to-point bytes divide by TP
+(Megatron's way); the head gathers the sequence on the last stage. bf16 parameters
+(``train.params_dtype=bf16``, :class:`~megatron_lite.training.mixed.MainParams`): the
+stages pass bf16 activations, and the tied embedding's fp32 main gradients are what
+the embedding group sums.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -41,8 +49,8 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from megatron_lite.config import Config, ConfigError, ModelConfig
 from megatron_lite.models import build_model
 from megatron_lite.models.gpt import GPTModel
-from megatron_lite.models.transformer import Sublayer, Transformer
-from megatron_lite.parallel import ParallelContext
+from megatron_lite.models.transformer import Sublayer, Transformer, region_dropout
+from megatron_lite.parallel import ParallelContext, scatter_to_sequence_region
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.pipeline import chunk_layers, parse_layers
 from megatron_lite.parallel.random import checkpoint_nonreentrant
@@ -60,6 +68,7 @@ class Chunk(nn.Module):
         self.index = list(layers)
         self.first, self.last = first, last
         self.cfg, self.rng, self.positions = model.cfg, model.rng, model.positions
+        self.sp, self.tp_group = model.sp, model.tp_group
         self.layers = nn.ModuleList(model.transformer.layers[str(i)] for i in layers)
         if first:
             self.wte = model.wte
@@ -68,11 +77,19 @@ class Chunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids ``[b, s]`` (first chunk) or hidden states ``[b, s, h]`` -> hidden
-        states (after the final norm on the last chunk)."""
+        states (after the final norm on the last chunk). While sequence parallelism is
+        active (``sp.begin`` was called for the step) the hidden states between chunks
+        are this TP rank's sequence shard ``[b, s/tp, h]``: the stages send 1/TP of the
+        activations (Megatron's way), the embedding scatters as in :class:`GPTModel`."""
         training = self.layers[0].training if len(self.layers) else self.training
         if self.first:
-            x = self.positions.embed(self.wpe, self.wte(x))
-            x = F.dropout(x, self.cfg.hidden_dropout, training)
+            if self.sp.active and self.wpe is None:  # the embedding's reduction scatters
+                x = self.positions.embed(None, self.wte(x, scatter_sequence=True))
+            else:
+                x = self.positions.embed(self.wpe, self.wte(x))
+                if self.sp.active:
+                    x = scatter_to_sequence_region(x, self.tp_group)
+            x = region_dropout(x, self.cfg.hidden_dropout, training, self.rng, self.sp)
         recompute = self.cfg.activation_checkpointing == "full" and training \
             and torch.is_grad_enabled()
         for i, layer in zip(self.index, self.layers, strict=True):
@@ -100,7 +117,7 @@ class PipelineModel(nn.Module):
                  chunks: list[range], stage_ids: list[int], num_stages: int):
         super().__init__()
         self.cfg, self.ctx, self.tp_group, self.rng = cfg, ctx, ctx.tp_group, ctx.rng
-        self.sp = ctx.sequence_parallel  # refused with pipelining for now: never active
+        self.tp_size, self.sp = ctx.tp_size, ctx.sequence_parallel  # read by logits
         self.positions = full.positions
         self.padded_vocab_size = full.padded_vocab_size
         self.global_names = {n for n, _ in full.named_parameters()} | \
@@ -141,6 +158,8 @@ class PipelineModel(nn.Module):
         ctx, p = self.ctx, self.ctx.pp_size
         b, s = input_ids.shape
         h = self.cfg.hidden_size
+        if self.sp.begin(s, ctx.tp_size):  # the stages pass sequence shards
+            s //= ctx.tp_size
         x = None
         for stage in range(self.num_stages):
             if stage % p != ctx.pp_rank:
@@ -148,9 +167,10 @@ class PipelineModel(nn.Module):
             chunk = self.chunks[self.stage_ids.index(stage)]
             if stage == 0:
                 x = input_ids
-            else:
+            else:  # sent as fp32; bf16 weights (train.params_dtype) take it back exactly
                 x = torch.empty(b, s, h, dtype=torch.float32, device=ctx.device)
                 dist.recv(x, ctx.pp_ranks[(stage - 1) % p])
+                x = x.to(next(chunk.parameters()).dtype)
             x = chunk(x)
             if stage < self.num_stages - 1:
                 dist.send(x.float().contiguous(), ctx.pp_ranks[(stage + 1) % p])
@@ -239,6 +259,21 @@ class PipelineEngine:
         # pipelining (the trainer's loss / accum), so the schedule scales nothing
         self.schedule = cls(stage, n_microbatches=accum, loss_fn=self._loss,
                             scale_grads=False)
+        # NOTE: a process's first step runs a metadata inference (a forward and backward
+        # of real tensors) before the micro-batches; torch 2.13 forks the default
+        # generator around it but not this house's TP RNG streams (attention dropout
+        # under TP, sequence-parallel dropout), which it would advance: a resumed
+        # process would then draw other masks than the uninterrupted one (not bitwise)
+        initialize = self.schedule._initialize_pp_stages
+
+        def keep_tp_streams(*args, **kwargs):
+            states = ctx.rng.get_states()
+            try:
+                return initialize(*args, **kwargs)
+            finally:
+                ctx.rng.set_states(states)
+
+        self.schedule._initialize_pp_stages = keep_tp_streams
 
     def _loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(output, labels) / self.accum
@@ -251,6 +286,9 @@ class PipelineEngine:
         ids = torch.cat([b["input_ids"] for b in batches])
         labels = torch.cat([b["labels"] for b in batches])
         first = 0 in model.stage_ids
+        # every rank of the pipeline holds the step's batches: the sequence length
+        # decides sequence parallelism for all its stages
+        model.sp.begin(ids.shape[1], ctx.tp_size)
         losses: list[torch.Tensor] = []
         args = (ids,) if first else ()
         if model.has_loss:
@@ -264,11 +302,15 @@ class PipelineEngine:
 
     def reduce_grads(self) -> None:
         """DP: average every gradient (flat buckets); PP: sum the tied embedding's two
-        copies' gradients (first and last stage)."""
+        copies' gradients (first and last stage). Under ``train.params_dtype=bf16`` the
+        gradients are the fp32 ``main_grad`` s (:class:`~megatron_lite.training.mixed.
+        MainParams`): the tied pair's is summed here, the DP average is MainParams'."""
         ctx, model = self.ctx, self.model
-        if hasattr(model, "wte") and ctx.embedding_group is not None and \
-                model.wte.weight.grad is not None:
-            all_reduce(model.wte.weight.grad, ctx.embedding_group)
+        if hasattr(model, "wte") and ctx.embedding_group is not None:
+            w = model.wte.weight
+            grad = getattr(w, "main_grad", w.grad)
+            if grad is not None:
+                all_reduce(grad, ctx.embedding_group)
         if ctx.dp_size == 1:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -267,8 +267,8 @@ def test_planner_suggests_sequence_parallelism_when_a_layout_does_not_fit():
     with torch.device("meta"):
         plain = plan(cfg, 8, 1, "a100-80g")
         fix = suggest(cfg, 8, 1, f"{int(plain['memory_per_rank']['total'] * 0.95 / 2**20)}M")
-        assert fix == {"overrides": ["parallel.sequence_parallel=true"], "tp": 8,
-                       "why": fix["why"]}
+        assert fix == {"overrides": ["parallel.sequence_parallel=true"], "tp": 8, "pp": 1,
+                       "why": fix["why"]}  # (suggest says the pipeline stages too: none)
         sp = plan(apply_overrides(cfg, fix["overrides"]), 8, 1, "a100-80g")
     assert sp["config"]["sequence_parallel"]
     assert sp["memory_per_rank"]["activations"] < plain["memory_per_rank"]["activations"]

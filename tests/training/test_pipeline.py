@@ -3,12 +3,15 @@ losses and gradient norms step by step, the tied embedding's two copies, bitwise
 checkpoints across PP sizes, and the one-line refusals."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_lite import resolve
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.convert import main as convert_main
 from megatron_lite.evaluate import main as evaluate_main
@@ -18,12 +21,13 @@ from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.pipeline import chunk_layers
 from megatron_lite.parallel.state import _grid
 from megatron_lite.plan import apply_overrides, plan, suggest
-from megatron_lite.resolve import check_config
+from megatron_lite.resolve import check_config, check_fits
 from megatron_lite.train import main as train_main
 from megatron_lite.training.pipeline import build_pipeline_model
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import gather_shards
 from tests.training.conftest import gpt_yaml, tiny_overrides
+from tests.training.test_run_life import _children, _freeze_mid_run, _torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -35,8 +39,17 @@ PP = {"model.num_layers": 4, "train.max_steps": STEPS, "train.global_batch_size"
 def _train(ctx, overrides):
     """Train; then the first and the last stage compare their copies of the tied
     embedding, which must be bitwise equal."""
-    trainer = Trainer(load_config(None, overrides), ctx)
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, ctx)
+    sent = set()  # what each chunk but the last passes on: [b, s, h] or, with sequence
+    # parallelism, this TP rank's [b, s/tp, h]
+    senders = [c for c in trainer.model.chunks if not c.last]
+    for chunk in senders:
+        chunk.register_forward_hook(lambda m, i, out: sent.add(tuple(out.shape[1:])))
     trainer.fit()
+    split = ctx.tp_size if cfg.parallel.sequence_parallel else 1
+    shape = (cfg.model.seq_length // split, cfg.model.hidden_size)
+    assert sent == ({shape} if senders else set()), sent
     if ctx.embedding_group is not None:
         first, last = gather_shards(trainer.model.wte.weight, ctx.embedding_group)
         assert torch.equal(first, last), "the tied embedding's copies differ"
@@ -83,6 +96,13 @@ def _compare(got, ref, what):
 LAYOUTS = [
     pytest.param(2, 1, 2, {}, id="pp2"),
     pytest.param(4, 2, 2, {}, id="tp2xpp2", marks=pytest.mark.slow),
+    # the stages pass each TP rank's sequence shard (~11 s: kept in the fast suite)
+    pytest.param(4, 2, 2, {"parallel.sequence_parallel": True}, id="tp2xpp2_sp"),
+    pytest.param(4, 2, 2, {"parallel.sequence_parallel": True,
+                           "parallel.pipeline_schedule": "interleaved_1f1b",
+                           "parallel.virtual_pipeline_size": 2,
+                           "model.activation_checkpointing": "full"},
+                 id="tp2xpp2_sp_interleaved_recompute", marks=pytest.mark.slow),
     pytest.param(4, 1, 2, {}, id="pp2xdp2", marks=pytest.mark.slow),
     pytest.param(2, 1, 2, {"parallel.pipeline_schedule": "gpipe"}, id="gpipe",
                  marks=pytest.mark.slow),
@@ -134,15 +154,22 @@ def test_one_process_checkpoint_loads_at_pp2(distributed, gpt_shard, bpe_files, 
     distributed(_load_and_evaluate, 2, over, expected, tp_size=1, pp_size=2)
 
 
-def test_bitwise_resume_at_pp2(distributed, gpt_shard, bpe_files, tmp_path):
+@pytest.mark.parametrize("world,tp,extra", [
+    pytest.param(2, 1, {}, id="pp2"),
+    # each TP rank's own dropout masks on its sequence shard (the TP-region stream)
+    pytest.param(4, 2, {"parallel.sequence_parallel": True}, id="tp2xpp2_sp",
+                 marks=pytest.mark.slow),
+])
+def test_bitwise_resume_at_pp2(distributed, gpt_shard, bpe_files, tmp_path, world, tp, extra):
     """With dropout on: 4 steps at once equal 2 steps, an exit, and a resume, bit for bit."""
     drop = {**PP, "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
-            "parallel.pipeline_parallel_size": 2, "train.eval_interval": 0}
-    for name, extra in (("straight", {}), ("resumed", {"train.exit_after": 2})):
-        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **drop, **extra)
-        distributed(_train, 2, over, tp_size=1, pp_size=2)
+            "parallel.pipeline_parallel_size": 2, "train.eval_interval": 0,
+            "parallel.tensor_parallel_size": tp, **extra}
+    for name, more in (("straight", {}), ("resumed", {"train.exit_after": 2})):
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **drop, **more)
+        distributed(_train, world, over, tp_size=tp, pp_size=2)
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "resumed", **drop)
-    distributed(_train, 2, over, tp_size=1, pp_size=2)
+    distributed(_train, world, over, tp_size=tp, pp_size=2)
     straight = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "straight")]
     resumed = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "resumed")]
     assert len(straight) == STEPS and resumed == straight
@@ -222,6 +249,40 @@ def test_planner_suggests_pipeline_stages_when_tp_in_a_node_does_not_fit():
             (fix["pp"] - 1) / (fixed["config"]["accumulation"] + fix["pp"] - 1))
 
 
+def test_fit_check_counts_the_largest_stage(monkeypatch):
+    """A model whose training state fits a rank only split into two stages is accepted at
+    PP=2 and refused in one process (the check counts the stage, not the model); the
+    budget is set from the stages really built (meta device)."""
+    cfg = _cfg(**{"model.num_layers": 8, "model.hidden_size": 256})
+    built = max(sum(p.numel() for p in build_pipeline_model(
+        cfg, cfg.model, ParallelContext(pp_size=2, pp_rank=r, pp_ranks=(0, 1)),
+        device="meta").parameters()) for r in (0, 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(resolve, "host_memory", lambda: int(1.1 * 16 * built))
+    check_fits(cfg, ParallelContext(world_size=2, pp_size=2), 16)
+    one = _cfg(**{"model.num_layers": 8, "model.hidden_size": 256,
+                  "parallel.pipeline_parallel_size": 1})
+    with pytest.raises(ConfigError, match=r"of state per rank at TP=1 \(16 B/param\)"):
+        check_fits(one, ParallelContext(), 16)
+    monkeypatch.setattr(resolve, "host_memory", lambda: int(0.9 * 16 * built))
+    with pytest.raises(ConfigError, match=r"at TP=1 x PP=2 \(its largest stage\)"):
+        check_fits(cfg, ParallelContext(world_size=2, pp_size=2), 16)
+
+
+def test_planner_p2p_bytes_divide_by_tp_under_sequence_parallelism():
+    """Each micro-batch's [b, s, h] forward and gradient per boundary, fp32 (bf16 weights:
+    2 bytes), and with sequence parallelism each TP rank's [b, s/tp, h] shard."""
+    base = {"model.seq_length": 32, "model.max_position_embeddings": 32}
+    with torch.device("meta"):
+        whole = plan(_cfg(**base), 2, 1, "h100", pp=2)["p2p_bytes_per_step"]
+        sp = plan(_cfg(**base, **{"parallel.sequence_parallel": True}), 2, 1, "h100",
+                  pp=2)["p2p_bytes_per_step"]
+        bf16 = plan(_cfg(**base, **{"train.precision": "bf16", "train.params_dtype": "bf16"}),
+                    2, 1, "h100", pp=2)["p2p_bytes_per_step"]
+    assert whole == 2 * 4 * 2 * 32 * 32 * 4  # fwd + bwd, 4 micro-batches of [2, 32, 32]
+    assert sp == whole // 2 and bf16 == whole // 2
+
+
 def test_grid_is_tp_then_dp_then_pp():
     """Megatron's order, written out by hand for world 8 = TP 2 x DP 2 x PP 2."""
     tp, dp, pp = _grid(8, 2, 2)
@@ -250,3 +311,67 @@ def test_a_stage_holds_its_layers_drawn_as_one_process_draws_them():
             assert p.device.type == "cpu" and torch.equal(p, whole[name]), name
         seen |= set(names)
     assert seen == set(whole)
+
+
+def test_bf16_params_pipelined_follow_the_unpipelined_bf16_run(distributed, gpt_shard,
+                                                               bpe_files, tmp_path):
+    """train.params_dtype=bf16 (bf16 weights and activations, fp32 main grads and
+    masters) at PP=2 follows the same run in one process within bf16 rounding; the tied
+    embedding's copies stay equal (their fp32 main grads are summed over the two stages)."""
+    bf16 = {**PP, "train.precision": "bf16", "train.params_dtype": "bf16",
+            "optim.lr": 1e-2}
+    assert train_main([str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, tmp_path / "ref", **bf16)]) == 0
+    distributed(_train, 2, tiny_overrides(gpt_shard, bpe_files, tmp_path / "pp", **{
+        **bf16, "parallel.pipeline_parallel_size": 2}), tp_size=1, pp_size=2)
+    got, ref = _records(tmp_path / "pp"), _records(tmp_path / "ref")
+    for key in ("loss", "grad_norm"):
+        rel = _rel([r[key] for r in got], [r[key] for r in ref])
+        print(f"bf16 params PP=2: max relative {key} difference vs one process {rel:.2e}")
+        assert rel <= 4e-3, f"{key} deviates by {rel:.2e}"  # bf16: 2^-8 = 3.9e-3
+    assert ref[-1]["loss"] < ref[0]["loss"] - 0.1  # it learns: the steps were taken
+    val = [r["val_loss"] for r in got if "val_loss" in r]
+    assert len(val) == 1 and _rel(val, [r["val_loss"] for r in ref if "val_loss" in r]) <= 4e-3
+
+
+@pytest.mark.slow  # three torchrun jobs of 2 processes
+def test_sigterm_at_pp2_saves_and_the_rerun_resumes_bitwise(gpt_shard, bpe_files, tmp_path):
+    """SIGTERM (as a batch system sends it, to torchrun and both stages at once) during a
+    PP=2 run with dropout: both stages finish the step, one checkpoint, one line; the
+    rerun resumes and reproduces the uninterrupted run's losses and gradient norms bit
+    for bit. The stages are frozen (SIGSTOP) before the signal, so it lands mid-run
+    however fast the machine trains."""
+    steps = 30
+    run = tmp_path / "run"
+    args = [str(gpt_yaml(tmp_path)), *tiny_overrides(
+        gpt_shard, bpe_files, run, **{"parallel.pipeline_parallel_size": 2,
+                                      "model.num_layers": 4, "train.max_steps": steps,
+                                      "train.eval_interval": 0, "train.global_batch_size": 4,
+                                      "model.hidden_dropout": 0.1,
+                                      "model.attention_dropout": 0.1})]
+    proc = _torchrun(args, start_new_session=True)  # its own process group, like a job's
+    workers = _freeze_mid_run(proc, lambda: _children(proc.pid), run / "metrics.jsonl", steps)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it too, to stages still stopped
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    out = proc.communicate(timeout=120)[0]
+    lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
+    assert len(lines) == 1, out
+    stopped = int(lines[0].split()[3])
+    assert 3 <= stopped < steps
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert [r["step"] for r in _records(run)] == list(range(1, stopped + 1))
+
+    resumed = _torchrun(args)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed from {run} at step {stopped}" in out
+    reference = tmp_path / "reference"
+    straight = _torchrun([a.replace(str(run), str(reference)) for a in args])
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out
+    got, want = _records(run), _records(reference)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [(r["loss"], r["grad_norm"]) for r in got] == \
+        [(r["loss"], r["grad_norm"]) for r in want]
