@@ -4,6 +4,7 @@ from megatron_lite.parallel.cross_entropy import vocab_parallel_argmax, vocab_pa
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    SharedColumnLinear,
     VocabParallelEmbedding,
     normal_init,
     scaled_normal_init,
@@ -32,6 +33,7 @@ __all__ = [
     "ParallelConfigError",
     "ParallelContext",
     "RowParallelLinear",
+    "SharedColumnLinear",
     "TPRNGTracker",
     "VocabParallelEmbedding",
     "checkpoint",
