@@ -2,15 +2,17 @@
 transformers' LlamaForCausalLM (random init, no downloads) at TP 1, 2 and 4, and against
 the same model built dense in one process (gradients of shared K/V heads included)."""
 
+import dataclasses
 import math
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.config import Config, ConfigError, ModelConfig
+from megatron_lite.config import Config, ConfigError, ModelConfig, load_config
 from megatron_lite.generate import generate
 from megatron_lite.models import KVCache, build_model
 from megatron_lite.models.hf import from_hf, full_state_to_hf, to_hf
@@ -264,3 +266,42 @@ def test_generation_caches_kv_heads_once_per_group():
     assert k.shape == (1, 2, 7, 8) and v.shape == (1, 2, 7, 8)  # 2 groups, not 4 heads
     assert max_dev(step, full) < 1e-5 and cached.shape == step.shape
     assert torch.equal(F.softmax(step, -1).argmax(), F.softmax(full, -1).argmax())
+
+
+# ---------------------------------------------------------------------------------------
+# shapes of released models
+# ---------------------------------------------------------------------------------------
+
+# HF's LlamaForCausalLM of the released checkpoints (both tie the output layer)
+PUBLISHED = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "llama"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_are_the_published_ones(name):
+    from megatron_lite.memory import estimate_parameters
+    from megatron_lite.models.hf import hf_config_from
+    from megatron_lite.plan import count_parameters
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    check_config(cfg, world_size=cfg.parallel.tensor_parallel_size)
+    ours = sum(p.numel() for p in build_model(cfg.model, device="meta").parameters())
+    assert ours == PUBLISHED[name]  # the vocabularies need no padding at TP 1
+    with torch.device("meta"):  # the independent implementation's count
+        hf = transformers.LlamaForCausalLM(hf_config_from(cfg.model))
+    assert sum(p.numel() for p in hf.parameters()) == ours
+    for tp in (1, 8):  # the fit check's estimate, built nothing
+        assert estimate_parameters(cfg.model, tp) == count_parameters(cfg, tp)["total"]
+    untied = dataclasses.replace(cfg.model, untie_embeddings_and_output_weights=True)
+    assert estimate_parameters(untied) == ours + cfg.model.vocab_size * cfg.model.hidden_size
+
+
+def test_flops_count_the_llama_parts():
+    """Per token forward: Q and output 4h^2, K and V 4h(g d), scores 4sh, SwiGLU 6h ffn,
+    logits 2hV; x3 for forward + backward."""
+    from megatron_lite.training.metrics import model_flops_per_step
+
+    m = load_config(CONFIGS / "llama-3.2-1b.yaml").model
+    h, s, g, d, ffn, v = 2048, m.seq_length, 8, 64, 8192, m.vocab_size
+    per_token = 16 * (4 * h * h + 4 * h * g * d + 4 * s * h + 6 * h * ffn) + 2 * h * v
+    assert model_flops_per_step(m, 2, s) == 3 * 2 * s * per_token
