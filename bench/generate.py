@@ -3,6 +3,8 @@ transformers' ``generate`` (with its KV cache) on the same model converted.
 
     python bench/generate.py                 # GPT-2 124M shape, 256 new tokens (~2 min here)
     python bench/generate.py --tokens 64     # quicker
+    python bench/generate.py --model llama   # SmolLM2-135M's shape (rope, RMSNorm, SwiGLU,
+                                             # 9 heads on 3 K/V heads), vs LlamaForCausalLM
 
 Every run must pick the same tokens (checked: an untrained model's near-tied logits may
 still differ in a late token between implementations; the first difference is reported);
@@ -30,15 +32,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--model", choices=("gpt", "llama"), default="gpt")
     args = ap.parse_args()
-    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden,
-                      num_attention_heads=args.hidden // 64, seq_length=1024,
-                      max_position_embeddings=1024, vocab_size=50257)
+    if args.model == "llama":  # SmolLM2-135M (configs/llama/smollm2-135m.yaml)
+        cfg = ModelConfig(num_layers=30, hidden_size=576, num_attention_heads=9,
+                          num_query_groups=3, ffn_hidden_size=1536, seq_length=2048,
+                          max_position_embeddings=2048, vocab_size=49152,
+                          normalization="rmsnorm", activation="swiglu",
+                          position_embedding="rope", rope_theta=100000.0,
+                          add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
+        name = "Llama (SmolLM2-135M shape) 30L h576, 9 heads / 3 K/V heads, vocab 49152"
+    else:
+        cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden,
+                          num_attention_heads=args.hidden // 64, seq_length=1024,
+                          max_position_embeddings=1024, vocab_size=50257)
+        name = f"GPT {args.layers}L h{args.hidden}, vocab 50257"
     torch.manual_seed(0)
     model = GPTModel(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (16,)).tolist()
-    print(f"GPT {args.layers}L h{args.hidden}, vocab 50257, prompt 16, {args.tokens} new "
-          f"tokens, greedy, fp32, {torch.get_num_threads()} threads")
+    print(f"{name}, prompt 16, {args.tokens} new tokens, greedy, fp32, "
+          f"{torch.get_num_threads()} threads")
     out, speed = {}, {}
     for use_cache in (True, False):
         tick = time.perf_counter()
@@ -63,7 +76,7 @@ def main() -> None:
     ours = out[True]  # the new tokens
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
     print(f"  transformers {args.tokens / seconds:7.1f} tokens/s  ({seconds:.1f} s, "
-          f"GPT2LMHeadModel.generate, KV cache)   ours / theirs: "
+          f"{type(hf).__name__}.generate, KV cache)   ours / theirs: "
           f"{speed[True] / (args.tokens / seconds):.2f}x; tokens "
           f"{'identical' if same is None else f'first differ at new token {same}'}")
 

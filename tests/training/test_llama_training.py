@@ -90,3 +90,59 @@ def test_tiny_llama_resume_is_bitwise_exact_and_loads_at_another_tp(
     _check_loads_at_tp1(ckpt, llama_overrides(
         gpt_shard, bpe_files, tmp_path / "load1", **{
             **common, "parallel.tensor_parallel_size": 1, "train.load": str(ckpt)}))
+
+
+def test_convert_a_llama_folder_in_train_and_export_for_transformers(corpus_file, tmp_path):
+    """The README's path: a LlamaForCausalLM folder with its tokenizer.json converts in
+    (recorded for TP 2; trained here at TP 1, any TP loads it), continues training on its
+    tokenizer's shards, and converts out to a folder
+    transformers loads alone (AutoTokenizer, pipeline) with our logits; an untrained
+    checkpoint converts back to the original weights exactly."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file as load_safetensors
+
+    from megatron_lite.convert import main as convert_main
+    from megatron_lite.data.tokenizer import build_tokenizer
+    from megatron_lite.examples.tiny_llama import write_tiny_llama
+    from preprocessing.__main__ import main as preprocess_main
+
+    hf_dir = write_tiny_llama(corpus_file, tmp_path / "hf", vocab_size=500, hidden=32,
+                              layers=2, heads=4, kv_heads=2, ffn=48, max_positions=64)
+    assert convert_main(["--from-hf", str(hf_dir), "--to", str(tmp_path / "in"),
+                         "--tp", "2"]) == 0
+    cfg = load_config(tmp_path / "in/config.yaml")
+    assert cfg.data.tokenizer_type == "HFTokenizer" and cfg.model.num_query_groups == 2
+    tok = build_tokenizer("HFTokenizer", tokenizer_model=cfg.data.tokenizer_model)
+    assert tok.eod == tok.backend.token_to_id("<|end_of_text|>")
+    # untrained, straight back out: the original weights exactly
+    assert convert_main(["--from", str(tmp_path / "in"), "--to-hf", str(tmp_path / "out0")]) == 0
+    original = load_safetensors(str(hf_dir / "model.safetensors"))
+    back = load_safetensors(str(tmp_path / "out0/model.safetensors"))
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+    assert preprocess_main(["--input", str(corpus_file), "--output-prefix",
+                            str(tmp_path / "shard"), "--tokenizer-type", "HFTokenizer",
+                            "--tokenizer-model", str(hf_dir), "--append-eod", "--quiet",
+                            "--workers", "1"]) == 0
+    over = [f"data.data_path={tmp_path / 'shard_text_document'}",
+            f"train.load={tmp_path / 'in'}", "train.finetune=true",
+            "parallel.tensor_parallel_size=1",
+            f"train.run_dir={tmp_path / 'run'}", "model.seq_length=32", "train.max_steps=3",
+            "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_interval=0",
+            "log.tensorboard=false", "optim.lr=1e-3"]
+    trainer = Trainer(load_config(tmp_path / "in/config.yaml", over), ParallelContext())
+    trainer.fit()
+    assert convert_main(["--from", str(tmp_path / "run"), "--to-hf", str(tmp_path / "out")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert isinstance(hf, transformers.LlamaForCausalLM)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    text = "Return the number of items in the container."
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok.encode(text)
+    with torch.no_grad():
+        ours = trainer.model.eval()(torch.tensor([ids]))[..., : tok.vocab_size]
+        assert (hf(torch.tensor([ids])).logits - ours).abs().max() <= 1e-4
+    generator = transformers.pipeline("text-generation", model=str(tmp_path / "out"))
+    out = generator("Return the", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("Return the") and len(out) > len("Return the")
