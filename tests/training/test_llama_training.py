@@ -7,11 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 
 from megatron_lite.checkpoint import load_file
 from megatron_lite.config import load_config
+from megatron_lite.convert import main as convert_main
+from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.evaluate import main as evaluate_main
+from megatron_lite.examples.tiny_llama import write_tiny_llama
 from megatron_lite.parallel import ParallelContext, full_state_dict
+from megatron_lite.tasks import windows
 from megatron_lite.training.trainer import Trainer
+from preprocessing.__main__ import main as preprocess_main
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama" / "tiny-cpu.yaml"
 
@@ -58,6 +66,18 @@ def test_tiny_llama_tp2_equals_tp1_step_by_step_and_learns(distributed, gpt_shar
     assert last < first - 0.1, (first, last)  # it learns the corpus
 
 
+def _hf_window_loss(hf, tokens, seq, overlap):
+    """Brute force: every window of the task through transformers' model."""
+    total, count = 0.0, 0
+    for start, first in windows(len(tokens) - 1, seq, overlap):
+        chunk = torch.tensor(tokens[start:start + seq + 1])
+        with torch.no_grad():
+            logits = hf(chunk[None, :-1]).logits[0]
+        losses = F.cross_entropy(logits, chunk[1:], reduction="none")[first:]
+        total, count = total + float(losses.sum()), count + len(losses)
+    return total / count, count
+
+
 def _check_loads_at_tp1(ckpt: Path, overrides: list[str]) -> None:
     trainer = Trainer(load_config(CONFIG, overrides), ParallelContext())
     state = full_state_dict(trainer.model)
@@ -92,19 +112,15 @@ def test_tiny_llama_resume_is_bitwise_exact_and_loads_at_another_tp(
             **common, "parallel.tensor_parallel_size": 1, "train.load": str(ckpt)}))
 
 
-def test_convert_a_llama_folder_in_train_and_export_for_transformers(corpus_file, tmp_path):
+def test_convert_a_llama_folder_in_train_and_export_for_transformers(corpus_file, tmp_path,
+                                                                     capsys):
     """The README's path: a LlamaForCausalLM folder with its tokenizer.json converts in
     (recorded for TP 2; trained here at TP 1, any TP loads it), continues training on its
     tokenizer's shards, and converts out to a folder
     transformers loads alone (AutoTokenizer, pipeline) with our logits; an untrained
     checkpoint converts back to the original weights exactly."""
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file as load_safetensors
 
-    from megatron_lite.convert import main as convert_main
-    from megatron_lite.data.tokenizer import build_tokenizer
-    from megatron_lite.examples.tiny_llama import write_tiny_llama
-    from preprocessing.__main__ import main as preprocess_main
 
     hf_dir = write_tiny_llama(corpus_file, tmp_path / "hf", vocab_size=500, hidden=32,
                               layers=2, heads=4, kv_heads=2, ffn=48, max_positions=64)
@@ -143,6 +159,19 @@ def test_convert_a_llama_folder_in_train_and_export_for_transformers(corpus_file
     with torch.no_grad():
         ours = trainer.model.eval()(torch.tensor([ids]))[..., : tok.vocab_size]
         assert (hf(torch.tensor([ids])).logits - ours).abs().max() <= 1e-4
+    # zero-shot WikiText: the same loss as transformers over the same windows
+    text = json.loads(corpus_file.read_text().splitlines()[-1])["text"][:2000]
+    (tmp_path / "wiki.txt").write_text(text)
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path / "run"), "--task", "wikitext", "--input",
+                          str(tmp_path / "wiki.txt"), "--overlap", "8"]) == 0
+    ours = json.loads(capsys.readouterr().out.splitlines()[-1])
+    want, count = _hf_window_loss(hf, tok.encode(text), 32, 8)
+    assert ours["targets"] == count and ours["loss"] == pytest.approx(want, rel=1e-4)
+    (tmp_path / "lambada.jsonl").write_text(json.dumps({"text": text[:300]}) + "\n")
+    assert evaluate_main([str(tmp_path / "run"), "--task", "lambada", "--input",
+                          str(tmp_path / "lambada.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["passages"] == 1
     generator = transformers.pipeline("text-generation", model=str(tmp_path / "out"))
     out = generator("Return the", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert out.startswith("Return the") and len(out) > len("Return the")
