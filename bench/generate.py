@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--model", choices=("gpt", "llama"), default="gpt")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="skip our run without the KV cache (the slow one)")
     args = ap.parse_args()
     if args.model == "llama":  # SmolLM2-135M (configs/llama/smollm2-135m.yaml)
         cfg = ModelConfig(num_layers=30, hidden_size=576, num_attention_heads=9,
@@ -53,7 +55,7 @@ def main() -> None:
     print(f"{name}, prompt 16, {args.tokens} new tokens, greedy, fp32, "
           f"{torch.get_num_threads()} threads")
     out, speed = {}, {}
-    for use_cache in (True, False):
+    for use_cache in (True,) if args.cached_only else (True, False):
         tick = time.perf_counter()
         out[use_cache] = generate(model, ParallelContext(), prompt, args.tokens, greedy=True,
                                   use_cache=use_cache)
@@ -61,7 +63,7 @@ def main() -> None:
         speed[use_cache] = args.tokens / seconds
         print(f"  KV cache {'on ' if use_cache else 'off'}  {args.tokens / seconds:7.1f} tokens/s"
               f"  ({seconds:.1f} s)", flush=True)
-    assert out[True] == out[False], "the cache changed the tokens"
+    assert args.cached_only or out[True] == out[False], "the cache changed the tokens"
 
     from megatron_lite.models.hf import to_hf
 

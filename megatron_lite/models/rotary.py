@@ -26,6 +26,10 @@ from megatron_lite.models.positions import PositionScheme
 from megatron_lite.models.registry import POSITIONS
 
 ROPE_SCALINGS = ("none", "linear")
+# NOTE: the angles of recent (positions, head size, theta, scale), shared by every attention
+# sublayer: without it, one decoding step of a 30-layer model computes them 30 times (small
+# ops that add up in decoding); constants, never differentiated, so sharing them is safe
+_ANGLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +88,21 @@ class RotaryPositions(PositionScheme):
         return self.cfg.max_position_embeddings
 
     def angles(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` ``[length, d]`` of positions ``start .. start + length - 1``."""
+        """``cos``, ``sin`` ``[length, d]`` of positions ``start .. start + length - 1``
+        (eager: computed once for all the sublayers of a forward, see :data:`_ANGLES`)."""
         m = self.cfg
         scale = m.rope_scaling_factor if m.rope_scaling == "linear" else 1.0
-        positions = torch.arange(start, start + length, device=device)
-        return rope_angles(positions, m.hidden_size // m.num_attention_heads, m.rope_theta,
-                           scale)
+        d = m.hidden_size // m.num_attention_heads
+        if torch.compiler.is_compiling():  # traced into the graph, no Python-side state
+            return rope_angles(torch.arange(start, start + length, device=device), d,
+                               m.rope_theta, scale)
+        key = (start, length, str(device), d, m.rope_theta, scale)
+        if key not in _ANGLES:
+            if len(_ANGLES) >= 16:
+                _ANGLES.clear()
+            _ANGLES[key] = rope_angles(torch.arange(start, start + length, device=device), d,
+                                       m.rope_theta, scale)
+        return _ANGLES[key]
 
     def attend(self, attn, q, k, v, mask, cache, index: int, *pos):
         start = cache.length if cache is not None else 0
