@@ -1,6 +1,6 @@
 """configs/llama/tiny-cpu.yaml trained end to end (shrunk): TP 2 equals TP 1 step by step,
-the loss falls, a resume is bitwise exact, and a checkpoint of shared K/V heads loads at
-another layout."""
+the loss falls, a resume is bitwise exact, a checkpoint loads at another layout; and a
+LlamaForCausalLM folder converted in, trained, evaluated and exported for transformers."""
 
 import json
 from pathlib import Path
@@ -48,22 +48,35 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_llama_tp2_equals_tp1_step_by_step_and_learns(distributed, gpt_shard, bpe_files,
-                                                           tmp_path):
-    for tp in (1, 2):
-        over = llama_overrides(gpt_shard, bpe_files, tmp_path / f"tp{tp}",
+def test_tiny_llama_tp2_equals_tp1_resumes_exactly_and_learns(distributed, gpt_shard,
+                                                              bpe_files, tmp_path):
+    """The shipped config's parts at TP 2 (its 2 K/V heads split over the ranks): equal
+    to TP 1 step by step; a run stopped at step 5 and resumed equals the straight run
+    bitwise; its checkpoint loads at TP 1; and the loss falls."""
+    def over(name, tp):
+        return llama_overrides(gpt_shard, bpe_files, tmp_path / name,
                                **{"parallel.tensor_parallel_size": tp})
-        distributed(_train, tp, over, tp_size=tp)
-    ref, got = _rows(tmp_path / "tp1"), _rows(tmp_path / "tp2")
-    assert [r["step"] for r in got] == list(range(1, 11))
+
+    _train(ParallelContext(), over("tp1", 1))
+    distributed(_train, 2, over("tp2", 2))
+    distributed(_train, 2, over("split", 2) + ["train.exit_after=5"])
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_00000005"
+    distributed(_train, 2, over("split", 2))  # resumes from the run dir by itself
+    ref, got, split = (_rows(tmp_path / n) for n in ("tp1", "tp2", "split"))
+    assert [r["step"] for r in got] == [r["step"] for r in split] == list(range(1, 11))
     rel = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(got, ref, strict=True))
     print(f"llama tiny: losses {ref[0]['loss']:.3f} -> {ref[-1]['loss']:.3f}; TP=2 vs TP=1 "
           f"max relative difference {rel:.2e}")
     assert rel <= 1e-5
     val = [(a.get("val_loss"), b.get("val_loss")) for a, b in zip(got, ref, strict=True)]
     assert all(a is None and b is None or abs(a - b) <= 1e-5 * b for a, b in val)
+    for ra, rb in zip(got, split, strict=True):
+        assert ra["loss"] == rb["loss"] and ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
+        assert ra["grad_norm"] == rb["grad_norm"]
     first, last = (sum(r["loss"] for r in rows) / 3 for rows in (ref[:3], ref[-3:]))
     assert last < first - 0.1, (first, last)  # it learns the corpus
+    ckpt = tmp_path / "split/checkpoints/step_00000005"
+    _check_loads_at_tp1(ckpt, over("load1", 1) + [f"train.load={ckpt}"])
 
 
 def _hf_window_loss(hf, tokens, seq, overlap):
@@ -85,31 +98,6 @@ def _check_loads_at_tp1(ckpt: Path, overrides: list[str]) -> None:
         ours = state[name][: t.shape[0]] if name in ("wte.weight", "output_layer.weight") \
             else state[name]
         assert torch.equal(ours, t), name
-
-
-@pytest.mark.parametrize("groups", [1])
-def test_tiny_llama_resume_is_bitwise_exact_and_loads_at_another_tp(
-        distributed, gpt_shard, bpe_files, tmp_path, groups):
-    """One K/V head at TP 2: each rank holds it whole (shared), its gradient summed over
-    TP. A run stopped at step 3 and resumed equals the straight run bitwise; its
-    checkpoint loads at TP 1, where the K/V weights are column-parallel."""
-    common = {"parallel.tensor_parallel_size": 2, "train.max_steps": 6,
-              "train.eval_interval": 3, "model.num_query_groups": groups}
-    straight = llama_overrides(gpt_shard, bpe_files, tmp_path / "straight", **common)
-    distributed(_train, 2, straight)
-    split = llama_overrides(gpt_shard, bpe_files, tmp_path / "split", **common)
-    distributed(_train, 2, split + ["train.exit_after=3"])
-    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_00000003"
-    distributed(_train, 2, split)  # resumes from the run dir by itself
-    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["loss"] == rb["loss"] and ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
-        assert ra["grad_norm"] == rb["grad_norm"]
-    ckpt = tmp_path / "split/checkpoints/step_00000003"
-    _check_loads_at_tp1(ckpt, llama_overrides(
-        gpt_shard, bpe_files, tmp_path / "load1", **{
-            **common, "parallel.tensor_parallel_size": 1, "train.load": str(ckpt)}))
 
 
 def test_convert_a_llama_folder_in_train_and_export_for_transformers(corpus_file, tmp_path,
