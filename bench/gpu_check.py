@@ -16,10 +16,14 @@ over the row, next to what ``python -m megatron_lite.plan`` predicts for it.
 
 With two or more GPUs it also times the TP=2 all-reduce of one layer's activation
 ``[micro-batch, seq, hidden]`` in bf16 on two NCCL processes and the share of a step
-that Megatron's four per layer would take. ``--budget-s`` stops before a row that would
-start after it (a slow first GPU still reports the rows it finished). ``--cpu --tiny``
-runs every step of this on the CPU (gloo for the all-reduce) on 2-layer, hidden-64
-shapes so the check cannot rot between GPUs.
+that Megatron's four per layer would take, trains the first config at TP=2 (eager)
+without and with ``parallel.sequence_parallel`` (step time and peak memory of rank 0,
+and the planner's figure for each), and (GPUs only) a PP row: a 24-layer, hidden-1024
+GPT at PP=2 (1F1B, 8 micro-batches) against TP=2, its measured bubble against
+``(P - 1) / (m + P - 1)`` (``bench/pipeline.py``). ``--budget-s`` stops before a row
+that would start after it (a slow first GPU still reports the rows it finished).
+``--cpu --tiny`` runs every step of this (but the PP row) on the CPU (gloo for the
+all-reduce) on 2-layer, hidden-64 shapes so the check cannot rot between GPUs.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from megatron_lite.devices import DEVICES  # noqa: E402
 from megatron_lite.parallel import init_parallel  # noqa: E402
 from megatron_lite.plan import plan  # noqa: E402
 from megatron_lite.training.metrics import model_flops_per_step, peak_flops  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import pipeline as bench_pipeline  # noqa: E402 (bench/pipeline.py)
 
 CONFIGS = ("124m", "355m", "1.5b")
 # name -> (train.compile, model.activation_checkpointing)
@@ -83,7 +90,8 @@ def overrides_for(name: str, variant: str, args, shard: Path, run_dir: Path) -> 
     ]
 
 
-def measure(cfg_path: Path, overrides: list[str], ctx, warmup: int, steps: int) -> dict:
+def measure(cfg_path: Path, overrides: list[str], ctx, warmup: int, steps: int,
+            tp: int = 1) -> dict:
     """One row: build a Trainer, run ``warmup`` then ``steps`` timed optimizer steps."""
     from megatron_lite.training.trainer import Trainer
 
@@ -94,7 +102,7 @@ def measure(cfg_path: Path, overrides: list[str], ctx, warmup: int, steps: int) 
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()  # each row compiles its own model from scratch
     cfg = load_config(cfg_path, overrides)
-    predicted = plan(cfg, 1, 1, "h100" if cuda else "cpu")["memory_per_rank"]["total"]
+    predicted = plan(cfg, tp, 1, "h100" if cuda else "cpu")["memory_per_rank"]["total"]
     trainer = Trainer(cfg, ctx)
     tick = time.perf_counter()
     for _ in range(warmup):
@@ -159,6 +167,42 @@ def tp2_allreduce(shapes: list, backend: str) -> dict:
         return dict(out)
 
 
+def _sp_worker(rank: int, port: int, backend: str, cfg_path: Path, runs: list, args,
+               out: dict) -> None:
+    """Rank ``rank`` of a TP=2 job: each of ``runs`` (name, overrides) trained, timed."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = init_parallel(2, backend=backend)
+    try:
+        for name, overrides in runs:
+            cfg = load_config(cfg_path, overrides)
+            planned = plan(cfg, 2, 1, "h100" if backend == "nccl" else "cpu")
+            r = measure(cfg_path, overrides, ctx, args.warmup, args.steps, tp=2)
+            if rank == 0:
+                out[name] = {**r, "planned_gib": planned["memory_per_rank"]["total"] / 2**30}
+    finally:
+        dist.destroy_process_group()
+
+
+def tp2_sequence_parallel(cfg_name: str, args, shard: Path, tmp: Path) -> dict:
+    """``{"plain": row, "sequence-parallel": row}`` of ``cfg_name`` trained at TP=2."""
+    runs = []
+    for name, sp in (("plain", False), ("sequence-parallel", True)):
+        over = overrides_for(cfg_name, "eager", args, shard, tmp / f"tp2-{name}")
+        over = [o for o in over if not o.startswith("parallel.tensor_parallel_size=")]
+        runs.append((name, over + ["parallel.tensor_parallel_size=2",
+                                   f"parallel.sequence_parallel={str(sp).lower()}"]))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_sp_worker, args=(port, "gloo" if args.cpu else "nccl",
+                                   ROOT / "configs" / "gpt2" / f"{cfg_name}.yaml", runs, args,
+                                   out), nprocs=2)
+        return dict(out)
+
+
 def significant(x: float, digits: int = 4) -> str:
     """``x`` in positional notation with ``digits`` significant digits (0.009123 ->
     '0.009123', 1234.5 -> '1234', 12.345 -> '12.35'): a printed step time keeps the same
@@ -175,6 +219,22 @@ def format_row(cfg_name: str, variant: str, mb: int, r: dict) -> str:
             f"{significant(r['step_s'] * 1e3):>9}{r['tokens_per_s']:>10.0f}"
             f"{_fmt(r['mfu'], '.2f'):>7}{_fmt(r['peak_gib'], '.2f'):>10}"
             f"{r['planned_gib']:>9.2f}{r['warmup_s']:>11.1f}")
+
+
+def pp_row() -> None:
+    """PP=2 against TP=2 on two GPUs (bench/pipeline.py's measurement, one size)."""
+    args = bench_pipeline.parser().parse_args(
+        ["--cuda", "--layers", "24", "--hidden", "1024", "--seq", "1024", "--micro-batch",
+         "4", "--micro-batches", "8", "--steps", "5"])
+    pp = bench_pipeline.run("pp", args)
+    tp = bench_pipeline.run("tp", args)
+    (b0, s0), (b1, s1) = pp[("1f1b", 8)]
+    (i0, _), (i1, _) = pp[("interleaved_1f1b", 8)]
+    step_tp = tp[("tp2", 8)]
+    print(f"PP=2 (1F1B, 8 micro-batches of 4 x 1024, 24 layers, hidden 1024, fp32): step "
+          f"{max(s0, s1) * 1e3:.1f} ms vs TP=2 {step_tp * 1e3:.1f} ms; bubble "
+          f"{(b0 + b1) / 2:.3f} (theory {1 / 9:.3f}), interleaved V=2 {(i0 + i1) / 2:.3f} "
+          f"(theory {1 / 17:.3f})", flush=True)
 
 
 def _fmt(x, spec: str) -> str:
@@ -251,8 +311,30 @@ def main(argv=None) -> int:
                          f"{4 * layers * times[n] / step_s:.2f} of the TP=1 eager step")
             print(f"  {n:<6}[{', '.join(map(str, shape))}] {mib:6.1f} MiB: "
                   f"{significant(times[n] * 1e3):>8} ms{share}")
+        if time.perf_counter() - start > args.budget_s:
+            print(f"TP=2 sequence parallelism: skipped, past --budget-s {args.budget_s:.0f}")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                name = args.configs[0]
+                shard = random_shard(Path(tmp) / "random", 512 if args.tiny else 50257,
+                                     400_000 if not args.tiny else 4000)
+                sp = tp2_sequence_parallel(name, args, shard, Path(tmp))
+            print(f"TP=2 sequence parallelism ({name}, eager, 2 processes, rank 0):")
+            for variant, r in sp.items():
+                print(f"  {variant:<18} step {significant(r['step_s'] * 1e3):>8} ms  peak "
+                      f"{_fmt(r['peak_gib'], '.2f'):>6} GiB  planned {r['planned_gib']:.2f} GiB")
+            if len(sp) == 2:
+                a, b = sp["plain"], sp["sequence-parallel"]
+                mem = "n/a" if a["peak_gib"] is None else f"{b['peak_gib'] / a['peak_gib']:.3f}"
+                print(f"  sequence-parallel / plain: step {b['step_s'] / a['step_s']:.3f}, "
+                      f"peak memory {mem}")
     else:
-        print(f"TP=2 all-reduce: skipped ({gpus} GPU{'s' if gpus != 1 else ''})")
+        print(f"TP=2 all-reduce and sequence parallelism: skipped ({gpus} "
+              f"GPU{'s' if gpus != 1 else ''})")
+    if gpus >= 2 and time.perf_counter() - start <= args.budget_s:
+        pp_row()
+    else:
+        print(f"PP=2 row: skipped ({'--cpu' if args.cpu else f'{gpus} GPUs'}; 2 GPUs needed)")
     print(f"gpu_check: {rows} rows in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

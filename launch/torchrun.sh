@@ -12,9 +12,13 @@
 #   PYTHON          interpreter (default .venv/bin/python when present, else python3)
 #   SAVE_TIMEOUT    seconds torchrun gives the workers to save after Ctrl-C / SIGTERM /
 #                   SIGUSR1 before it kills them (default 300; torchrun's own default is 30)
+#
+# torchrun runs through python -m megatron_lite.launch: a failing run ends with its own
+# one-line error and exit code (2: a bad config; 130: Ctrl-C saved), not torchrun's
+# traceback and exit code 1.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n '2,15p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
 fi
 CONFIG=$1
@@ -32,11 +36,11 @@ SIGNALS=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 if [ "$NNODES" -gt 1 ]; then
     : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port for a multi-node run}"
-    exec "$PYTHON" -m torch.distributed.run "${SIGNALS[@]}" --nnodes "$NNODES" \
+    exec "$PYTHON" -m megatron_lite.launch "${SIGNALS[@]}" --nnodes "$NNODES" \
         --nproc_per_node "$NPROC_PER_NODE" \
         --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-megatron-lite}" \
         -m megatron_lite.train "$CONFIG" "$@"
 fi
-exec "$PYTHON" -m torch.distributed.run "${SIGNALS[@]}" --standalone \
+exec "$PYTHON" -m megatron_lite.launch "${SIGNALS[@]}" --standalone \
     --nproc_per_node "$NPROC_PER_NODE" \
     -m megatron_lite.train "$CONFIG" "$@"

@@ -4,6 +4,7 @@ and the shell of the commands that run a config (:func:`config_command`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -24,7 +25,26 @@ def _rank() -> int:
     return int(value) if value.isdigit() else 0
 
 
+# set by ``python -m megatron_lite.launch`` (launch/torchrun.sh): a folder where each
+# worker leaves its exit code, so the launcher exits with it instead of torchrun's 1
+EXIT_DIR = "MEGATRON_LITE_EXIT_DIR"
+
+
+def record_exit_code(code: int) -> int:
+    """Under :mod:`megatron_lite.launch`: leave this rank's exit code for it. Returns it."""
+    folder, rank = os.environ.get(EXIT_DIR), os.environ.get("RANK")
+    if folder and rank is not None and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank{rank}").write_text(f"{code}\n")
+    return code
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
+    """:func:`_run_cli`, its exit code recorded for the launcher (:func:`record_exit_code`)."""
+    return record_exit_code(_run_cli(body))
+
+
+def _run_cli(body: Callable[[], int | None]) -> int:
     """Run ``body``; turn user-facing errors into one line on stderr and exit code 2.
 
     Config, layout, data, tokenizer and checkpoint errors are ``ValueError``s and the same
@@ -69,12 +89,13 @@ def path_and_overrides(parser: argparse.ArgumentParser, args, required: bool = T
                      "required")
 
 
-def config_keys_help() -> str:
+def config_keys_help(first: str = "") -> str:
     """Every config section and key with its default and meaning, read from the
     dataclasses of :mod:`megatron_lite.config` (the trailing ``# comment`` of a field, else
-    the comment just above it)."""
+    the comment just above it); section ``first`` (a command's own: ``distill``) first."""
     lines = ["config keys (section.key=value; YAML: section: {key: value}):"]
-    for section in dataclasses.fields(Config):
+    sections = sorted(dataclasses.fields(Config), key=lambda s: s.name != first)
+    for section in sections:
         cls = section.type if isinstance(section.type, type) else type(
             getattr(Config(), section.name))
         source = inspect.getsource(cls).splitlines()
@@ -94,20 +115,31 @@ def config_keys_help() -> str:
 
 def config_command(prog: str, doc: str, body: Callable[[Config, ParallelContext], int | None],
                    argv: list[str] | None = None, *, config_help: str,
-                   overrides_help: str = "section.key=value", epilog: str | None = None) -> int:
+                   overrides_help: str = "section.key=value", epilog: str | None = None,
+                   dry_run: Callable[[Config, ParallelContext], int | None] | None = None
+                   ) -> int:
     """The shell of a command that runs a config (train, search, distill): ``CONFIG
     [section.key=value ...]`` parsed (overrides anywhere), the config loaded, a parallel
-    session of ``parallel.tensor_parallel_size`` opened around ``body(cfg, ctx)``, and
-    every user error one line (:func:`run_cli`). Returns the exit code."""
+    session of ``parallel.tensor_parallel_size`` (and ``pipeline_parallel_size``) opened
+    around ``body(cfg, ctx)``, and every user error one line (:func:`run_cli`). With
+    ``dry_run``, ``--dry-run`` calls it instead of ``body`` (:mod:`megatron_lite.dryrun`).
+    Returns the exit code."""
     p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", help=overrides_help)
+    if dry_run is not None:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, the layout, the data plan and the "
+                            "planner's verdict, then exit 0 without training or writing")
     a = parse_args(p, argv)
 
     def run() -> int | None:
         cfg = load_config(a.config, a.overrides)
-        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed) as ctx:
+        with parallel_session(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
+                              pipeline_parallel_size=cfg.parallel.pipeline_parallel_size) as ctx:
+            if getattr(a, "dry_run", False):
+                return dry_run(cfg, ctx)
             return body(cfg, ctx)
 
     return run_cli(run)

@@ -10,6 +10,7 @@ the wrong type is one error that names the file (or override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from megatron_lite.data.blend import blend_text, format_blend, parse_blend, raw_blend
 from megatron_lite.files import atomic_write
 
 
@@ -158,6 +160,14 @@ class ParallelConfig:
     ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
     zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
     zero_overlap_comm: bool = False  # deepspeed: overlap gradient reduction with backward
+    # Korthikanti et al. 2022: norms, dropouts and residuals split over TP along the
+    # sequence (same communication bytes); worth it whenever TP > 1 (no-op at TP=1)
+    sequence_parallel: bool = False  # split activations between TP cores along the sequence
+    # pipeline parallelism (TP innermost, then DP, then PP): stages of consecutive layers
+    pipeline_parallel_size: int = 1  # PP stages; data-parallel size = world / (TP x PP)
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe (torch's schedules)
+    virtual_pipeline_size: int = 1  # interleaved_1f1b: model chunks per stage (V)
+    pipeline_layers: str = ""  # layers per stage, e.g. "5,5,6" (default: an even split)
 
 
 @dataclass
@@ -178,7 +188,9 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    data_path: str | None = None  # a shard prefix (without .bin/.idx)
+    data_path: str | None = None  # a shard prefix (no .bin/.idx) or a blend "W1 PREFIX1 W2 PREFIX2"
+    valid_data_path: str | None = None  # validation: a prefix or blend read whole (else data.split)
+    test_data_path: str | None = None  # test: a prefix or blend read whole (else data.split)
     split: str = "949,50,1"  # train,valid,test weights over documents
     tokenizer_type: str | None = None  # GPT2BPETokenizer | BertWordPieceLowerCase | ...
     vocab_file: str | None = None  # vocab.json (BPE) or vocab.txt (WordPiece)
@@ -204,6 +216,7 @@ class TrainConfig:
     params_dtype: str = "fp32"  # bf16: Megatron's mixed precision (training/mixed.py)
     compile: bool = False  # torch.compile each sublayer and the GPT loss (training/compile.py)
     log_interval: int = 10  # steps between metrics lines
+    sample_interval: int = 0  # GPT: a short greedy sample printed every N steps (0: off)
     eval_interval: int = 100  # steps between validations (0: none)
     eval_iters: int = 10  # global batches per validation
     save_interval: int = 0  # 0: only at the end
@@ -248,12 +261,17 @@ class DistillConfig:
     relation_heads: int = 0  # minilmv2: relation heads; 0: the student's attention heads
     teacher_layer: int = -1  # the teacher's attention layer distilled (-1: its last)
     assistant: str = ""  # a config: distil teacher -> assistant -> student (MiniLM 3.3)
-    lm_weight: float = 0.0  # weight of the student's own LM/MLM loss added (0: relations only)
+    # the student's own LM/MLM loss is added at this weight; unset: 0.5 for a GPT student
+    # (its LM head is its output: relations alone never train it), 0 for BERT (MiniLM's
+    # task-agnostic relations only; its MLM head is not what fine-tuning uses)
+    lm_weight: float | None = None  # the student's own loss's weight (unset: GPT 0.5, BERT 0)
 
 
 @dataclass
 class LogConfig:
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; offline by default)
+    wandb_project: str = "megatron-lite"  # log.wandb: the W&B project (WANDB_MODE=online syncs)
 
 
 @dataclass
@@ -296,6 +314,10 @@ class Config:
                             f"model.num_attention_heads={m.num_attention_heads}")
         if m.untie_embeddings_and_output_weights and m.arch != "gpt":
             problems.append("model.untie_embeddings_and_output_weights is for model.arch=gpt")
+        if m.untie_embeddings_and_output_weights and self.parallel.pipeline_parallel_size > 1:
+            problems.append("model.untie_embeddings_and_output_weights with "
+                            "parallel.pipeline_parallel_size > 1 is not built (the last stage "
+                            "holds the tied head only)")
         if m.query_groups != m.num_attention_heads and m.position_embedding == "relative":
             problems.append("model.num_query_groups (grouped-query attention) is not built for "
                             "model.position_embedding=relative")
@@ -311,6 +333,7 @@ class Config:
                                          or self.parallel.engine != "ddp"):
             problems.append("train.params_dtype=bf16 needs train.precision=bf16 and "
                             "parallel.engine=ddp (DeepSpeed's bf16 keeps its own masters)")
+        problems += _sequence_parallel_problems(self)
         if t.phase2_seq_length and m.arch != "bert":
             problems.append("train.phase2_seq_length is for model.arch=bert only")
         if t.phase2_seq_length and not 0.0 <= t.phase2_start < 1.0:
@@ -320,6 +343,7 @@ class Config:
                             f"model.max_position_embeddings={m.max_position_embeddings}")
         if self.data.ordering == "consecutive" and m.arch != "gpt":
             problems.append("data.ordering=consecutive is for GPT only")
+        problems += _blend_problems(self.data)
         return problems
 
     def validate(self) -> Config:
@@ -329,14 +353,39 @@ class Config:
         return self
 
 
+def _sequence_parallel_problems(cfg: Config) -> list[str]:
+    """``parallel.sequence_parallel`` at TP > 1: the training sequence splits evenly, and
+    no memory or relative positions (their inputs are built from the whole segment on
+    every rank; evaluation and generation of other lengths run plain TP by themselves)."""
+    m, t, tp = cfg.model, cfg.train, cfg.parallel.tensor_parallel_size
+    if not cfg.parallel.sequence_parallel or tp <= 1:
+        return []
+    problems = []
+    for key, seq in (("model.seq_length", m.seq_length),
+                     ("train.phase2_seq_length", t.phase2_seq_length)):
+        if seq and seq % tp:
+            problems.append(f"parallel.sequence_parallel needs {key}={seq} divisible by "
+                            f"parallel.tensor_parallel_size={tp}")
+    if m.position_embedding == "relative":
+        problems.append(f"parallel.sequence_parallel does not support model.position_embedding="
+                        f"{m.position_embedding} (Transformer-XL's memory and the adaptive span "
+                        "attend over the whole segment of every rank)")
+    if tp > m.query_groups:
+        problems.append(f"parallel.sequence_parallel with TP={tp} above model.num_query_groups="
+                        f"{m.query_groups} (K/V heads shared by TP ranks) is not built")
+    return problems
+
+
 # sizes that must be >= 1 (a model of no layers, or a batch of no samples, is a typo)
 POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
             "model.seq_length", "model.max_position_embeddings", "model.vocab_size",
             "model.make_vocab_size_divisible_by", "model.num_tokentypes",
-            "train.global_batch_size")
+            "train.global_batch_size", "parallel.pipeline_parallel_size",
+            "parallel.virtual_pipeline_size")
 NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.max_steps",
                 "train.log_interval", "train.eval_interval", "train.eval_iters",
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
+                "train.sample_interval",
                 "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
                 "optim.warmup_steps", "optim.adam_eps", "model.num_query_groups")
 FRACTIONS = ("model.hidden_dropout", "model.attention_dropout")  # in [0, 1)
@@ -363,6 +412,29 @@ def _value_problems(cfg: Config) -> list[str]:
     for key in FRACTIONS:
         if not 0.0 <= (value := _get(cfg, key)) < 1.0:
             problems.append(f"{key}={value} must be in [0, 1)")
+    return problems
+
+
+BLEND_KEYS = ("data.data_path", "data.valid_data_path", "data.test_data_path")
+
+
+def _blend_problems(d: DataConfig) -> list[str]:
+    """Blends that cannot be read (:func:`megatron_lite.data.blend.parse_blend`), and a
+    blend where one stream is read in order."""
+    problems = []
+    for dotted in BLEND_KEYS:
+        value = getattr(d, dotted.split(".")[1])
+        if value is None:
+            continue
+        try:
+            sources = parse_blend(value, dotted)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if len(sources) > 1 and d.ordering == "consecutive":
+            problems.append(f"{dotted} is a blend of {len(sources)} corpora, but "
+                            "data.ordering=consecutive reads one corpus in order: give one "
+                            "prefix")
     return problems
 
 
@@ -414,6 +486,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.layernorm_order": ("pre", "post"),
     "parallel.engine": ("ddp", "deepspeed"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.params_dtype": ("fp32", "bf16"),
@@ -454,11 +527,29 @@ REMOVED: dict[str, Any] = {"train.inject_nan_at_step": 0, "train.inject_nan_time
                            "train.fail_at_step": 0, "train.fail_rank": 0}
 
 
+def _did_you_mean(section: str, key: str) -> str:
+    """`` (did you mean section.k?)`` for the closest known key (of this section, else of
+    any section: a key put in the wrong section), or ``""``."""
+    fields = {f.name: f.name for f in dataclasses.fields(getattr(Config(), section))}
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {section}.{close[0]}?)"
+    everywhere = {f"{s.name}.{f.name}": f.name for s in dataclasses.fields(Config)
+                  for f in dataclasses.fields(getattr(Config(), s.name))}
+    same = [dotted for dotted, name in everywhere.items() if name == key]
+    if same:
+        return f" (did you mean {same[0]}?)"
+    return ""
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     node = getattr(cfg, section, None)
     if not dataclasses.is_dataclass(node) or section.startswith("_"):
-        sections = ", ".join(f.name for f in dataclasses.fields(Config))
-        raise ConfigError(f"{where}: unknown section {section!r} (known: {sections})")
+        names = [f.name for f in dataclasses.fields(Config)]
+        close = difflib.get_close_matches(section, names, n=1)
+        hint = f"did you mean {close[0]}.{key}? " if close else ""
+        raise ConfigError(f"{where}: unknown section {section!r} ({hint}known: "
+                          f"{', '.join(names)})")
     hints = typing.get_type_hints(type(node))
     if f"{section}.{key}" in REMOVED:
         if value == REMOVED[f"{section}.{key}"]:
@@ -466,9 +557,14 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {section}.{key} is no longer a config key (test-only "
                           "fault injection: tests install a TrainingHook, megatron_lite/hooks.py)")
     if key not in hints:
-        raise ConfigError(f"{where}: unknown key {section}.{key}")
+        raise ConfigError(f"{where}: unknown key {section}.{key}{_did_you_mean(section, key)}")
     if f"{section}.{key}" == "train.micro_batch_size" and value == "auto":
         value = 0  # probed at start (megatron_lite/training/probe.py)
+    if f"{section}.{key}" in BLEND_KEYS and isinstance(value, list):
+        try:  # YAML's list of {weight, path}: the string form ("W1 PREFIX1 W2 PREFIX2")
+            value = blend_text(value, f"{section}.{key}")
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
     setattr(node, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
     cfg.explicit[f"{section}.{key}"] = where
 
@@ -514,7 +610,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-PATH_KEYS = ("data.data_path", "data.vocab_file", "data.merge_file", "data.tokenizer_model",
+PATH_KEYS = ("data.vocab_file", "data.merge_file", "data.tokenizer_model",
              "train.run_dir", "train.load")
 
 
@@ -526,10 +622,22 @@ def resolve_paths(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, os.path.abspath(os.path.expanduser(value)))
+    for dotted in BLEND_KEYS:  # each prefix of a blend (an unreadable one: left for the check)
+        key = dotted.split(".")[1]
+        value = getattr(cfg.data, key)
+        try:
+            parse_blend(value, dotted) if value else None
+        except ValueError:
+            continue
+        if value:
+            setattr(cfg.data, key, format_blend(
+                [(w, os.path.abspath(os.path.expanduser(p))) for w, p in raw_blend(value)]))
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: see :mod:`megatron_lite.files`)."""
+def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config as YAML (atomically: see :mod:`megatron_lite.files`),
+    after ``comment`` as ``# ...`` lines (what made it; ignored when it is loaded)."""
     with atomic_write(path) as f:
+        f.writelines(f"# {line}\n" for line in comment.splitlines())
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

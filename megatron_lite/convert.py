@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from megatron_lite.checkpoint import (
     FORMAT_VERSION,
@@ -27,20 +28,44 @@ from megatron_lite.checkpoint import (
     resolve_checkpoint,
 )
 from megatron_lite.cli import run_cli
-from megatron_lite.config import Config, load_config, save_config
+from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.data.tokenizer import GPT2_EOD, TokenizerError
 from megatron_lite.files import written_dir
-from megatron_lite.models.hf import config_from_hf, hf_to_full_state, load_hf_model, to_hf
+from megatron_lite.models.hf import (
+    config_from_hf,
+    hf_to_full_state,
+    hf_weight_files,
+    load_hf_model,
+    read_hf_config,
+    to_hf,
+)
 from megatron_lite.parallel import ParallelContext
-from megatron_lite.resolve import tokenizer_from_config
+from megatron_lite.parallel.pipeline import unpipelined
+from megatron_lite.resolve import check_fits, tokenizer_from_config
 from megatron_lite.run import build_run
+
+# what --from-hf holds per parameter at its peak: the HF model's fp32 weights and the
+# converted copy being saved
+FROM_HF_BYTES_PER_PARAM = 8
 
 
 def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
-    """Write a megatron-lite checkpoint folder holding an HF model's weights."""
-    hf = load_hf_model(hf_dir)
+    """Write a megatron-lite checkpoint folder holding an HF model's weights.
+
+    Checked before anything is allocated or written: ``config.json`` (a model this machine
+    can hold: the planner's parameter count against host memory), the weights (safetensors
+    only, complete), ``tokenizer.json`` (parses as a tokenizer)."""
+    hf_config = read_hf_config(hf_dir)
     cfg = Config()
-    cfg.model = config_from_hf(hf.config)
+    cfg.model = config_from_hf(hf_config)
+    try:
+        cfg.validate()  # sizes >= 1, heads dividing the width... (one line)
+        check_fits(cfg, ParallelContext(), FROM_HF_BYTES_PER_PARAM)  # one process, TP=1
+    except ConfigError as err:
+        raise ConfigError(f"{Path(hf_dir) / 'config.json'}: {err}") from None
+    hf_weight_files(hf_dir)
+    _check_tokenizer_json(hf_dir)
+    hf = load_hf_model(hf_dir, hf_config)
     cfg.parallel.tensor_parallel_size = tp
     state = hf_to_full_state(hf.state_dict(), cfg.model)
     meta = {"format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
@@ -64,6 +89,18 @@ def from_hf_dir(hf_dir: Path, out: Path, tp: int = 1) -> Path:
         save_config(cfg, tmp / "config.yaml")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _check_tokenizer_json(hf_dir: Path) -> None:
+    """A ``tokenizer.json`` that --from-hf would copy must load as a tokenizer."""
+    path = Path(hf_dir) / "tokenizer.json"
+    if path.is_file():
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exceptions
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TokenizerError(f"{path}: not a tokenizer the tokenizers library reads "
+                                 f"({first[:200]})") from None
 
 
 def _hf_tokenizer_files(hf_dir: Path, cfg: Config, dest: Path) -> list[Path]:
@@ -106,6 +143,7 @@ def to_hf_dir(ckpt: Path, out: Path) -> Path:
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
     cfg.parallel.tensor_parallel_size = 1  # one process builds the full model
+    unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
     cfg.train.global_batch_size = cfg.train.micro_batch_size
     try:
         tokenizer_from_config(cfg)
@@ -175,7 +213,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-hf", type=Path, help="a local Hugging Face model folder")
     p.add_argument("--to", type=Path, help="the megatron-lite checkpoint folder to write")
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1,
+                   help="with --from-hf: the parallel.tensor_parallel_size the checkpoint's "
+                        "config.yaml records (default 1); its weights load at any TP size")
     p.add_argument("--from", dest="src", type=Path, help="a megatron-lite checkpoint or run")
     p.add_argument("--to-hf", type=Path, help="the Hugging Face folder to write")
     a = p.parse_args(argv)

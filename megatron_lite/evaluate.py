@@ -33,6 +33,7 @@ from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import load_config
 from megatron_lite.parallel import parallel_session, read_launch_env
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.run import build_run
 from megatron_lite.training.evaluation import evaluate
 
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step folder")
     p.add_argument("--config", help="evaluate a freshly initialized model of this config")
-    p.add_argument("--split", choices=("valid", "train"), default="valid")
+    p.add_argument("--split", choices=("valid", "train", "test"), default="valid",
+                   help="test: data.test_data_path if set, else data.split's third part")
     p.add_argument("--iters", type=int, default=None, help="global batches (default eval_iters)")
     p.add_argument("--tp", type=int, default=None, help="TP size (default: the world size)")
     p.add_argument("--task", choices=("wikitext", "lambada"),
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         world = read_launch_env().world_size
         tp = a.tp or world
         cfg.parallel.tensor_parallel_size = tp
+        unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
         cfg.train.load = None
         t = cfg.train
         if world % tp == 0 and t.global_batch_size % (t.micro_batch_size * (world // tp)):

@@ -23,6 +23,7 @@ half-written file under the final name. On an error the temporary is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -79,6 +80,14 @@ def temp_name(final: str | Path, unique: bool = False) -> Path:
     return final.with_name(f".{final.name}{tag}.tmp")
 
 
+def _disk_full(err: BaseException, final: Path, tmp: Path) -> None:
+    """A full disk (or quota) while writing ``final``: raise it again as one line that
+    says the partial temporary was removed (other errors go on as they are)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise OSError(err.errno, f"{err.strerror} while writing {final}; its partial "
+                                 f"temporary {tmp.name} was removed") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; published when the block succeeds."""
@@ -87,8 +96,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        _disk_full(err, path, tmp)
         raise
 
 
@@ -115,8 +125,9 @@ def written_dir(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _disk_full(err, out, tmp)
         raise
 
 

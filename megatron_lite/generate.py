@@ -19,6 +19,7 @@ import torch
 from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
 from megatron_lite.config import ConfigError, load_config
+from megatron_lite.hooks import TrainingHook
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import (
     ParallelContext,
@@ -26,6 +27,7 @@ from megatron_lite.parallel import (
     parallel_session,
     read_launch_env,
 )
+from megatron_lite.parallel.pipeline import unpipelined
 from megatron_lite.resolve import names_tokenizer
 from megatron_lite.run import build_run
 
@@ -97,6 +99,48 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
     return ids[len(prompt_ids):]
 
 
+SAMPLE_TOKENS = 24  # tokens of a train.sample_interval sample
+
+
+class SampleHook(TrainingHook):
+    """``train.sample_interval=N``: every N steps a short greedy continuation of the
+    end-of-document token (:data:`SAMPLE_TOKENS` tokens, no sampling noise, so two
+    samples differ only by what the model learnt), printed on the main rank beside the
+    metrics and kept in the step's record as ``sample``. Every rank runs the decoding
+    (the TP ranks together); it draws from no random generator and the next step puts
+    the model back in training mode, so the run's losses are unchanged."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def setup(self, trainer) -> None:
+        cfg, tok = trainer.cfg, trainer.run.tokenizer
+        if cfg.model.arch != "gpt":
+            raise ConfigError("train.sample_interval is for GPT models (model.arch=gpt)")
+        if tok is None:
+            raise ConfigError("train.sample_interval needs a tokenizer to print the sample: "
+                              "set data.tokenizer_type and data.vocab_file (and "
+                              "data.merge_file for GPT-2 BPE), or train.sample_interval=0")
+        self.tokenizer = tok
+
+    def describe(self, trainer) -> str:
+        return (f"a greedy sample of {SAMPLE_TOKENS} tokens every {self.interval} steps "
+                "(train.sample_interval)")
+
+    def step_metrics(self, trainer) -> dict:
+        if trainer.step % self.interval:
+            return {}
+        tok = self.tokenizer
+        start = tok.eod if tok.eod is not None else 0
+        with torch.no_grad():
+            out = generate(trainer.model, trainer.ctx, [start], SAMPLE_TOKENS, greedy=True,
+                           eod=tok.eod)
+        text = tok.decode(t for t in out if t != tok.eod)
+        if trainer.ctx.is_main:
+            print(f"sample at step {trainer.step}: {text!r}", flush=True)
+        return {"sample": text}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_lite.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +171,7 @@ def main(argv=None) -> int:
             raise ConfigError("--prompt must not be empty")
         world = read_launch_env().world_size
         cfg.parallel.tensor_parallel_size = world  # heads and hidden must split over it
+        unpipelined(cfg)  # a pipelined run's checkpoint loads at PP=1
         cfg.train.global_batch_size = cfg.train.micro_batch_size  # no batches here
         with parallel_session(world, seed=cfg.train.seed) as ctx:
             run = build_run(cfg, ctx, data=False)

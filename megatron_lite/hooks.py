@@ -20,6 +20,10 @@ The model's hooks come first, then the command's, and every method is called on 
 hook in that order. Methods that run collectives (``step_metrics``, ``log_metrics``,
 ``at_end`` may) are called on every rank alike.
 
+When the run starts, the main rank prints one ``variant: ...`` line for each chosen model
+part and hook that describes itself (:meth:`TrainingHook.describe`, and the parts'
+``describe``: :mod:`megatron_lite.models.registry`), so every variant announces itself.
+
 One step of the Trainer, with the hooks' places::
 
     before_step                          the step's settings (a phase, a temperature)
@@ -64,6 +68,11 @@ class TrainingHook:
     """
 
     # ------------------------------------------------------------------ building
+
+    def describe(self, trainer: Trainer) -> str:
+        """One line the main rank prints when the run starts (after :meth:`setup`): what
+        this hook adds and its settings, so a variant announces itself; ``""`` for none."""
+        return ""
 
     def setup(self, trainer: Trainer) -> None:
         """Once, when the model, optimizer, engine and micro-batch size are final,

@@ -1,7 +1,7 @@
 """Will it fit, and how fast? A plan of a run before it starts, without allocating it.
 
     python -m megatron_lite.plan configs/gpt2/8.3b.yaml --tp 8 --dp 64 --device a100-80g
-    python -m megatron_lite.plan CONFIG [key=value ...] [--tp N] [--dp M] [--device h100|
+    python -m megatron_lite.plan CONFIG [key=value ...] [--tp N] [--dp M] [--pp P] [--device h100|
         a100-80g|h200|a10|l40|v100|cpu|MEMORY] [--json]
 
 Parameters come from the model built on the meta device (exact, padding included);
@@ -15,7 +15,7 @@ Memory per rank, in bytes:
   (ZeRO, Rajbhandari et al. 2020): 16-bit weights and gradients with fp32 masters and
   moments (12 bytes/param) partitioned over DP (stage 1), gradients too (stage 2).
 - activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation", adapted to our layout; no sequence parallelism): per layer and token,
+  Recomputation", adapted to our layout): per layer and token,
   ``R + P / tp`` h-sized tensors plus ``S a s / (h tp)`` for the attention scores, where
   P covers what lives inside TP regions (Q, K, V, the attention context, the FFN's
   4h-wide input and GeLU output), R what every TP rank keeps (LayerNorm inputs, residual
@@ -29,13 +29,29 @@ Memory per rank, in bytes:
   scores (S = 0), as does ``selective`` recomputation. ``full`` keeps each sublayer's
   input (``FULL_TERM``) and, in backward, one layer's activations at a time. Outside the
   layers: the embedding output, the final LayerNorm and the vocab-parallel cross-entropy's
-  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``).
+  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``). With sequence parallelism
+  (``parallel.sequence_parallel``, TP > 1) R divides by TP as well (the paper's
+  ``s b h (34/t + 5 a s/(h t))``: every term over t; the cores' inputs are kept as the
+  sequence shard and gathered again in backward), and so do ``FULL_TERM`` and 8 h of the
+  12 h outside the layers (the final LayerNorm on the shard; the head's gathered input
+  stays whole); ``bench/sequence_parallel.py`` measures it.
 - temporary: the gradient of the logits in backward (fp32 ``[tokens, V/tp]``).
 
 Compute: FLOPs per step as in :func:`megatron_lite.training.metrics.model_flops_per_step`
 (forward + backward), plus a forward of each layer again under ``full`` recomputation
 (and of attention's core under ``selective``); the step time assumes ``MFU`` of the
 device's peak and adds the TP and DP all-reduces at link bandwidth with no overlap.
+
+Pipeline parallelism (``--pp P``, ``parallel.pipeline_parallel_size``; Narayanan et al.
+2021): memory is the largest stage's. A stage holds its layers' weights (the first
+stage also the embeddings, the last the tied head's copy) and, under 1F1B, the first
+stage keeps ``P`` micro-batches of its layers' activations in flight (GPipe: all ``m``;
+interleaved with ``V`` chunks: ``P (1 + (P - 1) / (P V))``, Korthikanti et al. 2022),
+the last stage one micro-batch plus the logits. The bubble is the share of a step a
+stage idles, ``(P - 1) / (m + P - 1)`` for ``m`` micro-batches, ``(P - 1) / (V m + P -
+1)`` interleaved (the bubble divided by V); the step time divides the compute by it.
+Point-to-point bytes: each rank sends each micro-batch's fp32 ``[b, s, h]`` forward and
+its gradient back, once per chunk boundary.
 
 Checkpoints (sharded, :mod:`megatron_lite.checkpoint`): the weights and Adam's two
 moments at 4 bytes each, vocab unpadded (12 bytes/param, under either engine: ZeRO
@@ -60,6 +76,7 @@ from megatron_lite.memory import parse_memory as memory_size
 from megatron_lite.memory import saved_tensor_bytes
 from megatron_lite.models import build_model, model_problems
 from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel.pipeline import pipeline_problems
 from megatron_lite.resolve import resolve_global_batch
 from megatron_lite.training.metrics import model_flops_per_step
 from megatron_lite.training.precision import autocast
@@ -110,13 +127,14 @@ def _padded(vocab: int, multiple: int) -> int:
 
 
 def count_parameters(cfg: Config, tp: int) -> dict:
-    """Total parameters at TP ``tp`` (vocab padded for it), per TP rank, and the word
-    embedding's share, from the model built on the meta device."""
+    """Total parameters at TP ``tp`` (vocab padded for it), per TP rank (and of that, in
+    the layers: what pipeline stages split), and the word embedding's share, from the
+    model built on the meta device."""
     m = cfg.model
     model = build_model(m, ParallelContext(), device="meta")
     vocab_tp = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp)
-    total = per_rank = embedding = stored = 0
-    for p in model.parameters():
+    total = per_rank = embedding = stored = in_layers = 0
+    for name, p in model.named_parameters():
         shape = list(p.shape)
         if getattr(p, "vocab_dim", None) is not None:
             shape[p.vocab_dim] = m.vocab_size
@@ -126,11 +144,35 @@ def count_parameters(cfg: Config, tp: int) -> dict:
             stored += math.prod(shape)
         full = math.prod(shape)
         total += full
-        per_rank += full // tp if getattr(p, "tp_dim", None) is not None else full
+        here = full // tp if getattr(p, "tp_dim", None) is not None else full
+        per_rank += here
+        in_layers += here if name.startswith("transformer.layers.") else 0
         if getattr(p, "vocab_dim", None) is not None and p.dim() == 2:
             embedding += full
     return {"total": total, "per_rank": per_rank, "embedding": embedding,
-            "padded_vocab": vocab_tp, "stored": stored}
+            "padded_vocab": vocab_tp, "stored": stored, "per_rank_layers": in_layers}
+
+
+def pipeline_terms(cfg: Config, pp: int, accum: int) -> dict:
+    """The pipeline's shape (see the module docstring): micro-batches of activations the
+    first stage holds, the share of the layers on the largest stage, and the bubble."""
+    par, m = cfg.parallel, cfg.model
+    v = par.virtual_pipeline_size if pp > 1 else 1
+    layers = m.num_layers
+    counts = [int(x) for x in par.pipeline_layers.split(",")] if \
+        par.pipeline_layers.strip() and pp > 1 else [layers / (pp * v)] * (pp * v)
+    share = max(sum(counts[r::pp]) for r in range(pp)) / layers if len(counts) == pp * v \
+        else 1 / pp
+    if pp == 1:
+        in_flight = 1.0
+    elif par.pipeline_schedule == "gpipe":
+        in_flight = float(accum)
+    elif v > 1:
+        in_flight = pp * (1 + (pp - 1) / (pp * v))
+    else:
+        in_flight = float(min(pp, accum))
+    bubble = (pp - 1) / (v * accum + pp - 1) if pp > 1 else 0.0
+    return {"in_flight": in_flight, "share": share, "bubble": bubble, "virtual": v}
 
 
 def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
@@ -144,14 +186,16 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
     dropout = m.hidden_dropout > 0 or m.attention_dropout > 0
     scores = terms["S"] if m.attention_dropout > 0 and m.activation_checkpointing == "none" \
         else 0.0
-    per_layer = tokens * h * (terms["R"] + terms["R_dropout"] * dropout + terms["P"] / tp
-                              + scores * a * s / (h * tp))
+    sp = tp if cfg.parallel.sequence_parallel and tp > 1 else 1  # what R is split over
+    per_layer = tokens * h * ((terms["R"] + terms["R_dropout"] * dropout) / sp
+                              + terms["P"] / tp + scores * a * s / (h * tp))
     layers = len(m.pattern) / 2  # sublayer pairs
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
-    outside = tokens * (LOGITS_TERM * vocab + 12 * h)  # + embeddings, final LayerNorm
+    # + embeddings, final LayerNorm (the head's input is whole under sequence parallelism)
+    outside = tokens * (LOGITS_TERM * vocab + (4 + 8 / sp) * h)
     with_scores = terms["S"] * a * s / (h * tp) * tokens * h if m.attention_dropout > 0 else 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one layer at a time
-        stored, recompute = tokens * h * FULL_TERM * layers, per_layer + with_scores
+        stored, recompute = tokens * h * FULL_TERM / sp * layers, per_layer + with_scores
     elif m.activation_checkpointing == "selective":  # ... or one attention core
         stored, recompute = per_layer * layers, with_scores
     else:
@@ -160,9 +204,12 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
             "saved": int(stored + outside), "total": int(stored + outside + recompute)}
 
 
-def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = None) -> dict:
-    """The plan as one dict (the ``--json`` output; see :func:`main`)."""
+def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = None,
+         pp: int | None = None) -> dict:
+    """The plan as one dict (the ``--json`` output; see :func:`main`); ``pp``: pipeline
+    stages (default ``parallel.pipeline_parallel_size``)."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
+    pp = pp or par.pipeline_parallel_size
     if m.num_attention_heads % tp or m.hidden_size % tp or m.ffn_size % tp:
         raise PlanError(f"TP={tp} does not divide the heads ({m.num_attention_heads}), hidden "
                         f"({m.hidden_size}) and FFN ({m.ffn_size}) sizes")
@@ -171,7 +218,13 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
                         "one must divide the other")
     dev = device_spec(device)
     params = count_parameters(cfg, tp)
-    p = params["per_rank"]
+    mb = micro_batch or t.micro_batch_size
+    accum = max(t.global_batch_size // (mb * dp), 1)
+    pipe = pipeline_terms(cfg, pp, accum)
+    # the largest stage's weights: its layers, plus the embeddings (first and last stage)
+    p = params["per_rank"] if pp == 1 else int(
+        params["per_rank_layers"] * pipe["share"] + params["per_rank"]
+        - params["per_rank_layers"])
     zero = par.engine == "deepspeed"
     if zero:  # DeepSpeed keeps fp32 master partitions in every precision
         w = 2 if t.precision != "fp32" else 4
@@ -181,15 +234,20 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         states = {"weights": 2 * p, "gradients": 4 * p, "masters": 4 * p, "optimizer": 8 * p}
     else:
         states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p}
-        if dp > 1:
+        if dp > 1 and pp == 1:  # a pipeline all-reduces its gradients in place (buckets)
             states["ddp_buckets"] = 4 * p
-    mb = micro_batch or t.micro_batch_size
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
     fixed = sum(states.values())
 
     def need(b: int) -> tuple[float, dict]:
         act = activation_bytes(cfg, tp, b)
         temporary = 4 * b * m.seq_length * vocab
+        if pp > 1:  # the first stage's in-flight micro-batches or the last's logits
+            first = act["layers"] * pipe["share"] * pipe["in_flight"] + \
+                (act["total"] - act["saved"])
+            last = act["layers"] * pipe["share"] + act["total"] - act["layers"]
+            activations = max(first, last + temporary)
+            return fixed + activations, {"activations": int(activations), "temporary": 0}
         return fixed + act["total"] + temporary, {"activations": act["total"],
                                                    "temporary": int(temporary)}
 
@@ -201,7 +259,6 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     fitting = [b for b in sizes if need(b)[0] <= budget]
     fits = total <= budget
     # compute and communication
-    accum = max(t.global_batch_size // (mb * dp), 1)
     tokens = t.global_batch_size * m.seq_length
     flops = model_flops_per_step(m, t.global_batch_size, m.seq_length)  # forward + backward
     layers = len(m.pattern) / 2
@@ -213,24 +270,37 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     # Megatron's f and g: two all-reduces of [b, s, h] per layer forward (16-bit outputs
     # under autocast; again when full recomputation reruns the layer) and two backward
     # (gradients of the fp32 LayerNorm outputs: 4 bytes)
+    # (sequence parallelism: the same bytes as an all-gather and a reduce-scatter each, and
+    # backward gathers each core's input again for its weight gradient: 1.5x backward)
     forwards = 2 if m.activation_checkpointing == "full" else 1
-    tp_bytes = (layers * mb * m.seq_length * m.hidden_size * (2 * e * forwards + 2 * 4)
+    backward = 2 * 4 * (1.5 if par.sequence_parallel else 1)
+    tp_bytes = (layers * mb * m.seq_length * m.hidden_size * (2 * e * forwards + backward)
                 * accum) if tp > 1 else 0
+    tp_bytes *= pipe["share"]  # a stage's layers
     dp_bytes = (2 if zero and t.precision != "fp32" else 4) * p if dp > 1 else 0
+    # each micro-batch's fp32 [b, s, h] forward and its gradient, per chunk boundary
+    p2p_bytes = 2 * pipe["virtual"] * accum * mb * m.seq_length * m.hidden_size * 4 \
+        if pp > 1 else 0
     step_time = None
     if dev["peak_flops"] is not None:
         peak = dev["peak_flops"]["fp32" if t.precision == "fp32" else "bf16"]
-        compute = flops / (tp * dp * peak * MFU)
+        compute = flops / (tp * dp * pp * peak * MFU) / (1 - pipe["bubble"])
         ring = lambda n: 2 * (n - 1) / n  # noqa: E731 (bytes each rank sends, per byte)
         dp_link = dev["dp_link"] if tp * dp > GPUS_PER_NODE else dev["tp_link"]
         comm = (tp_bytes * ring(tp) / dev["tp_link"] if tp > 1 else 0.0) + \
             (dp_bytes * ring(dp) / dp_link if dp > 1 else 0.0)
+        if pp > 1:  # stages on other nodes once TP x DP fills one
+            comm += p2p_bytes / (dev["dp_link"] if tp * dp * pp > GPUS_PER_NODE
+                                 else dev["tp_link"])
         step_time = compute + comm
     out = {
-        "config": {"tp": tp, "dp": dp, "micro_batch_size": mb, "accumulation": accum,
+        "config": {"tp": tp, "dp": dp, "pp": pp, "micro_batch_size": mb, "accumulation": accum,
                    "global_batch_size": t.global_batch_size, "seq_length": m.seq_length,
                    "precision": t.precision, "activation_checkpointing": m.activation_checkpointing,
-                   "engine": par.engine, "zero_stage": par.zero_stage if zero else None},
+                   "engine": par.engine, "zero_stage": par.zero_stage if zero else None,
+                   "sequence_parallel": bool(par.sequence_parallel and tp > 1),
+                   "pipeline_schedule": par.pipeline_schedule if pp > 1 else None,
+                   "virtual_pipeline_size": pipe["virtual"]},
         "device": dev["name"], "device_memory": dev["memory"],
         "params_total": params["total"], "params_per_rank": p,
         "params_embedding": params["embedding"], "padded_vocab": params["padded_vocab"],
@@ -241,8 +311,10 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         "flops_per_step": flops, "step_time_s": step_time, "assumed_mfu": MFU,
         "tp_allreduce_bytes_per_step": int(tp_bytes),
         "tp_allreduce_bytes_per_layer_per_step": int(tp_bytes / layers) if layers else 0,
-        "dp_allreduce_bytes_per_step": int(dp_bytes), "suggestion": None,
-        **checkpoint_cost(params["stored"], tp, dp),
+        "dp_allreduce_bytes_per_step": int(dp_bytes),
+        "pipeline_bubble": pipe["bubble"], "pipeline_in_flight_micro_batches": pipe["in_flight"],
+        "p2p_bytes_per_step": int(p2p_bytes), "suggestion": None,
+        **checkpoint_cost(params["stored"], tp, dp * pp),
     }
     return out
 
@@ -259,11 +331,17 @@ def checkpoint_cost(stored_params: int, tp: int, dp: int) -> dict:
 
 def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     """The cheapest change that makes a plan that does not fit fit: ``{"overrides": [...],
-    "tp": N, "why": ...}``, tried in order of cost (selective recomputation, a smaller
-    micro-batch dividing the per-rank batch, full recomputation, ZeRO-2, more TP), or
-    None."""
+    "tp": N, "pp": P, "why": ...}``, tried in order of cost (sequence parallelism at
+    TP > 1, selective recomputation, a smaller micro-batch dividing the per-rank batch,
+    full recomputation, ZeRO-2, more TP within a node, then pipeline stages across nodes
+    at the node's TP), or None."""
     m, t = cfg.model, cfg.train
     tries = []
+    if tp > 1 and not cfg.parallel.sequence_parallel and m.seq_length % tp == 0 \
+            and m.position_embedding != "relative":
+        tries.append((["parallel.sequence_parallel=true"], tp,
+                      "sequence parallelism: norms, dropouts and residuals split over the "
+                      "TP group (the same communication bytes, no recomputation)"))
     if m.activation_checkpointing == "none":
         tries.append((["model.activation_checkpointing=selective"], tp,
                       "recompute attention's core (a few % more compute)"))
@@ -283,11 +361,21 @@ def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
         more *= 2
         tries.append(([f"parallel.tensor_parallel_size={more}"], more,
                        f"TP x{more // tp} (DP {dp} x TP {more} = {dp * more} devices)"))
-    for overrides, new_tp, why in tries:
+    tries = [(o, new_tp, cfg.parallel.pipeline_parallel_size, why)
+             for o, new_tp, why in tries]
+    pp = cfg.parallel.pipeline_parallel_size
+    while pp * 2 <= m.num_layers and pp < 64:  # TP fills the node: stages across nodes
+        pp *= 2
+        if m.num_layers % pp == 0 and cfg.parallel.engine == "ddp":
+            tries.append(([f"parallel.tensor_parallel_size={more}",
+                           f"parallel.pipeline_parallel_size={pp}"], more, pp,
+                          f"TP {more} within a node x PP {pp} stages across nodes "
+                          f"(DP {dp}: {dp * more * pp} devices)"))
+    for overrides, new_tp, new_pp, why in tries:
         trial = apply_overrides(cfg, overrides)
         try:
-            if plan(trial, new_tp, dp, device)["fits"]:
-                return {"overrides": overrides, "tp": new_tp, "why": why}
+            if plan(trial, new_tp, dp, device, pp=new_pp)["fits"]:
+                return {"overrides": overrides, "tp": new_tp, "pp": new_pp, "why": why}
         except PlanError:
             continue
     return None
@@ -314,9 +402,12 @@ def report(out: dict) -> str:
     lines = [f"parameters: {out['params_total'] / 1e9:.3f} B total "
              f"({out['params_embedding'] / 1e6:.1f} M in the word embedding, vocab padded to "
              f"{out['padded_vocab']}), "
-             f"{out['params_per_rank'] / 1e9:.3f} B per TP rank (TP={c['tp']}, DP={c['dp']})",
+             f"{out['params_per_rank'] / 1e9:.3f} B per "
+             + (f"TP rank (TP={c['tp']}, DP={c['dp']})" if c["pp"] == 1 else
+                f"rank (TP={c['tp']}, DP={c['dp']}, PP={c['pp']}: the largest stage)"),
              f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
-             f"checkpointing {c['activation_checkpointing']}, {c['engine']}"
+             f"checkpointing {c['activation_checkpointing']}, "
+             f"{'sequence parallel, ' if c['sequence_parallel'] else ''}{c['engine']}"
              f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
     for key in ("weights", "gradients", "masters", "optimizer", "ddp_buckets", "activations",
                 "temporary"):
@@ -325,9 +416,24 @@ def report(out: dict) -> str:
     lines.append(f"  {'total':<12} {_gib(mem['total']):>12}  of {_gib(out['device_memory'])} "
                  f"({out['device']}, {MARGIN:.0%} kept free)")
     lines.append(f"compute: {out['flops_per_token'] / 1e9:.2f} GFLOP per token, "
-                 f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step; TP all-reduce "
-                 f"{out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB, DP gradient all-reduce "
-                 f"{out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB per step per rank")
+                 f"{out['flops_per_step'] / 1e15:.2f} PFLOP per step")
+    tp, dp = c["tp"], c["dp"]
+    tp_part = (f"TP all-reduce {out['tp_allreduce_bytes_per_step'] / GiB:.2f} GiB (full "
+               f"[micro-batch, seq, hidden] activations and gradients: the same at any TP size;"
+               f" a ring sends {2 * (tp - 1) / tp:.2f} x that)") if tp > 1 else "no TP all-reduce"
+    dp_part = (f"DP gradient all-reduce {out['dp_allreduce_bytes_per_step'] / GiB:.2f} GiB "
+               f"(this rank's gradients; a ring sends {2 * (dp - 1) / dp:.2f} x that)") \
+        if dp > 1 else "no DP all-reduce"
+    lines.append(f"communication per step, per rank: {tp_part}, {dp_part}")
+    if c["pp"] > 1:
+        v = c["virtual_pipeline_size"]
+        lines.append(f"pipeline: {c['pp']} stages, {c['pipeline_schedule']}"
+                     f"{f' V={v}' if v > 1 else ''}"
+                     f", {c['accumulation']} micro-batches per step: bubble "
+                     f"{out['pipeline_bubble']:.1%} of a step, the first stage holds "
+                     f"{out['pipeline_in_flight_micro_batches']:.3g} micro-batches of "
+                     f"activations; point-to-point {out['p2p_bytes_per_step'] / GiB:.2f} GiB "
+                     "per step per rank")
     lines.append(f"checkpoint: {_gib(out['checkpoint_bytes'])} (weights + Adam, vocab unpadded), "
                  f"{_gib(out['checkpoint_bytes_per_rank'])} written by each rank; save "
                  f"~{out['checkpoint_save_s']:.1f} s at "
@@ -354,6 +460,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--tp", type=int, default=None, help="default: parallel.tensor_parallel_size")
     p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages (default: parallel.pipeline_parallel_size)")
     p.add_argument("--device", default="h100",
                    help=f"{', '.join(DEVICES)} or a memory size (80GiB, 80G, 81920M)")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -364,9 +472,12 @@ def main(argv=None) -> int:
         if problems := cfg.problems() + model_problems(cfg):  # the layout: below
             raise ConfigError("; ".join(problems))
         tp = a.tp or cfg.parallel.tensor_parallel_size
-        if tp < 1 or a.dp < 1:
-            raise PlanError("--tp and --dp must be >= 1")
-        cfg.parallel.tensor_parallel_size = tp
+        pp = a.pp or cfg.parallel.pipeline_parallel_size
+        if tp < 1 or a.dp < 1 or pp < 1:
+            raise PlanError("--tp, --dp and --pp must be >= 1")
+        cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size = tp, pp
+        if problems := pipeline_problems(cfg, tp * a.dp * pp):
+            raise ConfigError("; ".join(problems))
         resolve_global_batch(cfg, a.dp)  # train.global_batch_tokens -> samples
         if cfg.train.micro_batch_size == 0:  # auto: plan micro-batch 1, report the largest
             cfg.train.micro_batch_size = 1

@@ -27,12 +27,13 @@ import os
 import torch
 
 from megatron_lite.config import Config, ConfigError, resolve_paths
-from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.data.tokenizer import CONFIG_KEYS, Tokenizer, build_tokenizer
 from megatron_lite.devices import host_memory
 from megatron_lite.memory import estimate_parameters
 from megatron_lite.models import model_problems
 from megatron_lite.models.registry import resolve_parts
 from megatron_lite.parallel import ParallelConfigError, ParallelContext, validate_parallel_config
+from megatron_lite.parallel.pipeline import pipeline_problems
 
 
 def names_tokenizer(cfg: Config) -> bool:
@@ -46,11 +47,12 @@ def tokenizer_from_config(cfg: Config) -> Tokenizer | None:
     d = cfg.data
     if not names_tokenizer(cfg):
         return None
-    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model)
+    return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
+                           names=CONFIG_KEYS)
 
 
 def check_config(cfg: Config, world_size: int = 1) -> None:
-    """The config's own checks, its model parts' and the TP x DP layout over
+    """The config's own checks, its model parts' and the TP x DP x PP layout over
     ``world_size``: one :class:`ConfigError` naming every problem."""
     problems = cfg.problems() + model_problems(cfg)
     m, t = cfg.model, cfg.train
@@ -58,13 +60,15 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         validate_parallel_config(
             world_size, cfg.parallel.tensor_parallel_size, hidden_size=m.hidden_size,
             num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
-            global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size or 1)
+            global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size or 1,
+            pipeline_parallel_size=cfg.parallel.pipeline_parallel_size)
     except ParallelConfigError as err:
         problems.append(str(err))
     tp, groups = cfg.parallel.tensor_parallel_size, m.query_groups
     if tp >= 1 and groups % tp and tp % groups:
         problems.append(f"model.num_query_groups={groups} and parallel.tensor_parallel_size="
                         f"{tp}: the K/V heads split over TP when one divides the other only")
+    problems += pipeline_problems(cfg, world_size)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -159,3 +163,6 @@ def _check_job(cfg: Config, ctx: ParallelContext) -> None:
     if cfg.parallel.tensor_parallel_size != ctx.tp_size:
         raise ConfigError(f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}"
                           f" but the job was started with TP={ctx.tp_size}")
+    if cfg.parallel.pipeline_parallel_size != ctx.pp_size:
+        raise ConfigError(f"parallel.pipeline_parallel_size={cfg.parallel.pipeline_parallel_size}"
+                          f" but the job was started with PP={ctx.pp_size}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.bert_dataset import BertDataset
+from megatron_lite.data.blend import BlendedDataset, blend_plan, check_sources_exist, parse_blend
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
@@ -76,45 +77,92 @@ class Run:
     def datasets(self, seq_length: int | None = None, validation: bool = True):
         """``(train, valid)`` datasets of ``data.data_path`` at ``seq_length`` (default
         ``model.seq_length``); ``valid`` is None without ``validation`` or when the split
-        is too small (a warning says so). Collective: rank 0 builds the index caches."""
+        is too small (a warning says so). A blend of several corpora gives a
+        :class:`~megatron_lite.data.blend.BlendedDataset` (its plan printed when a run
+        starts). Collective: rank 0 builds the index caches."""
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         if not cfg.data.data_path:
-            raise ConfigError("data.data_path is not set (a shard prefix, without .bin/.idx)")
-        indexed = IndexedDataset(cfg.data.data_path)
-        sync = error_sync(ctx)
-        error = None
-        if ctx.is_main and seq_length is None:
-            try:
-                check_vocab(indexed, cfg.model.vocab_size)
-            except IndexedDataError as err:
-                error = str(err)
-        if (error := sync(error)) is not None:
-            raise IndexedDataError(error)
+            raise ConfigError("data.data_path is not set (a shard prefix, without .bin/.idx, "
+                              "or a blend 'W1 PREFIX1 W2 PREFIX2')")
         seq = seq_length or cfg.model.seq_length
-        ranges = split_ranges(indexed.num_documents, cfg.data.split)
         # an eval "iteration" is one global batch, so validation reads the same samples at
         # every DP size
-        sizes = (t.max_steps * t.global_batch_size, t.eval_iters * t.global_batch_size)
-        if cfg.model.arch == "bert":
-            tokens, continuation = self._bert_tokens()
-            make = lambda rng, n, name: BertDataset(  # noqa: E731
-                indexed, rng, seq, n, t.seed, tokens, cfg.data, name=name,
-                continuation=continuation, build=ctx.is_main, sync=sync)
-        elif cfg.data.ordering == "consecutive":  # one lane per global-batch row
-            make = lambda rng, n, name: ConsecutiveGPTDataset(  # noqa: E731
-                indexed, rng, seq, t.global_batch_size, name=name)
-        else:
-            make = lambda rng, n, name: GPTDataset(  # noqa: E731
-                indexed, rng, seq, n, t.seed, name=name, build=ctx.is_main, sync=sync)
-        train = make(ranges[0], sizes[0], "train")
+        train = self.split_data("train", t.max_steps * t.global_batch_size, seq,
+                                check=seq_length is None)
         valid = None
         if validation and t.eval_iters > 0:
             try:  # too small or empty: every rank gets the same error, and goes on without
-                valid = make(ranges[1], sizes[1], "valid")
+                valid = self.split_data("valid", t.eval_iters * t.global_batch_size, seq)
             except IndexedDataError as err:
+                if cfg.data.valid_data_path:  # data named for validation: it must work
+                    raise
                 if ctx.is_main:
                     print(f"warning: no validation ({err})", flush=True)
         return train, valid
+
+    def split_data(self, split: str, samples: int, seq: int | None = None,
+                   check: bool = False):
+        """The dataset of one split (train, valid or test) holding ``samples``: of
+        ``data.valid_data_path`` / ``data.test_data_path`` when set (every document of
+        it), else that split of ``data.data_path`` (``data.split``, per source of a blend).
+        A blend's validation (and test) sources hold ``samples`` each: evaluation reads
+        every source alone (:func:`~megatron_lite.training.evaluation.evaluate`).
+        ``check``: that every token fits the vocab (and, for a blend, print its plan)."""
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
+        seq = seq or cfg.model.seq_length
+        key = {"valid": "data.valid_data_path", "test": "data.test_data_path"}.get(split)
+        whole = key is not None and getattr(cfg.data, key.split(".")[1]) is not None
+        key = key if whole else "data.data_path"
+        try:
+            sources = parse_blend(getattr(cfg.data, key.split(".")[1]), key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        sync = error_sync(ctx)
+        shards, error = {}, None
+        try:
+            check_sources_exist(sources, key)
+            shards = {s.prefix: IndexedDataset(s.prefix) for s in sources}
+            if ctx.is_main and (check or whole):  # separate data: its tokens too
+                for shard in shards.values():
+                    check_vocab(shard, cfg.model.vocab_size)
+        except IndexedDataError as err:
+            error = str(err) if str(err).startswith(key) else f"{key}: {err}"
+        if (error := sync(error)) is not None:
+            raise IndexedDataError(error)
+        index = {"train": 0, "valid": 1, "test": 2}[split]
+        ranges = {p: (0, ix.num_documents) if whole else
+                  split_ranges(ix.num_documents, cfg.data.split)[index]
+                  for p, ix in shards.items()}
+        if cfg.model.arch == "bert":
+            tokens, continuation = self._bert_tokens()
+            make = lambda ix, rng, n: BertDataset(  # noqa: E731
+                ix, rng, seq, n, t.seed, tokens, cfg.data, name=split,
+                continuation=continuation, build=ctx.is_main, sync=sync)
+        elif cfg.data.ordering == "consecutive":  # one lane per global-batch row
+            make = lambda ix, rng, n: ConsecutiveGPTDataset(  # noqa: E731
+                ix, rng, seq, t.global_batch_size, name=split)
+        else:
+            make = lambda ix, rng, n: GPTDataset(  # noqa: E731
+                ix, rng, seq, n, t.seed, name=split, build=ctx.is_main, sync=sync)
+        if len(sources) == 1:
+            prefix = sources[0].prefix
+            return make(shards[prefix], ranges[prefix], samples)
+
+        def source_data(j, source, planned):
+            n = max(planned, 1) if split == "train" else samples
+            return make(shards[source.prefix], ranges[source.prefix], n)
+
+        data = BlendedDataset(sources, samples, source_data, split, build=ctx.is_main,
+                              sync=sync)
+        if ctx.is_main and check:
+            for line in blend_plan(data, shards, ranges, key):
+                print(line, flush=True)
+        return data
+
+    def samples_per_source(self, data, consumed: int) -> dict[str, int]:
+        """Samples drawn from each source (by prefix) by the first ``consumed`` of ``data``."""
+        drawn = getattr(data, "drawn", None)
+        return drawn(consumed) if drawn is not None else {self.cfg.data.data_path: consumed}
 
     def _bert_tokens(self) -> tuple[dict, np.ndarray | None]:
         """The special ids BERT samples need and, for whole-word masking, which ids are
@@ -163,6 +211,7 @@ def build_run(cfg: Config, ctx: ParallelContext, *, training: bool = True,
     # the state it will hold: weights, gradients and the optimizer's when training
     tokenizer, run_notes = resolve_config(cfg, ctx, training=training and data)
     ctx.seed(cfg.train.seed)
+    ctx.sequence_parallel.enabled = cfg.parallel.sequence_parallel and ctx.tp_size > 1
     model = (make_model or build_model)(cfg.model, ctx, device=ctx.device)
     run = Run(cfg, ctx, tokenizer, model, notes=run_notes)
     if data:

@@ -8,7 +8,9 @@ absolute, so later commands work from any directory).
 Ctrl-C, SIGTERM (SLURM preemption, time limit) or SIGUSR1 finish the current step, save a
 checkpoint and exit; rerun the same command to resume (metrics continue without repeats).
 A second Ctrl-C exits at once. ``train.load=RUN train.finetune=true`` starts a new run
-from another run's weights (fresh optimizer, step 0).
+from another run's weights (fresh optimizer, step 0). ``--dry-run`` prints the resolved
+config, the layout, the data plan and the planner's verdict, and exits without training
+or writing anything.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lite.cli import config_command, config_keys_help, end_of_run
+from megatron_lite.dryrun import dry_run
 from megatron_lite.hooks import TrainingHook
 from megatron_lite.training.trainer import Trainer
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[TrainingHook] = ()) -> i
 
     return config_command("python -m megatron_lite.train", __doc__, body, argv,
                           config_help="a YAML config (configs/gpt2/*.yaml, configs/bert/*.yaml)",
-                          epilog=config_keys_help())
+                          epilog=config_keys_help(), dry_run=dry_run)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ executor, task and worker count.
 
 Modules import one way only (``tests/test_imports.py`` checks that there is no circle):
 :mod:`~preprocessing.readers`, :mod:`~preprocessing.normalize`,
-:mod:`~preprocessing.sentences` and :mod:`~preprocessing.dedup` import no other module of
-this package; :mod:`~preprocessing.workers` imports those; :mod:`~preprocessing.plan`
+:mod:`~preprocessing.sentences`, :mod:`~preprocessing.dedup` and
+:mod:`~preprocessing.lifeline` import no other module of this package;
+:mod:`~preprocessing.workers` imports those; :mod:`~preprocessing.plan`
 imports readers; :mod:`~preprocessing.stages` imports plan and workers;
-:mod:`~preprocessing.executors` imports plan and stages.
+:mod:`~preprocessing.executors` imports plan, stages and lifeline (and names
+:mod:`~preprocessing.forkserver_preload`, which imports lifeline, for datatrove's forkserver).
 """

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from megatron_lite.data.indexed import IndexedDataError
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, TokenizerError
+from megatron_lite.files import FolderInUse
 from preprocessing.executors import run
 from preprocessing.plan import Options
 from preprocessing.readers import TXT_DOCS, InputError
@@ -94,20 +97,35 @@ def parse_args(argv=None) -> Options:
                "qos": a.slurm_qos})
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    # SIGTERM (kill, a scheduler) stops the run as Ctrl-C does: its helper processes are
+    # stopped and one line says so (a SIGKILL cannot be answered: they die with it,
+    # preprocessing.lifeline)
+    previous = signal.signal(signal.SIGTERM, _stop) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         for s in run(opts):
             print(summary_line(s))
             if s["first_errors"]:
                 print(f"warning: skipped input, first at {s['first_errors'][0]}", file=sys.stderr)
-    except (InputError, TokenizerError, IndexedDataError) as err:
+    except (InputError, TokenizerError, IndexedDataError, FolderInUse) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk while writing (the partial output is removed)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         print(f"interrupted: no output written{f'; {err}' if str(err) else ''}",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -61,22 +61,49 @@ _WORD_BYTE[0x80:] = True
 _GAP = np.uint64(0x1F)  # what any run of non-word bytes counts as: one separator
 
 
+# shingles hashed at once: a huge document is hashed in runs of this many, so the
+# temporaries (~50 B a byte of text) and the cached power tables are bounded by a run
+SHINGLE_RUN = 1 << 16
+
+
 def shingle_hashes(text: str, n: int = SHINGLE_WORDS) -> np.ndarray:
     """64-bit hashes of the word ``n``-grams of ``text`` (lower-cased; may repeat).
 
     Words are maximal runs of letters, digits, ``_`` and non-ASCII characters; any
     run of other characters separates words and counts as one separator, so spacing and
     punctuation do not change a shingle. A text with fewer than ``n`` words has one
-    shingle: all of its words.
+    shingle: all of its words. A shingle's hash depends on its bytes alone (not where it
+    stands), so runs of :data:`SHINGLE_RUN` shingles are hashed one at a time, each on
+    the bytes of its own words.
     """
     data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
     is_word = _WORD_BYTE[data]
-    edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # word [s, e)
+    starts = np.flatnonzero(is_word[1:] > is_word[:-1]) + 1  # word [s, e)
+    if is_word.size and is_word[0]:
+        starts = np.concatenate([[0], starts])
     if starts.size == 0:
         return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(is_word[1:] < is_word[:-1]) + 1
+    if is_word[-1]:
+        ends = np.concatenate([ends, [is_word.size]])
+    words = starts.size
+    k = max(words - n + 1, 1)
+    out = np.empty(k, dtype=np.uint64)
+    for a in range(0, k, SHINGLE_RUN):
+        b = min(a + SHINGLE_RUN, k)
+        last = min(b + n - 1, words)  # the words of shingles a..b-1
+        lo, hi = starts[a], ends[last - 1]
+        out[a:b] = _hashes(data[lo:hi], is_word[lo:hi], starts[a:last] - lo,
+                           ends[a:last] - lo, n)
+    return out
+
+
+def _hashes(data: np.ndarray, is_word: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+            n: int) -> np.ndarray:
+    """The shingle hashes of a text that begins with its first word and ends with its
+    last (``starts``/``ends``: its words)."""
     # Count each word byte, and the first byte of each gap between words, at consecutive
-    # positions; everything else (longer gaps, leading/trailing text) counts for nothing.
+    # positions; everything else (longer gaps) counts for nothing.
     counted = is_word.copy()
     counted[ends[:-1]] = True
     value = np.where(is_word, data.astype(np.uint64) + np.uint64(1), _GAP)

@@ -21,6 +21,7 @@ replaces its per-task console logger, the one internal it touches.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,18 @@ import time
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from multiprocess.forkserver import set_forkserver_preload
 
-from preprocessing import stages
-from preprocessing.plan import Options, Plan, cleanup, logs_dir, make_plan, stage_list
+from preprocessing import lifeline, stages
+from preprocessing.plan import (
+    Options,
+    Plan,
+    cleanup,
+    lock_work,
+    logs_dir,
+    make_plan,
+    stage_list,
+)
 from preprocessing.readers import InputError
 
 SLURM_DEFAULTS = {"partition": None, "time": "24:00:00", "cpus_per_task": 1,
@@ -92,7 +102,16 @@ class _QuietLocal(LocalPipelineExecutor):
 
 def run(opts: Options) -> list[dict]:
     """Run the pipeline for every JSON key; returns the stats of each (none when the
-    stages were submitted to SLURM and run later)."""
+    stages were submitted to SLURM and run later). The work folder is locked for the
+    while (:func:`preprocessing.plan.lock_work`): one run per folder."""
+    lock = lock_work(opts)
+    try:
+        return _run(opts)
+    finally:
+        lock.release()
+
+
+def _run(opts: Options) -> list[dict]:
     plan, continued, ours = make_plan(opts)
     if opts.executor == "slurm":
         submit_slurm(plan, opts)
@@ -118,8 +137,28 @@ def run(opts: Options) -> list[dict]:
 
 def run_stages(plan: Plan, say=print) -> None:
     """Every stage but finalize on this machine, each as one LocalPipelineExecutor run
-    (``plan.opts.workers`` tasks at once with --executor local, else one)."""
+    (``plan.opts.workers`` tasks at once with --executor local, else one). Its helper
+    processes (task processes, datatrove's Manager) die with this one
+    (:mod:`preprocessing.lifeline`)."""
     _quiet_datatrove()
+    lifeline.install()  # datatrove's Manager is forked from this process
+    set_forkserver_preload(["__main__", "preprocessing.forkserver_preload"])
+    before = {k: os.environ.get(k) for k in (lifeline.ENV, "PYTHONWARNINGS")}
+    os.environ[lifeline.ENV] = str(os.getpid())
+    # after a kill -9 the resource tracker would report the dead run's semaphores
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (before["PYTHONWARNINGS"], "ignore:resource_tracker:UserWarning") if w)
+    try:
+        _run_stages(plan, say)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_stages(plan: Plan, say) -> None:
     workers = plan.opts.workers if plan.opts.executor else 1
     for key, stage, tasks in stage_list(plan)[:-1]:
         t0 = time.monotonic()
@@ -138,9 +177,10 @@ def progress_line(plan: Plan, key: str, stage: str, tasks: int, before: int,
         (f" ({before} done earlier)" if before else "")
     if stage == "prepare":
         mb = sum(s["bytes_read"] for s in st) / 2**20
+        # a rate only when every task ran now: tasks done earlier add bytes, not seconds
+        rate = f" at {mb / max(seconds, 1e-9):.1f} MB/s" if not before else ""
         what = (f"{sum(s['documents_read'] for s in st)} documents, "
-                f"{sum(s['stored'] for s in st)} kept by length, {mb:.1f} MB at "
-                f"{mb / max(seconds, 1e-9):.1f} MB/s")
+                f"{sum(s['stored'] for s in st)} kept by length, {mb:.1f} MB{rate}")
     elif stage == "candidates":
         what = (f"{sum(s['pairs'] for s in st)} candidate pairs, "
                 f"{sum(s['identical'] for s in st)} identical-set links, largest bucket "

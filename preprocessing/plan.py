@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_lite.data.tokenizer import build_tokenizer
-from megatron_lite.files import atomic_write
+from megatron_lite.files import FolderLock, atomic_write
 from preprocessing.readers import InputError, expand_inputs
 
 MAX_DEFAULT_TASKS = 512
@@ -120,7 +121,8 @@ def _work_dir(opts: Options) -> tuple[Path, bool]:
 
 
 def _claim(work: Path, fingerprint: dict, ours: bool) -> bool:
-    """Create or reuse ``work``; returns whether earlier work is continued."""
+    """Create or reuse ``work`` (its lock already held); returns whether earlier work is
+    continued."""
     marker = work / "options.json"
     if marker.exists():
         if json.loads(marker.read_text()) == fingerprint:
@@ -128,8 +130,10 @@ def _claim(work: Path, fingerprint: dict, ours: bool) -> bool:
         if not ours:
             raise InputError(f"--work-dir {work} holds a run with other inputs or options "
                              f"({marker}); use another --work-dir or delete it")
-        shutil.rmtree(work)
-    elif work.is_dir() and any(p.name != "logs" for p in work.iterdir()):
+        for p in work.iterdir():  # all but the lock this run holds
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif work.is_dir() and any(p.name not in ("logs", ".lock") for p in work.iterdir()):
         # not a folder of ours (ours hold options.json, or only logs after a finished run)
         raise InputError(f"--work-dir {work} is not empty and was not made by "
                          "python -m preprocessing; give an empty or new folder")
@@ -139,8 +143,20 @@ def _claim(work: Path, fingerprint: dict, ours: bool) -> bool:
     return False
 
 
+def lock_work(opts: Options) -> FolderLock:
+    """One run per work folder: ``WORK/.lock`` (:class:`megatron_lite.files.FolderLock`),
+    taken before anything is written there; a second run with the same
+    ``--output-prefix`` (or ``--work-dir``) while the first lives is one error naming it."""
+    work, _ = _work_dir(opts)
+    what = "--work-dir" if opts.work_dir else "the work folder of --output-prefix"
+    lock = FolderLock(work, what)
+    lock.acquire(warn=lambda line: print(line, file=sys.stderr, flush=True))
+    return lock
+
+
 def make_plan(opts: Options) -> tuple[Plan, bool, bool]:
-    """The plan of a run, its work folder claimed; (plan, continued, default work dir)."""
+    """The plan of a run, its work folder claimed (its lock held: :func:`lock_work`);
+    (plan, continued, default work dir)."""
     files = expand_inputs(opts.inputs)
     tok = build_tokenizer(opts.tokenizer_type, opts.vocab_file, opts.merge_file,
                           opts.tokenizer_model)

@@ -37,8 +37,8 @@ class DistributedTestFailure(AssertionError):
     """A rank of a distributed test failed; the message holds the first failure's traceback."""
 
 
-def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, env: dict,
-            fn, args) -> None:
+def _worker(rank: int, world_size: int, port: int, tp_size: int, pp_size: int, err_dir: str,
+            env: dict, fn, args) -> None:
     # the caller's environment as it is now (the server's copy is from its own start)
     os.environ.clear()
     os.environ.update(env)
@@ -47,7 +47,7 @@ def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, e
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)  # NOTE: N processes share 2 cores; oversubscription is slow
-    ctx = init_parallel(tp_size, backend="gloo", timeout_s=120)
+    ctx = init_parallel(tp_size, pipeline_parallel_size=pp_size, backend="gloo", timeout_s=120)
     try:
         fn(ctx, *args)
         # NOTE: tear down together: a rank leaving while a peer still works can make gloo
@@ -63,8 +63,11 @@ def _worker(rank: int, world_size: int, port: int, tp_size: int, err_dir: str, e
         destroy_parallel()
 
 
-def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> None:
+def run_distributed(fn, world_size: int, *args, tp_size: int | None = None,
+                    pp_size: int = 1) -> None:
     """Run ``fn(ctx, *args)`` on ``world_size`` processes; re-raise the first failure.
+
+    The grid is ``tp_size`` (default: all ranks but the pipeline's) x DP x ``pp_size``.
 
     ``fn`` must be a module-level function (it is pickled by reference). When one rank
     fails, ``torch.multiprocessing`` terminates the others, so a peer blocked in a
@@ -73,8 +76,8 @@ def run_distributed(fn, world_size: int, *args, tp_size: int | None = None) -> N
     """
     with tempfile.TemporaryDirectory() as err_dir:
         context = mp.start_processes(
-            _worker, args=(world_size, free_port(), tp_size or world_size, err_dir,
-                           dict(os.environ), fn, args),
+            _worker, args=(world_size, free_port(), tp_size or world_size // pp_size, pp_size,
+                           err_dir, dict(os.environ), fn, args),
             nprocs=world_size, join=False, start_method=START_METHOD)
         try:
             while not context.join():

@@ -40,3 +40,17 @@ def test_written_dir_swaps_whole_folders(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert [p.name for p in out.iterdir()] == ["c.txt"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_full_disk_removes_the_partial_output_and_says_so(tmp_path):
+    import errno
+
+    out = tmp_path / "hf"
+    for writer in (written_dir, atomic_path):
+        with pytest.raises(OSError) as err, writer(out) as tmp:
+            (tmp / "a.txt" if writer is written_dir else tmp).write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        assert err.value.errno == errno.ENOSPC
+        assert str(err.value) == (f"[Errno 28] No space left on device while writing {out}; "
+                                  f"its partial temporary {tmp.name} was removed")
+        assert list(tmp_path.iterdir()) == []

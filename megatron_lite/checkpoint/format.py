@@ -37,6 +37,7 @@ it), and pruning runs after the publish, so it never meets a folder being writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -98,9 +99,10 @@ def _one_of(optimizer, zero) -> None:
 
 
 def _owner(t: torch.Tensor, ctx: ParallelContext) -> tuple[int, int]:
-    """(index, count) of this rank among the ranks holding the same copy of ``t``."""
-    if getattr(t, "tp_dim", None) is None:
-        return ctx.rank, ctx.world_size  # replicated on every rank
+    """(index, count) of this rank among the ranks holding the same copy of ``t``: its
+    pipeline stage's ranks (all ranks without pipelining)."""
+    if getattr(t, "tp_dim", None) is None:  # replicated on every rank of the stage
+        return ctx.tp_rank + ctx.tp_size * ctx.dp_rank, ctx.tp_size * ctx.dp_size
     return ctx.dp_rank, ctx.dp_size  # one TP shard, replicated over DP
 
 
@@ -157,6 +159,8 @@ def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], d
                                     flat=src.narrow(0, flat_start, n))
     m = _unwrap(model)
     for name, p in [*m.named_parameters(), *m.named_buffers()]:
+        if getattr(p, "pipeline_copy", False):
+            continue  # the last stage's copy of the tied embedding: the first saves it
         if name not in held:
             note(MODEL + name, p)
             items += _replica_pieces(MODEL + name, p, p, ctx, vocab_size)
@@ -164,6 +168,8 @@ def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], d
         names = {id(p): n for n, p in m.named_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
+                if getattr(p, "pipeline_copy", False):
+                    continue
                 tensors, rest = _tensor_state(optimizer.state.get(p, {}), p)
                 scalars[names[id(p)]] = rest
                 for key, value in tensors.items():
@@ -245,29 +251,38 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     final = root / f"step_{step:08d}"
     tmp = temp_name(final)
     group = _save_group()
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+    with _removed_on_failure(tmp, final):
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
     _barrier(group)
     items, shapes, scalars = _save_items(model, ctx, cfg.model.vocab_size, optimizer, zero)
+    if ctx.pp_size > 1:  # each stage knows its own layers': the main rank writes them all
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, (shapes, scalars), group=group)
+        for their_shapes, their_scalars in parts:
+            shapes.update(their_shapes)
+            scalars.update(their_scalars)
     if async_save:  # a copy of this rank's share: training may change the tensors now
         for it in items:
             it.tensor = it.tensor.to("cpu", copy=True)
-    torch.save({**rng_state(ctx.rng), **(rank_state or {})},
-               tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
-    if ctx.is_main:
-        base = zero.base if zero is not None else optimizer
-        if base is not None:
-            torch.save({"param_groups": group_hyperparameters(base), "scalars": scalars},
-                       tmp / "optim_groups.pt")
-        save_config(cfg, tmp / "config.yaml")
-        meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
-                "dp_size": ctx.dp_size, "world_size": ctx.world_size, **extra,
-                "full_shapes": shapes}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with _removed_on_failure(tmp, final):
+        torch.save({**rng_state(ctx.rng), **(rank_state or {})},
+                   tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
+        if ctx.is_main:
+            base = zero.base if zero is not None else optimizer
+            if base is not None:
+                torch.save({"param_groups": group_hyperparameters(base), "scalars": scalars},
+                           tmp / "optim_groups.pt")
+            save_config(cfg, tmp / "config.yaml")
+            meta = {"format_version": FORMAT_VERSION, "step": step, "tp_size": ctx.tp_size,
+                    "dp_size": ctx.dp_size, "pp_size": ctx.pp_size,
+                    "world_size": ctx.world_size, **extra, "full_shapes": shapes}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def write_and_publish():
-        write_pieces(tmp, items, group)  # collective over the save group; .metadata last
+        with _removed_on_failure(tmp, final):
+            write_pieces(tmp, items, group)  # collective over the save group; .metadata last
         _barrier(group)
         if ctx.is_main:
             publish(tmp, final)  # fsync, rename (an old copy of the step is replaced safely)
@@ -281,6 +296,31 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     else:
         write_and_publish()
     return final
+
+
+class SaveFailed(OSError):
+    """A checkpoint that could not be written (a full disk...): its partial temporary
+    folder is removed and ``latest`` still names the previous checkpoint. An ``OSError``,
+    so every rank says its own (one line each)."""
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path):
+    """A write of the save that fails (``OSError``, or DCP's ``CheckpointException``
+    wrapping one) removes the temporary folder and becomes one :class:`SaveFailed` line."""
+    try:
+        yield
+    except (OSError, CheckpointException) as err:
+        if isinstance(err, SaveFailed):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = ""
+        raise SaveFailed(f"{final}: the checkpoint could not be written ({_one_line(err)}); "
+                         f"its partial temporary folder {tmp.name} was removed and the last "
+                         f"complete checkpoint is kept{free}") from None
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -424,7 +464,9 @@ def _load_sharded(ckpt: Path, model, ctx: ParallelContext, optimizer, zero) -> b
     m = _unwrap(model)
     own = dict(m.named_parameters()) | dict(m.named_buffers())
     saved = {k[len(MODEL):] for k in stored if k.startswith(MODEL)}
-    missing, extra = sorted(set(own) - saved), sorted(saved - set(own))
+    # a pipeline stage holds some of the model: its names are the whole model's
+    expected = getattr(m, "global_names", None) or set(own)
+    missing, extra = sorted(set(own) - saved), sorted(saved - expected)
     if missing or extra:
         raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
     has_optim = (ckpt / "optim_groups.pt").is_file()
@@ -541,15 +583,26 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
         print(f"warning: {ckpt} has no optimizer state; Adam restarts from zero moments",
               flush=True)
     if restore_rng:
-        same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size
-        if same and (ckpt / "rng").is_dir():
-            state = _torch_load(ckpt / "rng" / f"rank_{ctx.rank:05d}.pt")
+        same = meta.get("world_size") == ctx.world_size and meta.get("tp_size") == ctx.tp_size \
+            and meta.get("pp_size", 1) == ctx.pp_size
+        rng_file = ckpt / "rng" / f"rank_{ctx.rank:05d}.pt"
+        if same and rng_file.is_file():
+            state = _torch_load(rng_file)
             set_rng_state(ctx.rng, state)
             meta["rank_state"] = {k: v for k, v in state.items()
                                   if k not in ("cpu", "cuda", "tracker")}
-        elif ctx.is_main:
+        elif same and (ctx.is_main or rng_file.parent.is_dir()):
+            # the layout is the same: the RNG states are what is missing (no rng/ folder
+            # at all: the main rank says it once; one rank's file: that rank)
+            what = (f"{rng_file} is missing" if rng_file.parent.is_dir() else
+                    f"{ckpt} has no rng/ folder (the ranks' RNG states)")
+            print(f"warning{f' (rank {ctx.rank})' if ctx.rank else ''}: {what}: dropout RNG "
+                  "streams are reseeded (and any Transformer-XL memory starts empty), so "
+                  "the continuation is not bitwise identical", flush=True)
+        elif not same and ctx.is_main:
             print(f"warning: {ckpt} was saved at TP={meta.get('tp_size')} x "
-                  f"DP={meta.get('dp_size')}; dropout RNG streams are reseeded (and any "
+                  f"DP={meta.get('dp_size')} x PP={meta.get('pp_size', 1)}; dropout RNG "
+                  "streams are reseeded (and any "
                   "Transformer-XL memory starts empty), so the continuation is not bitwise "
                   "identical", flush=True)
     return meta

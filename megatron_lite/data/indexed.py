@@ -141,7 +141,11 @@ class IndexedDataset:
         idx_path, bin_path = Path(self.prefix + ".idx"), Path(self.prefix + ".bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
-                raise IndexedDataError(f"{p}: no such file (is the data prefix right?)")
+                hint = "is the data prefix right?"
+                if self.prefix.endswith((".bin", ".idx")):
+                    hint = (f"the data path is a prefix without .bin/.idx: drop the suffix, "
+                            f"{self.prefix[:-4]}")
+                raise IndexedDataError(f"{p}: no such file ({hint})")
         size = idx_path.stat().st_size
         with open(idx_path, "rb") as f:
             head = f.read(HEADER.size)

@@ -30,6 +30,13 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built from the given files."""
 
 
+# how the files are named to the user: preprocessing's flags, or the config keys of
+# train / evaluate / generate (``build_tokenizer(..., names=CONFIG_KEYS)``)
+FLAGS = {"tokenizer_type": "--tokenizer-type", "vocab_file": "--vocab-file",
+         "merge_file": "--merge-file", "tokenizer_model": "--tokenizer-model"}
+CONFIG_KEYS = {k: f"data.{k}" for k in FLAGS}
+
+
 def _need(path: str | None, flag: str, kind: str) -> Path:
     if not path:
         raise TokenizerError(f"{kind} needs {flag}")
@@ -77,8 +84,10 @@ class Tokenizer:
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
                     merge_file: str | None = None,
-                    tokenizer_model: str | None = None) -> Tokenizer:
-    """Build a tokenizer from files, by Megatron's ``--tokenizer-type`` name.
+                    tokenizer_model: str | None = None,
+                    names: dict[str, str] = FLAGS) -> Tokenizer:
+    """Build a tokenizer from files, by Megatron's ``--tokenizer-type`` name. ``names``:
+    how messages name the files (:data:`FLAGS`, or :data:`CONFIG_KEYS` for a config).
 
     Raises:
         TokenizerError: unknown type, a missing flag or file, or a vocab without its
@@ -89,26 +98,27 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
     if tokenizer_type == "GPT2BPETokenizer":
         from tokenizers import ByteLevelBPETokenizer
 
-        vocab = _need(vocab_file, "--vocab-file", tokenizer_type)
-        merges = _need(merge_file, "--merge-file", tokenizer_type)
+        vocab = _need(vocab_file, names["vocab_file"], tokenizer_type)
+        merges = _need(merge_file, names["merge_file"], tokenizer_type)
         try:
             table = json.loads(vocab.read_text(encoding="utf-8"))
             backend = ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=False)
         except Exception as err:  # json or tokenizers parse errors
             raise TokenizerError(f"{vocab} / {merges}: not a GPT-2 BPE vocab ({err})") from None
         if GPT2_EOD not in table:
-            raise TokenizerError(f"--vocab-file {vocab}: has no {GPT2_EOD} token")
+            raise TokenizerError(f"{names['vocab_file']} {vocab}: has no {GPT2_EOD} token")
         tok = Tokenizer(tokenizer_type, backend, backend.get_vocab_size(), table[GPT2_EOD],
                         {GPT2_EOD: table[GPT2_EOD]}, recipe)
     elif tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
         from tokenizers import BertWordPieceTokenizer
 
-        vocab = _need(vocab_file, "--vocab-file", tokenizer_type)
+        vocab = _need(vocab_file, names["vocab_file"], tokenizer_type)
         lines = vocab.read_text(encoding="utf-8").splitlines()
         ids = {tok: i for i, tok in enumerate(lines)}
         missing = [t for t in BERT_SPECIALS if t not in ids]
         if missing:
-            raise TokenizerError(f"--vocab-file {vocab}: missing special tokens {missing}")
+            raise TokenizerError(f"{names['vocab_file']} {vocab}: missing special tokens "
+                                 f"{missing}")
         backend = BertWordPieceTokenizer(str(vocab),
                                          lowercase=tokenizer_type == "BertWordPieceLowerCase")
         tok = Tokenizer(tokenizer_type, backend, len(lines), ids["[SEP]"],
@@ -116,34 +126,38 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None,
     elif tokenizer_type == "SentencePieceTokenizer":
         import sentencepiece as spm
 
-        model = _need(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        model = _need(tokenizer_model, names["tokenizer_model"], tokenizer_type)
         try:
             backend = spm.SentencePieceProcessor(model_file=str(model))
         except Exception as err:
-            raise TokenizerError(f"--tokenizer-model {model}: cannot load ({err})") from None
+            raise TokenizerError(f"{names['tokenizer_model']} {model}: cannot load "
+                                 f"({err})") from None
         eos = backend.eos_id()
         tok = Tokenizer(tokenizer_type, backend, backend.get_piece_size(),
                         eos if eos >= 0 else None, recipe=recipe)
     elif tokenizer_type == "HFTokenizer":
-        tok = _hf_tokenizer(tokenizer_model, recipe)
+        tok = _hf_tokenizer(tokenizer_model, recipe, names)
     else:
         raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r} "
                              f"(one of {', '.join(TOKENIZER_TYPES)})")
     return tok
 
 
-def _hf_tokenizer(tokenizer_model: str | None, recipe: dict) -> Tokenizer:
+def _hf_tokenizer(tokenizer_model: str | None, recipe: dict,
+                  names: dict[str, str] = FLAGS) -> Tokenizer:
     """A ``tokenizer.json`` through the ``tokenizers`` library (see the module docstring)."""
     from tokenizers import Tokenizer as Backend
 
     path = Path(tokenizer_model or "")
     if path.is_dir():
         path = path / "tokenizer.json"
-    path = _need(str(path) if tokenizer_model else None, "--tokenizer-model", "HFTokenizer")
+    path = _need(str(path) if tokenizer_model else None, names["tokenizer_model"],
+                 "HFTokenizer")
     try:
         backend = Backend.from_file(str(path))
     except Exception as err:
-        raise TokenizerError(f"--tokenizer-model {path}: not a tokenizer.json ({err})") from None
+        raise TokenizerError(f"{names['tokenizer_model']} {path}: not a tokenizer.json "
+                             f"({err})") from None
     vocab = backend.get_vocab(with_added_tokens=True)
     eos = None
     config = path.parent / "tokenizer_config.json"

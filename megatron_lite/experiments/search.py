@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from megatron_lite.cli import config_command
+from megatron_lite.cli import config_command, config_keys_help
 from megatron_lite.config import Config, ConfigError, save_config
+from megatron_lite.dryrun import dry_run
 from megatron_lite.experiments.supernet import SuperTransformer
 from megatron_lite.files import atomic_path, atomic_write
 from megatron_lite.hooks import TrainingHook
@@ -66,6 +67,13 @@ def check_search(cfg: Config) -> None:
                         f"{s.tau_start}]")
     if not 0 < s.fraction <= 1 or s.window < 1:
         problems.append("search.fraction must be in (0, 1] and search.window >= 1")
+    # refused, not extended: train.max_steps also sets the run's LR schedule and the
+    # temperature's, so a quietly longer run would not be the run asked for
+    if cfg.train.max_steps <= s.freeze_steps:
+        problems.append(f"train.max_steps={cfg.train.max_steps} <= search.freeze_steps="
+                        f"{s.freeze_steps}: alpha would never train (the architecture found "
+                        "would be the uniform start's); raise train.max_steps above it or "
+                        "lower search.freeze_steps")
     if cfg.parallel.engine != "ddp":
         problems.append("the search runs on the ddp engine (parallel.engine=ddp)")
     if cfg.train.params_dtype != "fp32":
@@ -79,6 +87,9 @@ def check_search(cfg: Config) -> None:
         problems.append("the supernet has no full activation checkpointing (use selective)")
     if cfg.train.compile:
         problems.append("the supernet is not compiled (train.compile=false)")
+    if cfg.train.sample_interval:
+        problems.append("the supernet has no KV cache to sample with (train.sample_interval=0;"
+                        " sample the run of found.yaml)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -131,6 +142,14 @@ class SearchHook(TrainingHook):
         self.history: list[dict] = []
         self.changed = [0] * self.blocks  # the step each block's argmax last changed
         self.argmax: list[int] | None = None  # each block's argmax after the last step
+
+    def describe(self, trainer: Trainer) -> str:
+        s = self.cfg.search
+        return (f"PAR search (Mandava et al. 2020): {self.blocks} mixed blocks of "
+                f"{', '.join(s.branches)}; alpha frozen for search.freeze_steps="
+                f"{s.freeze_steps} steps, then trained for up to "
+                f"{self.cfg.train.max_steps - s.freeze_steps} (train.max_steps="
+                f"{self.cfg.train.max_steps}), tau {s.tau_start:g} -> {s.tau_end:g}")
 
     def param_groups(self, trainer: Trainer) -> list[dict]:
         s = self.cfg.search
@@ -200,21 +219,27 @@ class SearchHook(TrainingHook):
     def write_outputs(self, pattern: str, step: int) -> None:
         s, run_dir = self.cfg.search, Path(self.cfg.train.run_dir)
         converged = self.converged(step)
+        unfrozen = max(0, step - s.freeze_steps)  # steps that trained alpha
         summary = {"pattern": pattern, "blocks": self.blocks, "branches": s.branches,
-                   "steps": step, "converged": converged,
+                   "steps": step, "unfrozen_steps": unfrozen,
+                   "freeze_steps": s.freeze_steps, "converged": converged,
                    "attention_blocks": pattern.count("s"),
                    "layers_per_attention": (len(pattern) / pattern.count("s")
                                             if "s" in pattern else None),
                    "history": self.history}
         with atomic_write(run_dir / "search.json") as f:
             json.dump(summary, f, indent=1)
+        how = "converged" if converged else "at train.max_steps, not converged"
         if pattern:
-            save_config(found_config(self.cfg, pattern), run_dir / "found.yaml")
+            save_config(found_config(self.cfg, pattern), run_dir / "found.yaml",
+                        comment=f"found by the PAR search in {run_dir}: {step} steps, "
+                                f"{unfrozen} of them with alpha trained (after "
+                                f"search.freeze_steps={s.freeze_steps}); {how}")
         plot_search(self.history, s.branches, run_dir / "search.png")
         ratio = summary["layers_per_attention"]
-        how = "converged" if converged else "at train.max_steps"
         par = f", PAR ratio p = {ratio:.1f}" if ratio else ""
-        print(f"found {pattern!r} after {step} steps ({how}): {pattern.count('s')} "
+        print(f"found {pattern!r} after {step} steps, {unfrozen} with alpha trained "
+              f"({how}): {pattern.count('s')} "
               f"attention of {len(pattern)} sublayers{par}; {run_dir / 'found.yaml'}",
               flush=True)
 
@@ -263,9 +288,17 @@ def main(argv=None) -> int:
         trainer.fit()
         return 128 + signal.Signals[trainer.interrupted] if trainer.interrupted else 0
 
+    def dry(cfg, ctx) -> int:
+        check_search(cfg)
+        blocks = cfg.search.blocks or 2 * cfg.model.num_layers
+        return dry_run(cfg, ctx, [f"search: {blocks} mixed blocks of {cfg.search.branches}, "
+                                  f"alpha frozen for {cfg.search.freeze_steps} steps (the "
+                                  "planner counts the ordinary model, not the supernet)"])
+
     return config_command("python -m megatron_lite.search", __doc__, body, argv,
                           config_help="a GPT config; search.* keys set the search",
-                          overrides_help="section.key=value (anywhere on the line)")
+                          overrides_help="section.key=value (anywhere on the line)",
+                          epilog=config_keys_help(first="search"), dry_run=dry)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.models.norms import norm
 from megatron_lite.models.positions import position_scheme
 from megatron_lite.models.transformer import Sublayer
-from megatron_lite.parallel import ParallelContext
+from megatron_lite.parallel import (
+    ParallelContext,
+    mark_sequence_parallel,
+    mark_sequence_parallel_module,
+)
 
 BRANCHES = "sfi"  # self-attention, feed-forward, identity
 
@@ -66,7 +70,11 @@ class SuperTransformer(nn.Module):
         self.ffn = nn.ModuleList(Sublayer("f", sized, ctx, True, device) if "f" in branches
                                  else nn.Identity() for _ in range(blocks))
         self.alpha = nn.Parameter(torch.zeros(blocks, len(branches), device=device))
-        self.final_ln = norm(cfg, device)
+        # sequence parallelism: alpha weighs this rank's tokens only, the final norm runs
+        # on them: their gradients are summed over TP
+        mark_sequence_parallel(self.alpha, ctx.sequence_parallel, ctx.tp_group)
+        self.final_ln = mark_sequence_parallel_module(norm(cfg, device), ctx.sequence_parallel,
+                                                      ctx.tp_group)
         self.positions = position_scheme(cfg)
         shared = self.positions.stack_module(ctx, device)  # e.g. Transformer-XL's u, v
         if shared is not None:

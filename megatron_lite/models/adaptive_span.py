@@ -50,6 +50,10 @@ class AdaptiveSpan(AttentionCore):
         ctx: the parallel context (the heads are split over its TP group).
     """
 
+    @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        return "its span penalty reads every layer's spans in one loss"
+
     attr = "adaptive"  # SelfAttention.adaptive (the state-dict name of the spans)
 
     @classmethod
@@ -75,6 +79,14 @@ class AdaptiveSpan(AttentionCore):
     def resolve(cls, m: ModelConfig) -> None:
         if not m.mem_len:
             m.mem_len = m.attn_span  # the memory holds the largest span
+
+    @classmethod
+    def describe(cls, m: ModelConfig) -> str:
+        return (f"adaptive attention span (Sukhbaatar et al. 2019): each head learns its span "
+                f"up to model.attn_span={m.attn_span}, starting at "
+                f"{m.adaptive_span_init * m.attn_span:g} (model.adaptive_span_init="
+                f"{m.adaptive_span_init:g}), ramp {m.adaptive_span_ramp}, L1 penalty "
+                f"{m.adaptive_span_loss:g} x sum of spans")
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
         super().__init__(cfg, ctx, device)
@@ -161,8 +173,10 @@ class SpanHook(TrainingHook):
 
     def __init__(self, cfg):
         self.weight, self.max_span = cfg.model.adaptive_span_loss, cfg.model.attn_span
+        self.lr = cfg.optim.lr
         self.spans: list[AdaptiveSpan] = []
         self.logged: dict = {}
+        self.start: tuple[int, list[list[float]]] | None = None  # this process's first step
 
     def setup(self, trainer) -> None:
         self.spans = span_modules(trainer.model)  # bottom to top
@@ -172,6 +186,8 @@ class SpanHook(TrainingHook):
         return self.weight * sum(s.penalty() for s in self.spans)
 
     def before_step(self, trainer) -> None:
+        if self.start is None:  # where this process starts (a resume: its checkpoint's)
+            self.start = (trainer.step, [s.all_spans().tolist() for s in self.spans])
         with torch.no_grad():  # the penalty this step trains with, over every head
             value = torch.as_tensor(self.penalty(), device=trainer.ctx.device).detach()
             self.logged = {"span_loss": all_reduce(value.clone(), trainer.ctx.tp_group).item()}
@@ -199,6 +215,38 @@ class SpanHook(TrainingHook):
         spans = [s.all_spans().tolist() for s in self.spans]  # collective over TP
         if trainer.ctx.is_main:
             plot_spans(spans, self.max_span, trainer.run_dir / "spans.png")
+            if self.start is not None:
+                print(span_summary(self.start[1], spans, trainer.step - self.start[0],
+                                   self.max_span, self.lr), flush=True)
+
+
+def span_summary(before: list[list[float]], after: list[list[float]], steps: int,
+                 max_span: int, lr: float) -> str:
+    """One line: how the heads' spans moved over ``steps`` steps (mean and largest, start
+    -> end), and how long they take to grow. Adam moves each span fraction by about the
+    learning rate per step at most, so a span grows by at most ``lr x S`` positions a step."""
+    def stats(spans):
+        flat = [z for layer in spans for z in layer]
+        return sum(flat) / len(flat), max(flat)
+
+    (mean0, max0), (mean1, max1) = stats(before), stats(after)
+    line = (f"adaptive span over {steps} steps: mean span {mean0:.2f} -> {mean1:.2f}, largest "
+            f"{max0:.2f} -> {max1:.2f} positions (of model.attn_span={max_span}; spans.png)")
+    per_step = lr * max_span  # Adam's largest move of z = S x fraction
+    quarter = math.ceil(max_span / 4 / per_step) if per_step > 0 else None
+    rate = (mean1 - mean0) / steps if steps else 0.0
+    if rate > 0:
+        eta = math.ceil(max(max_span / 4 - mean1, 0) / rate)
+        line += (f"; at this run's {rate:.3g} positions/step the mean reaches S/4 = "
+                 f"{max_span / 4:g} in ~{eta} more steps")
+    else:
+        line += "; the spans did not grow: they grow only where a longer context pays " \
+            "for the L1 penalty (model.adaptive_span_loss)"
+    if quarter is not None:
+        line += (f"; a span moves at most ~optim.lr x S = {per_step:.3g} positions a step, so "
+                 f"reaching S/4 takes >= {quarter} steps (or start higher: "
+                 "model.adaptive_span_init)")
+    return line
 
 
 def plot_spans(spans: list[list[float]], max_span: int, out: Path) -> Path:

@@ -170,26 +170,29 @@ class SelfAttention(nn.Module):
         self.head_dim, self.causal = h // cfg.num_attention_heads, causal
         self.selective = cfg.activation_checkpointing == "selective"
         bias, group = cfg.add_bias_linear, ctx.tp_group
+        sp = ctx.sequence_parallel  # x arrives as a sequence shard while it is active
         groups = cfg.query_groups
         self.grouped = groups != cfg.num_attention_heads
         if not self.grouped:
             self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
-                                            bias=bias, tp_group=group, device=device)
+                                            bias=bias, tp_group=group, sequence_parallel=sp,
+                                            device=device)
         else:
             kv = groups * self.head_dim
             self.q = ColumnParallelLinear(h, h, init_method=normal_init(std), bias=bias,
-                                          tp_group=group, device=device)
+                                          tp_group=group, sequence_parallel=sp, device=device)
             for name in ("k", "v"):
                 if groups % ctx.tp_size == 0:
                     layer = ColumnParallelLinear(h, kv, init_method=normal_init(std),
-                                                 bias=bias, tp_group=group, device=device)
-                else:
+                                                 bias=bias, tp_group=group,
+                                                 sequence_parallel=sp, device=device)
+                else:  # (sequence parallelism with shared K/V heads is refused by config)
                     layer = SharedColumnLinear(h, kv, groups, init_method=normal_init(std),
                                                bias=bias, tp_group=group, device=device)
                 self.add_module(name, layer)
         self.proj = RowParallelLinear(
             h, h, input_is_parallel=True, tp_group=group, device=device, bias=bias,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
         self.positions = position_scheme(cfg)
         self.positions.attention_modules(self, ctx, device)
         core = ATTENTION_CORES.of(cfg)
@@ -207,14 +210,17 @@ class SelfAttention(nn.Module):
         """Attention of ``x`` ``[b, s, h]`` (normalized): ``[b, qlen, h]``. ``pos`` are the
         position scheme's inputs (:meth:`PositionScheme.attention_input`); ``z`` the core's
         (:meth:`AttentionCore.inputs`)."""
-        b, s, _ = x.shape
         core = self.attention_core
         if not self.grouped:
-            qkv = self.qkv(x).view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
+            qkv = self.qkv(x)  # [b, s, 3 * h/tp] (sequence parallelism: all of it gathered)
+            b, s, _ = qkv.shape
+            qkv = qkv.view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
             q, k, values = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
         else:  # q [b, heads/tp, s, d]; k, values [b, kv heads here, s, d]
-            q, k, values = (layer(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-                            for layer in (self.q, self.k, self.v))
+            q, k, values = (layer(x) for layer in (self.q, self.k, self.v))
+            b, s, _ = q.shape  # (sequence parallelism: all of it gathered)
+            q, k, values = (t.view(b, s, -1, self.head_dim).transpose(1, 2)
+                            for t in (q, k, values))
         q, k, values, mask, causal = self.positions.attend(self, q, k, values, mask, cache,
                                                            index, *pos)
         if k.shape[1] != q.shape[1]:  # grouped: each K/V head serves heads/groups queries
@@ -228,4 +234,5 @@ class SelfAttention(nn.Module):
             heads = checkpoint(core, core.rng, q, k, values, mask, causal, z)
         else:
             heads = core(q, k, values, mask, causal, z)  # [b, heads/tp, qlen, d]
-        return self.proj(heads.transpose(1, 2).reshape(b, q.shape[2], -1))  # [b, qlen, h]
+        # [b, qlen, h] (sequence parallelism: this rank's [b, qlen/tp, h])
+        return self.proj(heads.transpose(1, 2).reshape(b, q.shape[2], -1))

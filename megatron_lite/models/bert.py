@@ -18,10 +18,13 @@ from megatron_lite.models.embeddings import embedding, word_embedding
 from megatron_lite.models.mlp import activation_fn
 from megatron_lite.models.norms import norm
 from megatron_lite.models.positions import position_scheme
-from megatron_lite.models.transformer import Transformer
+from megatron_lite.models.transformer import Transformer, region_dropout
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
+    gather_sequence_for_head,
+    mark_sequence_parallel_module,
+    scatter_to_sequence_region,
     vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )
@@ -51,14 +54,16 @@ class BertModel(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         h, std = cfg.hidden_size, cfg.init_std
-        self.cfg, self.tp_group = cfg, ctx.tp_group
+        self.cfg, self.tp_group, self.tp_size = cfg, ctx.tp_group, ctx.tp_size
+        self.sp, self.rng = ctx.sequence_parallel, ctx.rng
         self.last_stats: torch.Tensor | None = None  # of the last forward with labels
         self.word = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.word.num_embeddings
         self.positions = position_scheme(cfg)
         self.position = self.positions.input_table(device)
         self.tokentype = embedding(cfg.num_tokentypes, h, std, device)
-        self.embed_ln = norm(cfg, device) if cfg.layernorm_order == "post" else None
+        self.embed_ln = mark_sequence_parallel_module(norm(cfg, device), self.sp, ctx.tp_group) \
+            if cfg.layernorm_order == "post" else None  # on the sequence shard
         self.transformer = Transformer(cfg, ctx, causal=False, device=device)
         # masked-LM head: dense + act + LayerNorm, then the tied, vocab-parallel decoder
         self.act = activation_fn(cfg.activation)
@@ -86,13 +91,18 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.positions.embed(self.position, self.word(input_ids))
         x = x + self.tokentype(token_type_ids)  # [b, s, h]
+        if self.sp.begin(input_ids.shape[1], self.tp_size):  # sequence parallelism
+            x = scatter_to_sequence_region(x, self.tp_group)  # [b, s/tp, h]
         if self.embed_ln is not None:
             x = self.embed_ln(x)
-        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        x = region_dropout(x, self.cfg.hidden_dropout, self.training, self.rng, self.sp)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]: True = attend
-        x = self.transformer(x, mask)  # [b, s, h]
+        x = self.transformer(x, mask)  # [b, s, h] (sequence parallelism: [b, s/tp, h])
+        # the heads run replicated on all of the sequence: their gradient w.r.t. x is the
+        # same on every TP rank, so the gather's backward keeps this rank's slice
+        x = gather_sequence_for_head(x, self.sp, self.tp_group, partial_grad=False)
 
         t = self.lm_ln(self.act(self.lm_dense(x)))  # [b, s, h]
         mlm_logits = F.linear(copy_to_tp_region(t, self.tp_group), self.word.weight,
@@ -183,6 +193,10 @@ class BertPhase2Hook(TrainingHook):
         self.seq_length, self.global_batch = t.phase2_seq_length, t.global_batch_size
         self.start = int(t.phase2_start * t.max_steps)
         self.begun = False  # a first step (also of a resumed run) may start in phase 2
+
+    def describe(self, trainer) -> str:
+        return (f"BERT two-phase schedule: from step {self.start} on (train.phase2_start), "
+                f"samples of train.phase2_seq_length={self.seq_length} tokens")
 
     def before_step(self, trainer) -> None:
         first, self.begun = not self.begun, True

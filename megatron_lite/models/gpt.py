@@ -14,10 +14,12 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.models.attention import KVCache
 from megatron_lite.models.embeddings import word_embedding
 from megatron_lite.models.positions import position_scheme
-from megatron_lite.models.transformer import Transformer
+from megatron_lite.models.transformer import Transformer, region_dropout
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
+    gather_sequence_for_head,
+    scatter_to_sequence_region,
     vocab_parallel_cross_entropy,
 )
 
@@ -34,7 +36,8 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, device=None):
         super().__init__()
         ctx = ctx or ParallelContext()
-        self.cfg, self.tp_group = cfg, ctx.tp_group
+        self.cfg, self.tp_group, self.tp_size = cfg, ctx.tp_group, ctx.tp_size
+        self.sp, self.rng = ctx.sequence_parallel, ctx.rng
         self.wte = word_embedding(cfg, ctx, device)
         self.padded_vocab_size = self.wte.num_embeddings
         self.positions = position_scheme(cfg)
@@ -58,9 +61,18 @@ class GPTModel(nn.Module):
                 of the previous segments (:meth:`PositionScheme.new_memory`), which
                 ``input_ids`` continue; it is updated with this segment.
         """
-        x = self.positions.embed(self.wpe, self.wte(input_ids), cache, memory)  # [b, s, h]
-        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
-        x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h]
+        # sequence parallelism: the sequence splits over TP unless this forward extends a
+        # cache or a memory, or its length is not divisible by TP (then plain TP)
+        sp = self.sp.begin(input_ids.shape[1], self.tp_size,
+                           plain=cache is not None or memory is not None)
+        if sp and self.wpe is None:  # the embedding's reduction is the scatter
+            x = self.positions.embed(None, self.wte(input_ids, scatter_sequence=True))
+        else:  # a position table is added to all of it first (as Megatron-core does)
+            x = self.positions.embed(self.wpe, self.wte(input_ids), cache, memory)  # [b, s, h]
+            if sp:
+                x = scatter_to_sequence_region(x, self.tp_group)  # [b, s/tp, h]
+        x = region_dropout(x, self.cfg.hidden_dropout, self.training, self.rng, self.sp)
+        x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h] (or s/tp)
         return self.logits(x) if labels is None else self.loss(x, labels)
 
     @property
@@ -69,7 +81,12 @@ class GPTModel(nn.Module):
         return self.wte.weight if self.output_layer is None else self.output_layer.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits."""
+        """The output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits.
+        (Sequence parallelism: ``x`` is this rank's ``[b, s/tp, h]``, all-gathered here
+        by :func:`gather_sequence_for_head`, whose backward reduce-scatters.)"""
+        if self.sp.active:
+            return F.linear(gather_sequence_for_head(x, self.sp, self.tp_group),
+                            self.output_weight)
         return F.linear(copy_to_tp_region(x, self.tp_group), self.output_weight)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

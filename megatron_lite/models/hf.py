@@ -398,23 +398,105 @@ def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
     return hf_model.eval()
 
 
-def load_hf_model(hf_dir: str | Path):
-    """A local Hugging Face model folder (GPT-2, BERT, Megatron-BERT, Llama) as a transformers
-    model in eval mode; offline, one-line errors naming the folder."""
+_HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForPreTraining",
+               "megatron-bert": "MegatronBertForPreTraining", "llama": "LlamaForCausalLM"}
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+            "flax_model.msgpack", "model.ckpt.index")
+
+
+def read_hf_config(hf_dir: str | Path):
+    """The ``transformers`` config object of a local HF model folder (nothing else is
+    read): one-line errors naming ``config.json``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
+    path = hf_dir / "config.json"
+    if not path.is_file():
         raise ValueError(f"{hf_dir}: no config.json (a local Hugging Face model folder)")
     try:
-        kind = json.loads((hf_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{hf_dir / 'config.json'}: not a JSON object ({err})") from None
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
-           "megatron-bert": transformers.MegatronBertForPreTraining,
-           "llama": transformers.LlamaForCausalLM}.get(kind)
-    if cls is None:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        kind = data.get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a JSON object ({err})") from None
+    if kind not in _HF_CLASSES:
         raise ValueError(f"{hf_dir}: model_type {kind!r} is not supported "
                          "(gpt2, bert, megatron-bert, llama)")
-    return cls.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    cls = getattr(transformers, _HF_CLASSES[kind])
+    try:
+        return cls.config_class.from_dict(data)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a {kind} config ({err})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header does not parse or whose tensors do not
+    fit its size (a truncated download or copy), in one line naming it; reads only the
+    header."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}; {size} bytes)"
+                         ) from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path}: truncated or damaged: its header places tensors up to byte "
+                         f"{8 + n + end} of a {size}-byte file")
+
+
+def hf_weight_files(hf_dir: str | Path) -> list[Path]:
+    """The safetensors weights of a local HF folder, each checked
+    (:func:`check_safetensors`). Pickled weights (``pytorch_model.bin``) are never read:
+    a folder that has only those is one line naming the file (weights_only safety)."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                               .values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors index ({err})") from None
+        files = [hf_dir / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{index} names {f.name}, which is missing")
+    elif (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    else:
+        pickled = [hf_dir / n for n in _PICKLES if (hf_dir / n).is_file()]
+        if pickled:
+            raise ValueError(f"{pickled[0]}: refused: only safetensors weights are read (a "
+                             "pickled checkpoint can run code when loaded); convert it with "
+                             "transformers where you trust it (save_pretrained(..., "
+                             "safe_serialization=True))")
+        raise ValueError(f"{hf_dir}: no model.safetensors")
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+def load_hf_model(hf_dir: str | Path, hf_config=None):
+    """A local Hugging Face model folder (GPT-2, BERT, Megatron-BERT, Llama) as a
+    transformers model in eval mode; offline, safetensors only, one-line errors naming the file.
+
+    Args:
+        hf_config: its config (:func:`read_hf_config`), when already read.
+    """
+    import transformers
+
+    hf_dir = Path(hf_dir)
+    hf_config = hf_config if hf_config is not None else read_hf_config(hf_dir)
+    hf_weight_files(hf_dir)
+    cls = getattr(transformers, _HF_CLASSES[hf_config.model_type])
+    return cls.from_pretrained(str(hf_dir), config=hf_config, local_files_only=True,
+                               use_safetensors=True).eval()

@@ -66,8 +66,24 @@ class LayerDrop:
         return run
 
     def training_hooks(self, cfg) -> list[TrainingHook]:
-        """:class:`LayerDropHook` when layers are dropped in training."""
-        return [LayerDropHook(cfg.train.seed)] if self.p > 0 else []
+        """:class:`LayerDropHook` when layers are dropped in training or not kept."""
+        return [LayerDropHook(cfg.train.seed, self, cfg.model)] if self.active else []
+
+    def describe(self, cfg: ModelConfig) -> str:
+        """The start line of a run that drops or skips layers ("" when it does neither)."""
+        said = []
+        if self.p > 0:
+            unit = "layer (a pair of sublayers)" if cfg.layerdrop_granularity == "layer" \
+                else "sublayer"
+            ends = ", never the first and last" if self.keep_ends else ""
+            said.append(f"LayerDrop (Fan et al. 2019): each {unit} of {len(self.units)} "
+                        f"skipped with p={self.p:g} in training{ends}; every one runs in "
+                        "evaluation")
+        if cfg.kept_layers is not None:
+            said.append(f"model.layers_to_keep={cfg.layers_to_keep}: only these "
+                        f"{len(cfg.kept_layers)} of {len(layer_units(cfg.pattern))} layers "
+                        "run")
+        return "; ".join(said)
 
 
 def zero_touch(module: nn.Module) -> torch.Tensor:
@@ -94,8 +110,11 @@ class LayerDropHook(TrainingHook):
     """Seeds each training micro-batch's LayerDrop decisions with ``(train.seed, step,
     micro-batch)``: a function of the step, so a resumed run draws them again."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, drop: LayerDrop | None = None, cfg: ModelConfig | None = None):
+        self.seed, self.drop, self.cfg = seed, drop, cfg
+
+    def describe(self, trainer) -> str:
+        return self.drop.describe(self.cfg) if self.drop is not None else ""
 
     def micro_batch(self, trainer, batch: dict, k: int) -> dict:
         set_layerdrop_key(trainer.model, (self.seed, trainer.step, k))

@@ -29,18 +29,21 @@ def activation_fn(name: str):
 
 @MLPS.register("gelu_tanh", "gelu")
 class MLP(nn.Module, Part):
-    """h -> ffn (column-parallel) -> GELU -> h (row-parallel): one all-reduce forward."""
+    """h -> ffn (column-parallel) -> GELU -> h (row-parallel): one all-reduce forward
+    (sequence parallelism: an all-gather in, a reduce-scatter out)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
         super().__init__()
         h, std = cfg.hidden_size, cfg.init_std
         self.act = activation_fn(cfg.activation)
-        bias = cfg.add_bias_linear
+        bias, sp = cfg.add_bias_linear, ctx.sequence_parallel
         self.fc1 = ColumnParallelLinear(h, cfg.ffn_size, init_method=normal_init(std),
-                                        bias=bias, tp_group=ctx.tp_group, device=device)
+                                        bias=bias, tp_group=ctx.tp_group, sequence_parallel=sp,
+                                        device=device)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
-            bias=bias, init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+            bias=bias, init_method=scaled_normal_init(std, len(cfg.pattern) / 2),
+            sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))  # [b, s, ffn/tp] inside, [b, s, h] out
@@ -61,11 +64,13 @@ class SwiGLU(nn.Module, Part):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
         super().__init__()
         h, ffn, std, bias = cfg.hidden_size, cfg.ffn_size, cfg.init_std, cfg.add_bias_linear
+        sp = ctx.sequence_parallel
         self.fc1 = ColumnParallelLinear(h, 2 * ffn, stride=2, init_method=normal_init(std),
-                                        bias=bias, tp_group=ctx.tp_group, device=device)
+                                        bias=bias, tp_group=ctx.tp_group, sequence_parallel=sp,
+                                        device=device)
         self.fc2 = RowParallelLinear(
             ffn, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device, bias=bias,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2))
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc1(x).chunk(2, dim=-1)  # each [b, s, ffn/tp]

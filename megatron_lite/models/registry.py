@@ -41,9 +41,21 @@ class Part:
         return []
 
     @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        """Why this part cannot run in a pipeline (``parallel.pipeline_parallel_size`` >
+        1), or None when it can."""
+        return None
+
+    @classmethod
     def resolve(cls, m: ModelConfig) -> None:
         """Write out, in place, what this part's keys imply (called once, after the
         checks pass, by :func:`megatron_lite.resolve.resolve_config`)."""
+
+    @classmethod
+    def describe(cls, m: ModelConfig) -> str:
+        """One line announcing this part when a run starts with it chosen (what it is,
+        its settings), or ``""`` for a default that needs no word (GPT-2's own parts)."""
+        return ""
 
 
 class Registry:
@@ -99,6 +111,9 @@ class Registry:
                 if value != getattr(defaults, key) and key not in chosen.requires:
                     problems.append(f"model.{key}={value} needs {self.key}={part.name}"
                                     f"{f' ({why})' if why else ''}")
+        if cfg.parallel.pipeline_parallel_size > 1 and (why := chosen.pipeline_refusal(cfg)):
+            problems.append(f"{self.key}={name} refuses parallel.pipeline_parallel_size="
+                            f"{cfg.parallel.pipeline_parallel_size} ({why})")
         return problems + chosen.problems(cfg)
 
 
@@ -116,6 +131,11 @@ REGISTRIES = (POSITIONS, ATTENTION_CORES, NORMS, MLPS)
 def model_problems(cfg: Config) -> list[str]:
     """Every registry's problems with ``cfg`` (its parts' own checks)."""
     return [p for registry in REGISTRIES for p in registry.problems(cfg)]
+
+
+def describe_parts(m: ModelConfig) -> list[str]:
+    """The chosen parts' start lines (:meth:`Part.describe`), the silent ones left out."""
+    return [line for registry in REGISTRIES if (line := registry.of(m).describe(m))]
 
 
 def resolve_parts(m: ModelConfig) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import Config, ConfigError, ModelConfig
 from megatron_lite.hooks import TrainingHook
 from megatron_lite.models.positions import PositionScheme, Segment
 from megatron_lite.models.registry import POSITIONS
@@ -169,6 +169,18 @@ class RelativePositions(PositionScheme):
         if m.mem_len < 0 or m.clamp_len < 0:
             problems.append("model.mem_len and model.clamp_len must be >= 0")
         return problems
+
+    @classmethod
+    def describe(cls, m: ModelConfig) -> str:
+        memory = f"a memory of model.mem_len={m.mem_len} past positions per attention " \
+            "sublayer" if m.mem_len else "no memory (model.mem_len=0)"
+        clamp = f", distances capped at model.clamp_len={m.clamp_len}" if m.clamp_len else ""
+        return (f"Transformer-XL (Dai et al. 2019): relative positions, {memory}{clamp}")
+
+    @classmethod
+    def pipeline_refusal(cls, cfg: Config) -> str | None:
+        return ("Transformer-XL's memory and its u, v are shared by every layer of the "
+                "stack, across the stages")
 
     def embed(self, table, x, cache=None, memory=None):
         if cache is not None:

@@ -13,6 +13,14 @@ stack its shared parameters and each forward its per-sublayer inputs (a memory).
 Tensor parallelism (Megatron 2019): attention is split by heads (fused QKV is
 column-parallel with stride 3, the output projection row-parallel); the MLP is
 column-parallel then row-parallel. One all-reduce per sublayer forward, one backward.
+
+Sequence parallelism (Korthikanti et al. 2022, ``parallel.sequence_parallel``): between
+the TP cores (norms, dropouts, residual adds) each TP rank holds only its slice of the
+sequence, ``[b, s/tp, h]``; the cores are entered through an all-gather and left through
+a reduce-scatter (:mod:`megatron_lite.parallel.mappings`). The norms' parameters sum
+their gradients over TP (:func:`~megatron_lite.parallel.mark_sequence_parallel`), and the
+dropouts there draw from the TP-region stream (the ranks' tokens differ). The model
+decides per forward whether it splits (:class:`~megatron_lite.parallel.SequenceParallel`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,23 @@ from megatron_lite.models.layerdrop import LayerDrop, zero_touch
 from megatron_lite.models.mlp import mlp
 from megatron_lite.models.norms import norm
 from megatron_lite.models.positions import position_scheme
-from megatron_lite.parallel import ParallelContext, checkpoint
+from megatron_lite.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    checkpoint,
+    mark_sequence_parallel_module,
+)
+
+
+def region_dropout(x: torch.Tensor, p: float, training: bool, ctx_rng, sp) -> torch.Tensor:
+    """Dropout between the TP cores: ``F.dropout`` on the default stream (replicated
+    activations: the same mask on every TP rank), or, while sequence parallelism splits
+    the sequence, the TP-region stream (:meth:`TPRNGTracker.dropout`: each rank's tokens
+    get their own mask; activation checkpointing restores both streams)."""
+    if sp.active:
+        return ctx_rng.dropout(x, p, training)
+    return F.dropout(x, p, training)
 
 
 class Sublayer(nn.Module):
@@ -39,7 +63,8 @@ class Sublayer(nn.Module):
         self.kind = kind
         self.post_ln = cfg.layernorm_order == "post"
         self.dropout_p = cfg.hidden_dropout
-        self.ln = norm(cfg, device)
+        self.rng, self.sp = ctx.rng, ctx.sequence_parallel
+        self.ln = mark_sequence_parallel_module(norm(cfg, device), self.sp, ctx.tp_group)
         if kind == "s":
             self.attn = SelfAttention(cfg, ctx, causal, device)
         elif kind == "f":
@@ -63,13 +88,16 @@ class Sublayer(nn.Module):
             src, pos = self.attn.positions.attention_input(x, self.attn, pos)
             if src is not x:  # more positions than x (a memory): pre-LN only, validated
                 out = self.attn(self.ln(src), mask, cache, index, z, *pos)
-                return x + F.dropout(out, self.dropout_p, self.training)
+                return x + self.dropout(out)
 
             def body(h):
                 return self.attn(h, mask, cache, index, z, *pos)
         if self.post_ln:
-            return self.ln(x + F.dropout(body(x), self.dropout_p, self.training))
-        return x + F.dropout(body(self.ln(x)), self.dropout_p, self.training)
+            return self.ln(x + self.dropout(body(x)))
+        return x + self.dropout(body(self.ln(x)))
+
+    def dropout(self, y: torch.Tensor) -> torch.Tensor:
+        return region_dropout(y, self.dropout_p, self.training, self.rng, self.sp)
 
 
 class Transformer(nn.Module):
@@ -86,12 +114,22 @@ class Transformer(nn.Module):
         self.rng = ctx.rng
         self.full_checkpoint = cfg.activation_checkpointing == "full"
         self.layers = nn.ModuleList(Sublayer(k, cfg, ctx, causal, device) for k in cfg.pattern)
-        self.final_ln = norm(cfg, device) if cfg.layernorm_order == "pre" else None
+        self.final_ln = mark_sequence_parallel_module(norm(cfg, device), ctx.sequence_parallel,
+                                                      ctx.tp_group) \
+            if cfg.layernorm_order == "pre" else None
         self.layerdrop = LayerDrop(cfg, ctx.dp_rank)
         self.positions = position_scheme(cfg)
         shared = self.positions.stack_module(ctx, device)  # e.g. Transformer-XL's u, v
         if shared is not None:
             self.add_module(self.positions.stack_attr, shared)
+        if ctx.sequence_parallel.enabled:
+            plain = [name for name, m in self.layers.named_modules()
+                     if isinstance(m, ColumnParallelLinear | RowParallelLinear)
+                     and m.sequence_parallel is None]
+            if plain:  # it would compute on a slice of the sequence as if it were all
+                raise ValueError(
+                    f"parallel.sequence_parallel: the tensor-parallel layer layers.{plain[0]}"
+                    " was built without it (pass sequence_parallel=ctx.sequence_parallel)")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, memory=None) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The tensor collectives, each written once. A ``None`` group is a group of one: no
 communication.
 
-The autograd mappings, the vocab-parallel cross-entropy, state-dict gathering, gradient
-clipping, the loss scaler, ZeRO checkpoints, evaluation and the tests call these instead
-of ``torch.distributed``, so "what does a size-one dimension cost" has one answer:
-nothing. (Job-wide synchronisation, barriers and the exchange of error messages, stays
-with ``torch.distributed`` where it is used.)
+The autograd mappings (tensor and sequence parallelism), the vocab-parallel
+cross-entropy, state-dict gathering, gradient clipping, the loss scaler, ZeRO
+checkpoints, evaluation and the tests call these instead of ``torch.distributed``, so
+"what does a size-one dimension cost" has one answer: nothing. (Job-wide
+synchronisation, barriers and the exchange of error messages, stays with
+``torch.distributed`` where it is used.)
 """
 
 from __future__ import annotations
@@ -43,3 +44,17 @@ def all_gather(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order; ``x`` for a group of one."""
     parts = all_gather_list(x, group)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Sum ``x`` over ``group`` and keep this rank's chunk of ``dim`` (``x`` split into
+    ``group`` size equal chunks, rank order); ``x`` for a group of one."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by {n} ranks")
+    parts = [c.contiguous() for c in x.chunk(n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, op=SUM, group=group)
+    return out

@@ -15,13 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.mappings import (
     copy_to_tp_region,
     gather_from_tp_region,
     reduce_from_tp_region,
+    reduce_scatter_to_sequence_region,
     scatter_to_tp_region,
+    sequence_parallel_linear,
 )
-from megatron_lite.parallel.state import group_rank, group_size
+from megatron_lite.parallel.state import SequenceParallel, group_rank, group_size
 from megatron_lite.parallel.utils import divide, shard_tensor, vocab_range
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -67,6 +70,37 @@ def mark_tp(param: nn.Parameter, dim: int | None, stride: int = 1,
     param.vocab_dim = vocab_dim
 
 
+def mark_sequence_parallel(param: nn.Parameter, sp: SequenceParallel | None, tp_group) -> None:
+    """A replicated parameter used inside the sequence-parallel region (a LayerNorm's
+    weight and bias, a bias added after a reduce-scatter): each TP rank sees only its
+    part of the sequence, so its gradient is the sum over the TP group.
+
+    Marks it ``param.sequence_parallel = True`` (for any engine) and, when ``sp`` is
+    enabled, sums its gradient over ``tp_group`` as backward produces it (a tensor hook:
+    it runs before the gradient is accumulated, so DDP, ZeRO, fp32 main gradients and
+    the clip all see the summed gradient, identical on the TP ranks; the clip counts it
+    once, as a replica). A backward of a forward that did not split the sequence
+    (``sp.active`` false) is left alone.
+    """
+    if sp is None or not sp.enabled or group_size(tp_group) == 1:
+        return
+    param.sequence_parallel = True
+
+    def reduce(grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce(grad.clone(), tp_group) if sp.active else grad
+
+    param.register_hook(reduce)
+
+
+def mark_sequence_parallel_module(module: nn.Module, sp: SequenceParallel | None,
+                                  tp_group) -> nn.Module:
+    """:func:`mark_sequence_parallel` every parameter of ``module`` (a norm that runs on
+    the sequence shard); returns it."""
+    for p in module.parameters():
+        mark_sequence_parallel(p, sp, tp_group)
+    return module
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X A + b`` with ``A`` split by columns: rank r computes ``Y_r = X A_r + b_r``.
 
@@ -78,13 +112,18 @@ class ColumnParallelLinear(nn.Module):
         init_method: fills the full ``[out, in]`` weight in place.
         stride: number of fused blocks in the output (3 for ``[Q|K|V]``).
         tp_group: the TP process group (``None`` = no TP).
+        sequence_parallel: the context's :class:`SequenceParallel`: while it is active
+            the input is this rank's ``[b, s/tp, in]`` slice of the sequence, all-gathered
+            here (backward: reduce-scattered) instead of copied.
         device, dtype: where and how to allocate the shard.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  gather_output: bool = False, init_method: InitMethod | None = None,
-                 stride: int = 1, tp_group=None, device=None, dtype=None):
+                 stride: int = 1, tp_group=None, sequence_parallel: SequenceParallel | None = None,
+                 device=None, dtype=None):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         tp = group_size(tp_group)
         if gather_output and stride > 1:
             raise ValueError("gather_output with stride > 1 would interleave the fused blocks")
@@ -103,8 +142,12 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp_region(x, self.tp_group)  # [..., in]
-        y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
+        sp = self.sequence_parallel
+        if sp is not None and sp.active:  # x: [b, s/tp, in]
+            y = sequence_parallel_linear(x, self.weight, self.bias, self.tp_group)
+        else:
+            x = copy_to_tp_region(x, self.tp_group)  # [..., in]
+            y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -121,13 +164,19 @@ class RowParallelLinear(nn.Module):
             (the output of a :class:`ColumnParallelLinear`); otherwise it is scattered.
         init_method: fills the full ``[out, in]`` weight in place.
         tp_group: the TP process group (``None`` = no TP).
+        sequence_parallel: the context's :class:`SequenceParallel`: while it is active
+            the partial sums are reduce-scattered along the sequence (this rank returns
+            ``[b, s/tp, out]``) instead of all-reduced; the bias, added there, is
+            marked :func:`mark_sequence_parallel`.
         device, dtype: where and how to allocate the shard.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  input_is_parallel: bool = False, init_method: InitMethod | None = None,
-                 tp_group=None, device=None, dtype=None):
+                 tp_group=None, sequence_parallel: SequenceParallel | None = None,
+                 device=None, dtype=None):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         tp = group_size(tp_group)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.tp_group = input_is_parallel, tp_group
@@ -140,13 +189,18 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
             mark_tp(self.bias, None)
+            mark_sequence_parallel(self.bias, sequence_parallel, tp_group)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)  # [..., in/tp]
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)  # [..., out]
+        sp = self.sequence_parallel
+        if sp is not None and sp.active:  # partial [b, s, out] -> summed [b, s/tp, out]
+            y = reduce_scatter_to_sequence_region(F.linear(x, self.weight), self.tp_group)
+        else:
+            y = reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)  # [..., out]
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -183,13 +237,18 @@ class VocabParallelEmbedding(nn.Module):
                      0, 1, tp_group, drawn_rows=vocab_size)
         mark_tp(self.weight, 0, vocab_dim=0)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, scatter_sequence: bool = False) -> torch.Tensor:
+        """``[b, s]`` ids -> ``[b, s, h]``; ``scatter_sequence``: reduce-scatter the ranks'
+        contributions along the sequence instead (this rank's ``[b, s/tp, h]``: the
+        entry of a sequence-parallel region, half the bytes of the all-reduce)."""
         if group_size(self.tp_group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight)  # [..., h]
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if scatter_sequence:
+            return reduce_scatter_to_sequence_region(out, self.tp_group)
         return reduce_from_tp_region(out, self.tp_group)
 
     def extra_repr(self) -> str:

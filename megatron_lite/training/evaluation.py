@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from megatron_lite.data.blend import BlendedDataset, parse_blend
 from megatron_lite.data.gpt_dataset import split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.stream import TokenStream
@@ -36,12 +37,51 @@ def evaluate_stream(run: Run, split: str = "valid", max_tokens: int | None = Non
     without memory). Returns loss, perplexity, targets and tokens/s. A model with learned
     positions can be read this way too (each segment alone): the baseline of the
     Transformer-XL comparison."""
-    cfg, ctx, model = run.cfg, run.ctx, run.model
+    cfg, ctx = run.cfg, run.ctx
     precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
-    indexed = IndexedDataset(cfg.data.data_path)
-    index = {"train": 0, "valid": 1, "test": 2}[split]
-    stream = TokenStream(indexed, split_ranges(indexed.num_documents, cfg.data.split)[index],
-                         split)
+    key = {"valid": "data.valid_data_path", "test": "data.test_data_path"}.get(split)
+    whole = key is not None and getattr(cfg.data, key.split(".")[1]) is not None
+    key = key if whole else "data.data_path"
+    sources = parse_blend(getattr(cfg.data, key.split(".")[1]), key)
+    parts = {}
+    for source in sources:  # a blend: each source's stream alone, then the weighted total
+        indexed = IndexedDataset(source.prefix)
+        rng = (0, indexed.num_documents) if whole else \
+            split_ranges(indexed.num_documents, cfg.data.split)[
+                {"train": 0, "valid": 1, "test": 2}[split]]
+        parts[source.prefix] = _evaluate_stream(run, TokenStream(indexed, rng, split),
+                                                max_tokens, precision)
+    if len(sources) == 1:
+        return parts[sources[0].prefix]
+    return _weighted(sources, parts)
+
+
+def _weighted(sources, parts: dict[str, dict]) -> dict:
+    """The sources' results weighted by the blend (counts and speeds summed), with
+    ``loss_per_source``."""
+    first = parts[sources[0].prefix]
+    out = {}
+    for k, v in first.items():
+        values = [parts[s.prefix][k] for s in sources]
+        if k in ("tokens", "samples", "global_batches"):
+            out[k] = sum(values)
+        elif k == "tokens_per_sec":  # all tokens over all the seconds
+            seconds = sum(parts[s.prefix]["tokens"] / max(x, 1e-12)
+                          for s, x in zip(sources, values, strict=True))
+            out[k] = sum(parts[s.prefix]["tokens"] for s in sources) / max(seconds, 1e-12)
+        elif isinstance(v, float):
+            out[k] = sum(s.weight * x for s, x in zip(sources, values, strict=True))
+        else:
+            out[k] = v
+    if "perplexity" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    out["loss_per_source"] = {s.prefix: parts[s.prefix]["loss"] for s in sources}
+    return out
+
+
+def _evaluate_stream(run: Run, stream: TokenStream, max_tokens: int | None,
+                     precision) -> dict:
+    cfg, ctx, model = run.cfg, run.ctx, run.model
     total = stream.num_tokens - 1  # every token after the first is a target
     if max_tokens:
         total = min(total, max_tokens)
@@ -91,7 +131,7 @@ def evaluate(run: Run, split: str = "valid", iters: int | None = None,
     and ``nsp_accuracy`` (:meth:`BertModel.stats`). Leaves the model in eval mode.
 
     Args:
-        split: ``valid`` or ``train``.
+        split: ``valid``, ``train`` or ``test``.
         iters: global batches to read.
         precision: the autocast context to run in (default: ``train.precision``'s).
     """
@@ -102,9 +142,21 @@ def evaluate(run: Run, split: str = "valid", iters: int | None = None,
         return evaluate_stream(
             run, split, iters and iters * t.global_batch_size * cfg.model.seq_length, precision)
     iters = iters or cfg.train.eval_iters
-    data = run.valid_data if split == "valid" else run.train_data
+    if split == "test":  # built when asked (data.test_data_path, or data.split's third part)
+        data = run.split_data("test", iters * cfg.train.global_batch_size)
+    else:
+        data = run.valid_data if split == "valid" else run.train_data
     if data is None:
         raise IndexedDataError(f"the {split} split is empty")
+    if isinstance(data, BlendedDataset):  # each source alone, then the weighted total
+        return _weighted(data.sources, {
+            s.prefix: _evaluate_data(run, part, iters, precision)
+            for s, part in zip(data.sources, data.datasets, strict=True)})
+    return _evaluate_data(run, data, iters, precision)
+
+
+def _evaluate_data(run: Run, data, iters: int, precision) -> dict:
+    cfg, ctx, model = run.cfg, run.ctx, run.model
     bert = cfg.model.arch == "bert"
     model.eval()
     # loss sum, micro-batches, samples, then BERT's stats summed over micro-batches
@@ -133,4 +185,6 @@ def validation_metrics(result: dict) -> dict:
     out = {f"val_{k}": result[k] for k in keys if k in result}
     if "val_perplexity" in out:
         out["val_ppl"] = out.pop("val_perplexity")
+    if "loss_per_source" in result:  # a blend: val_loss is the weighted total
+        out["val_loss_per_source"] = result["loss_per_source"]
     return out

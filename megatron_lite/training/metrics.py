@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import sys
+import uuid
 from pathlib import Path
 
 import torch
 
+from megatron_lite.config import ConfigError
 from megatron_lite.devices import device_for_cuda_name
 from megatron_lite.files import atomic_path, atomic_write
 from megatron_lite.models.positions import position_scheme
@@ -51,13 +56,17 @@ class MetricsLogger:
     moves them beside it (``metrics.1.jsonl``, ``tensorboard.1/``) and starts afresh.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, step: int = 0,
+                 wandb: dict | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         if enabled:
             self._continue_from(step)
+        if enabled and wandb is not None:
+            self.wandb = start_wandb(self.run_dir, **wandb)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -106,12 +115,16 @@ class MetricsLogger:
                 for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(line, allow_nan=False) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and not isinstance(v, bool)
+                   and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
         parts = [f"step {record['step']:>6}"]
-        for key, fmt in (("loss", ".4f"), ("mlm_accuracy", ".3f"), ("nsp_accuracy", ".3f"),
+        for key, fmt in (("loss", ".4f"), ("kl", ".4f"), ("lm_loss", ".4f"),
+                         ("mlm_accuracy", ".3f"), ("nsp_accuracy", ".3f"),
                          ("val_loss", ".4f"), ("val_ppl", ".1f"), ("val_mlm_accuracy", ".3f"),
                          ("val_nsp_accuracy", ".3f"), ("lr", ".2e"),
                          ("grad_norm", ".3f"), ("tokens_per_sec", ".0f"), ("tflops", ".2f"),
@@ -126,7 +139,35 @@ class MetricsLogger:
             return None
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         return plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def start_wandb(run_dir: Path, project: str, config: dict):
+    """A Weights & Biases run for ``log.wandb=true``: offline unless ``WANDB_MODE`` says
+    otherwise (no network needed; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads
+    later), its files under ``RUN_DIR/wandb``, one W&B run per run folder (its id kept in
+    ``RUN_DIR/wandb/run_id``, so a resumed run continues it). Imported only here: the
+    package is optional (:func:`check_wandb` refuses a run without it first)."""
+    import wandb
+
+    folder = run_dir / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow",
+                      dir=str(run_dir), config=config,
+                      mode=os.environ.get("WANDB_MODE", "offline"))
+
+
+def check_wandb() -> None:
+    """``log.wandb=true`` without the package: one error, before the run writes anything."""
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or "
+                          "pip install -e '.[wandb]'), or log.wandb=false")
 
 
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:

@@ -50,12 +50,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
 
 def is_replica(p: torch.Tensor, ctx: ParallelContext) -> bool:
-    """A replicated parameter, counted on TP rank 0 only (its copies are identical)."""
-    return getattr(p, "tp_dim", None) is None and ctx.tp_rank != 0
+    """A replicated parameter, counted on TP rank 0 only (its copies are identical), or
+    the last pipeline stage's copy of the tied embedding (counted on the first)."""
+    return (getattr(p, "tp_dim", None) is None and ctx.tp_rank != 0) or \
+        getattr(p, "pipeline_copy", False)
 
 
 def global_grad_norm(params, ctx: ParallelContext) -> float:
-    """L2 norm of the whole model's gradient: shards summed over TP, replicas counted once.
+    """L2 norm of the whole model's gradient: shards summed over TP and the pipeline's
+    stages (one reduction), replicas counted once.
 
     DP needs no reduction: gradients are already averaged across DP ranks.
     """
@@ -64,7 +67,8 @@ def global_grad_norm(params, ctx: ParallelContext) -> float:
         sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
     else:
         sq = torch.zeros((), device=ctx.device)
-    return math.sqrt(all_reduce(sq, ctx.tp_group).item())
+    group = ctx.model_group if ctx.pp_size > 1 else ctx.tp_group  # TP x PP: one reduction
+    return math.sqrt(all_reduce(sq, group).item())
 
 
 def clip_grads_(params, max_norm: float, ctx: ParallelContext) -> float:

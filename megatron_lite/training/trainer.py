@@ -32,15 +32,23 @@ from megatron_lite.checkpoint import (
 )
 from megatron_lite.config import Config, ConfigError, load_config, save_config
 from megatron_lite.files import FolderInUse, FolderLock
+from megatron_lite.generate import SampleHook
 from megatron_lite.hooks import TrainingHook, model_hooks
+from megatron_lite.models.registry import describe_parts
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
 from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
-from megatron_lite.training.metrics import MetricsLogger, model_flops_per_step, peak_flops
+from megatron_lite.training.metrics import (
+    MetricsLogger,
+    check_wandb,
+    model_flops_per_step,
+    peak_flops,
+)
 from megatron_lite.training.mixed import MainParams
 from megatron_lite.training.optim import build_optimizer, clip_grads_
+from megatron_lite.training.pipeline import PipelineEngine, pipelined_build
 from megatron_lite.training.precision import DynamicLossScaler, autocast
 from megatron_lite.training.probe import probe_micro_batch
 from megatron_lite.training.schedule import schedule_of, scheduled_lr
@@ -74,13 +82,18 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         t = cfg.train
         auto = t.micro_batch_size == 0
+        if auto and cfg.parallel.pipeline_parallel_size > 1:
+            raise ConfigError("train.micro_batch_size=auto is not pipelined: set it "
+                              "(parallel.pipeline_parallel_size > 1)")
         if auto and cfg.parallel.engine == "deepspeed":
             raise ConfigError("train.micro_batch_size=auto is for parallel.engine=ddp "
                               "(DeepSpeed fixes its batch sizes when it starts)")
+        if cfg.log.wandb:
+            check_wandb()  # before anything is written
         if auto:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
-        self.run = build_run(cfg, ctx, training=True, make_model=build)
+        self.run = build_run(cfg, ctx, training=True, make_model=pipelined_build(cfg, ctx, build))
         self._lock(t.run_dir)  # the config holds; before anything is written there
         try:
             self._build(hooks, auto)
@@ -95,6 +108,8 @@ class Trainer:
         said = list(self.run.notes)
         self.model, self.accum = self.run.model, self.run.accum
         self.hooks = [*model_hooks(self.model, cfg), *hooks]
+        if t.sample_interval:
+            self.hooks.append(SampleHook(t.sample_interval))
         # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
         self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
         if t.compile:
@@ -106,6 +121,9 @@ class Trainer:
         unclipped = {id(p) for g in groups if not g.get("clip", True) for p in g["params"]}
         self.clipped = [p for p in self.params if id(p) not in unclipped]
         self.zero, self.engine = self._build_engine()
+        # parallel.pipeline_parallel_size > 1: the schedule runs each step's micro-batches
+        self.pipeline = PipelineEngine(self.model, cfg, ctx, self.accum) \
+            if ctx.pp_size > 1 else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         if auto:
             said.append(probe_micro_batch(self))
@@ -130,7 +148,14 @@ class Trainer:
             if pattern != "sf" * cfg.model.num_layers:
                 print(f"sublayer pattern ({pattern.count('s')} attention, {pattern.count('f')} "
                       f"feed-forward, bottom to top): {pattern}", flush=True)
-        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step)
+            # every variant in one start line: the model's parts, then the hooks
+            for line in [*describe_parts(cfg.model), *(h.describe(self) for h in self.hooks)]:
+                if line:
+                    print(f"variant: {line}", flush=True)
+        wandb = {"project": cfg.log.wandb_project, "config": cfg.to_dict()} \
+            if cfg.log.wandb else None
+        self.metrics = MetricsLogger(self.run_dir, ctx.is_main, cfg.log.tensorboard, self.step,
+                                     wandb=wandb)
         self.interrupted: str | None = None  # the signal that stopped fit(), if any
         self.peak = peak_flops(ctx.device, cfg.train.precision)
 
@@ -156,7 +181,8 @@ class Trainer:
         if cfg.parallel.engine == "deepspeed":
             zero = ZeroEngine(self.model, self.optimizer, cfg, ctx)
             return zero, zero
-        if ctx.dp_size > 1 and self.mixed is None:  # MainParams reduces its fp32 grads
+        if ctx.dp_size > 1 and self.mixed is None and ctx.pp_size == 1:
+            # (MainParams reduces its fp32 grads; a pipeline after its schedule)
             return None, DistributedDataParallel(
                 self.model, process_group=ctx.dp_group, bucket_cap_mb=cfg.parallel.ddp_bucket_mb,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -198,6 +224,10 @@ class Trainer:
             self.zero.load_loss_scaler_state(meta["deepspeed_loss_scaler"])
         if self.ctx.is_main:
             print(f"resumed from {source} at step {self.step}", flush=True)
+            if meta.get("data_path", self.cfg.data.data_path) != self.cfg.data.data_path:
+                print(f"warning: data.data_path changed since the checkpoint (was "
+                      f"{meta['data_path']!r}): reading on from sample {self.consumed} of "
+                      "the new data", flush=True)
         self._check_schedule(meta.get("schedule"))
 
     def _load_resumable(self, source, own: bool) -> dict:
@@ -357,7 +387,12 @@ class Trainer:
         self._set_lr(self.optimizer.param_groups, lr)
         total = torch.zeros((), device=self.ctx.device)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        for k in range(self.accum):
+        if self.pipeline is not None:  # every micro-batch through the stages at once
+            with self._autocast():
+                total = self.pipeline.step([self._micro_batch(k) for k in range(self.accum)])
+            for _ in range(self.accum):
+                self._after_micro_batch()
+        for k in range(self.accum if self.pipeline is None else 0):
             batch = self._micro_batch(k)
             last = k == self.accum - 1
             sync = contextlib.nullcontext() if last or self.engine is self.model else \
@@ -404,7 +439,7 @@ class Trainer:
     def save(self) -> Path:
         extra = {"consumed_samples": self.consumed,
                  "tokens_seen": self.tokens_seen, "schedule": self.schedule,
-                 "lr_scale": self.lr_scale}
+                 "lr_scale": self.lr_scale, "data_path": self.cfg.data.data_path}
         for hook in self.hooks:
             extra.update(hook.meta_state())
         if self.scaler is not None:
@@ -520,6 +555,8 @@ class Trainer:
                     out["mfu"] = flops / seconds / (self.peak * self.ctx.world_size)
                 for hook in self.hooks:
                     out.update(hook.log_metrics(self))
+                out["samples_per_source"] = self.run.samples_per_source(self.train_data,
+                                                                        self.consumed)
                 self.metrics.log(out)
                 records.append(out)
                 busy, steps_since = 0.0, 0

@@ -55,3 +55,47 @@ def test_dockerfile_lints_clean_and_installs_with_make_setup():
     assert "USER 1000" in text and "nvcr.io/nvidia/pytorch" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "data"} <= set(ignored)
+
+
+def _torchrun_script(config, overrides, **popen):
+    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable)
+    env.pop("OMP_NUM_THREADS", None)
+    return subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), str(config), *overrides],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+@pytest.mark.slow  # a torchrun job
+def test_a_failing_torchrun_job_is_its_one_line_and_exit_code(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    job = _torchrun_script(config, ["model.hiden_size=64"])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 2, err
+    assert err.strip() == ("error: override 'model.hiden_size=64': unknown key "
+                           "model.hiden_size (did you mean model.hidden_size?)")
+
+
+@pytest.mark.slow  # a torchrun job, interrupted
+def test_ctrl_c_through_torchrun_saves_and_exits_130(gpt_shard, bpe_files, tmp_path):  # noqa: F811
+    import signal
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  arch: gpt\n")
+    overrides = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run",
+                               **{"parallel.tensor_parallel_size": 2, "train.max_steps": 5000,
+                                  "train.eval_interval": 0})
+    # Ctrl-C in a terminal signals the foreground process group: the launcher's
+    job = _torchrun_script(config, overrides, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGINT)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 130, err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    step = int(re.search(r"interrupted at step (\d+) \(SIGINT\)", err).group(1))
+    assert (tmp_path / "run" / "checkpoints" / f"step_{step:08d}").is_dir()

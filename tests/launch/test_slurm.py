@@ -179,7 +179,7 @@ TINY = {"model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_hea
         "log.tensorboard": False, "parallel.tensor_parallel_size": 2}
 
 
-@pytest.mark.parametrize("script", ["bert-large", "gpt2-1.5b"])
+@pytest.mark.parametrize("script", ["bert-large", "gpt2-1.5b", "gpt2-8.3b-pp"])
 def test_example_scripts_run_as_written_from_another_directory(
         slurm_cluster, gpt_shard, bpe_files, sentence_shard, wordpiece_file,  # noqa: F811
         tmp_path, script):
@@ -195,6 +195,9 @@ def test_example_scripts_run_as_written_from_another_directory(
     else:
         shard, files = gpt_shard, {"VOCAB": bpe_files[0], "MERGES": bpe_files[1]}
         tiny = {**TINY, "model.seq_length": 32, "train.max_steps": 4}
+        if script == "gpt2-8.3b-pp":  # its 2 tasks as 2 pipeline stages (TP=8 needs GPUs)
+            tiny.update({"parallel.tensor_parallel_size": 1,
+                         "parallel.pipeline_parallel_size": 2})
     tokenizer = build_tokenizer("BertWordPieceLowerCase" if script == "bert-large"
                                 else "GPT2BPETokenizer", *map(str, files.values()))
     tiny["model.vocab_size"] = tokenizer.vocab_size  # the shipped configs name the real one

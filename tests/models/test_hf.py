@@ -104,3 +104,80 @@ def test_a_config_json_that_is_not_json_names_the_file(tmp_path):
     with pytest.raises(ValueError) as err:
         load_hf_model(tmp_path)
     assert str(err.value).startswith(f"{tmp_path / 'config.json'}: not a JSON object")
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A tiny GPT-2 folder as transformers writes it (config.json, model.safetensors)."""
+    folder = tmp_path / "hf"
+    _hf_model("gpt2").save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _convert_error(hf_dir, out, capsys) -> str:
+    from megatron_lite.convert import main as convert_main
+
+    capsys.readouterr()
+    assert convert_main(["--from-hf", str(hf_dir), "--to", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: "), err
+    assert not out.exists()  # refused before anything is written
+    return err[len("error: "):]
+
+
+def test_from_hf_refuses_bad_folders_in_one_line_before_allocating(hf_folder, tmp_path,
+                                                                   capsys):
+    """Each bad folder built here: a model too big for this machine (n_layer = 10^7: the
+    planner's count, before any tensor) or of a negative width, a truncated
+    model.safetensors, weights only as a pickle, a tokenizer.json that is not one, a
+    config.json that is not UTF-8."""
+    import json as json_
+
+    from megatron_lite.convert import main as convert_main
+    from megatron_lite.memory import estimate_parameters
+    from megatron_lite.models.hf import config_from_hf, read_hf_config
+
+    out = tmp_path / "ckpt"
+    assert convert_main(["--from-hf", str(hf_folder), "--to", str(out)]) == 0  # it works
+    out = tmp_path / "refused"
+
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json_.loads((hf_folder / "config.json").read_text())
+    (big / "config.json").write_text(json_.dumps({**config, "n_layer": 10**7}))
+    params = estimate_parameters(config_from_hf(read_hf_config(big)))
+    err = _convert_error(big, out, capsys)
+    assert err.startswith(f"{big / 'config.json'}: the model has about {params / 1e9:.3g}B "
+                          "parameters: "
+                          f"{params * 8 / 2**30:.1f} GiB of state"), err
+
+    (big / "config.json").write_text(json_.dumps({**config, "n_embd": -32}))
+    assert _convert_error(big, out, capsys).startswith(
+        f"{big / 'config.json'}: model.hidden_size=-32 must be >= 1")
+
+    weights = hf_folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) - 1000])
+    assert _convert_error(hf_folder, out, capsys).startswith(
+        f"{weights}: truncated or damaged: its header places tensors up to byte {len(data)} "
+        f"of a {len(data) - 1000}-byte file")
+    weights.write_bytes(data[:5])
+    assert _convert_error(hf_folder, out, capsys).startswith(
+        f"{weights}: not a readable safetensors file")
+
+    weights.unlink()
+    pickled = hf_folder / "pytorch_model.bin"
+    torch.save(_hf_model("gpt2").state_dict(), pickled)
+    assert _convert_error(hf_folder, out, capsys).startswith(
+        f"{pickled}: refused: only safetensors weights are read")
+    pickled.unlink()
+    weights.write_bytes(data)
+
+    (hf_folder / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}')
+    assert _convert_error(hf_folder, out, capsys).startswith(
+        f"{hf_folder / 'tokenizer.json'}: not a tokenizer the tokenizers library reads")
+    (hf_folder / "tokenizer.json").unlink()
+
+    (hf_folder / "config.json").write_bytes(b'{"model_type": "gpt2\xff"}')
+    assert _convert_error(hf_folder, out, capsys).startswith(
+        f"{hf_folder / 'config.json'}: not a JSON object")

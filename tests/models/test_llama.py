@@ -23,6 +23,7 @@ from megatron_lite.parallel import ParallelContext, full_state_dict
 from megatron_lite.resolve import check_config
 from tests.distributed import gather_full, max_dev
 from tests.models.test_models_tp import _check_activation_checkpointing, _check_against_dense
+from tests.parallel.test_sequence_parallel import _with_sp
 
 TOL = 1e-4
 VOCAB = 97  # odd on purpose: padded differently at every TP size
@@ -305,3 +306,9 @@ def test_flops_count_the_llama_parts():
     h, s, g, d, ffn, v = 2048, m.seq_length, 8, 64, 8192, m.vocab_size
     per_token = 16 * (4 * h * h + 4 * h * g * d + 4 * s * h + 6 * h * ffn) + 2 * h * v
     assert model_flops_per_step(m, 2, s) == 3 * 2 * s * per_token
+
+
+def test_llama_with_sequence_parallelism_matches_dense(distributed):
+    """Sequence parallelism at TP 2 (K/V heads split): logits, loss, every gradient (the
+    RMSNorm gains' summed over TP) and 3 AdamW steps equal the one-process model's."""
+    distributed(_with_sp, 2, _check_against_dense, "gpt", LLAMA)

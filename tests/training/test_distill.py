@@ -142,9 +142,9 @@ def test_tp2_distillation_equals_tp1(distributed, teacher_run, gpt_shard, bpe_fi
     keys = ["kl_attention", "kl_value"] if method == "minilm" else \
         ["kl_query", "kl_key", "kl_value"]
     for a, b in zip(rows[1], rows[2], strict=True):
-        for key in ["loss", "student_loss", *keys]:
+        for key in ["loss", "kl", "lm_loss", *keys]:
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
-    assert rows[1][-1]["loss"] < rows[1][0]["loss"]  # it learns the relations
+    assert rows[1][-1]["kl"] < rows[1][0]["kl"]  # it learns the relations
 
 
 def test_mismatches_are_one_clear_error(teacher_run, gpt_shard, bpe_files, tmp_path, capsys):
@@ -191,9 +191,10 @@ def test_bert_teacher_and_student_with_an_assistant_end_to_end(sentence_shard, w
     assert f"done: {tmp_path / 'student' / 'assistant'} at step 2" in out
     assert f"done: {tmp_path / 'student'} at step 2" in out
     rows = [json.loads(x) for x in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
-    assert {"kl_query", "kl_key", "kl_value", "student_loss", "mlm_accuracy"} <= set(rows[-1])
+    assert {"kl", "kl_query", "kl_key", "kl_value", "lm_loss", "mlm_accuracy"} <= set(rows[-1])
     saved = load_config(tmp_path / "student/config.yaml")
     assert saved.model.hidden_size == 32
+    assert saved.distill.lm_weight == 0.0  # BERT: MiniLM's relations only, by default
     assert saved.distill.teacher == str(tmp_path / "student" / "assistant")
     # the same command again after the student's stage lost its checkpoints (killed before
     # its first save, say): the finished assistant is not trained again
@@ -229,3 +230,29 @@ def test_a_hugging_face_teacher_and_a_student_transformers_reads(teacher_run, gp
     with torch.no_grad():
         want = ours.eval()(ids)[..., :cfg.model.vocab_size]
         assert (hf(ids).logits - want).abs().max() <= 1e-4
+
+
+def test_a_gpt_student_trains_its_lm_head_by_default(teacher_run, gpt_shard, bpe_files,
+                                                      tmp_path, capsys):
+    """distill.lm_weight unset: 0.5 for a GPT student (its own LM loss beside the relations),
+    recorded in config.yaml; the screen and metrics.jsonl give kl and lm_loss apart."""
+    rows = {}
+    for name, extra in (("default", {}), ("relations-only", {"distill.lm_weight": 0.0})):
+        over = tiny_overrides(gpt_shard, bpe_files, tmp_path / name, **{
+            **STUDENT, **extra, "distill.teacher": str(teacher_run), "train.max_steps": 6,
+            "optim.lr": 1e-2, "optim.warmup_steps": 0})
+        assert distill_main([str(gpt_yaml(tmp_path)), *over]) == 0
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text()
+                      .splitlines()]
+    out = capsys.readouterr().out
+    assert "loss = kl + 0.5 x lm_loss (distill.lm_weight)" in out
+    line = next(x for x in out.splitlines() if x.startswith("step      4"))
+    assert " | kl " in line and " | lm_loss " in line
+    assert load_config(tmp_path / "default/config.yaml").distill.lm_weight == 0.5
+    first, last = rows["default"][0], rows["default"][-1]
+    assert first["loss"] == pytest.approx(first["kl"] + 0.5 * first["lm_loss"], rel=1e-6)
+    zero = rows["relations-only"]
+    assert zero[-1]["loss"] == pytest.approx(zero[-1]["kl"], rel=1e-6)
+    assert first["lm_loss"] == zero[0]["lm_loss"]  # the same student before any update
+    # its own loss trains it: lower than the relations alone leave it
+    assert last["lm_loss"] < zero[-1]["lm_loss"] - 0.3
