@@ -6,13 +6,16 @@
 
 For each of configs/gpt2/{124m,355m,1.5b}.yaml at TP=1, bf16 (``train.precision=bf16``
 with ``train.params_dtype=bf16``, Megatron's mixed precision; causal attention through
-SDPA, which picks flash attention on the GPU), four variants: eager, ``train.compile``,
-and both again with full activation checkpointing. Each row is a real :class:`Trainer`
-on a random-token shard, one micro-batch per step: the median of the timed steps after
-the warm-up (compilation) ones; MFU is the model FLOPs of a step (Narayanan et al. 2021,
-recomputation not counted) over the step time and the device's dense bf16 peak from
-:data:`megatron_lite.devices.DEVICES`; peak memory is ``torch.cuda.max_memory_allocated``
-over the row, next to what ``python -m megatron_lite.plan`` predicts for it.
+SDPA, which picks flash attention on the GPU), five variants: eager, ``train.compile``,
+both again with full activation checkpointing, and eager under the distributed optimizer
+(``parallel.distributed_optimizer=true``: at DP=1 its buffers, hooks and slice step
+against the eager row's DDP-less bf16 engine; no sharding to win on one GPU). Each row is
+a real :class:`Trainer` on a random-token shard, one micro-batch per step: the median of
+the timed steps after the warm-up (compilation) ones; MFU is the model FLOPs of a step
+(Narayanan et al. 2021, recomputation not counted) over the step time and the device's
+dense bf16 peak from :data:`megatron_lite.devices.DEVICES`; peak memory is
+``torch.cuda.max_memory_allocated`` over the row, next to what ``python -m
+megatron_lite.plan`` predicts for it.
 
 With two or more GPUs it also times the TP=2 all-reduce of one layer's activation
 ``[micro-batch, seq, hidden]`` in bf16 on two NCCL processes and the share of a step
@@ -58,9 +61,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import pipeline as bench_pipeline  # noqa: E402 (bench/pipeline.py)
 
 CONFIGS = ("124m", "355m", "1.5b")
-# name -> (train.compile, model.activation_checkpointing)
-VARIANTS = {"eager": (False, "none"), "compile": (True, "none"),
-            "eager+ckpt": (False, "full"), "compile+ckpt": (True, "full")}
+# name -> (train.compile, model.activation_checkpointing, parallel.distributed_optimizer)
+VARIANTS = {"eager": (False, "none", False), "compile": (True, "none", False),
+            "eager+ckpt": (False, "full", False), "compile+ckpt": (True, "full", False),
+            "eager+distopt": (False, "none", True)}
 MICRO_BATCH = {"124m": 8, "355m": 8, "1.5b": 2}  # 1.5b: fits 80 GB without checkpointing
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.seq_length=64", "model.max_position_embeddings=64", "model.vocab_size=512"]
@@ -77,11 +81,12 @@ def random_shard(prefix: Path, vocab: int, tokens: int) -> Path:
 
 
 def overrides_for(name: str, variant: str, args, shard: Path, run_dir: Path) -> list[str]:
-    compile_, ckpt = VARIANTS[variant]
+    compile_, ckpt, distopt = VARIANTS[variant]
     mb = 2 if args.tiny else MICRO_BATCH[name]
     return [
         *(TINY if args.tiny else []),
         "parallel.tensor_parallel_size=1", f"model.activation_checkpointing={ckpt}",
+        f"parallel.distributed_optimizer={str(distopt).lower()}",
         f"train.compile={str(compile_).lower()}",
         "train.precision=bf16", "train.params_dtype=bf16",
         f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",

@@ -156,6 +156,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1  # data-parallel size = world size / TP
     engine: str = "ddp"  # ddp | deepspeed
+    distributed_optimizer: bool = False  # ddp: masters + Adam sharded over DP (Megatron's)
     zero_stage: int = 1  # parallel.engine=deepspeed: ZeRO stage 1 (optimizer state) or 2 (+ grads)
     ddp_bucket_mb: float = 25.0  # DDP: gradient bucket size (MiB), each all-reduced as it fills
     zero_bucket_elements: int = 50_000_000  # deepspeed: reduce/all-gather bucket (elements)
@@ -329,6 +330,9 @@ class Config:
             problems.append("parallel.ddp_bucket_mb and parallel.zero_bucket_elements must be > 0")
         if self.parallel.engine != "deepspeed" and self.parallel.zero_stage != 1:
             problems.append("parallel.zero_stage is for parallel.engine=deepspeed")
+        if self.parallel.distributed_optimizer and self.parallel.engine != "ddp":
+            problems.append("parallel.distributed_optimizer is for parallel.engine=ddp "
+                            "(DeepSpeed's ZeRO shards its own optimizer state)")
         if t.params_dtype == "bf16" and (t.precision != "bf16"
                                          or self.parallel.engine != "ddp"):
             problems.append("train.params_dtype=bf16 needs train.precision=bf16 and "

@@ -128,14 +128,18 @@ class TrainingHook:
         """After each micro-batch's backward."""
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
-        """The DDP engine only: the step's gradients are complete (reduced over DP,
-        before unscaling, clipping and the optimizer step); e.g. drop a frozen
-        parameter's gradient so the optimizer leaves it alone. DeepSpeed ZeRO steps
-        inside its engine and does not call it."""
+        """The native engine only (DDP or the distributed optimizer): the step's gradients
+        are complete (reduced over DP, before unscaling, clipping and the optimizer step);
+        e.g. drop a frozen parameter's gradient so the optimizer leaves it alone (under
+        the distributed optimizer, fp32 weights: when every parameter of its optimizer
+        group has none, the group is not stepped). DeepSpeed ZeRO steps inside its engine
+        and does not call it."""
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        """After the optimizer step: DDP engine, only when it was applied (finite
-        gradients); ZeRO, after the step's micro-batches (through ``trainer.zero``)."""
+        """After the optimizer step: the native engine, only when it was applied (finite
+        gradients; the distributed optimizer's updated weights already gathered); ZeRO,
+        after the step's micro-batches. ``trainer.sharded`` (ZeRO or the distributed
+        optimizer, else None) clamps sharded fp32 masters with the weights."""
 
     def step_metrics(self, trainer: Trainer) -> dict:
         """More of this step's record, asked once the step is counted (``trainer.step``

@@ -14,6 +14,10 @@ Memory per rank, in bytes:
   gradient buckets (a second fp32 copy) when DP > 1. Under ``parallel.engine=deepspeed``
   (ZeRO, Rajbhandari et al. 2020): 16-bit weights and gradients with fp32 masters and
   moments (12 bytes/param) partitioned over DP (stage 1), gradients too (stage 2).
+  With ``parallel.distributed_optimizer=true`` (Megatron's distributed optimizer) the
+  masters and moments are split over DP and the gradients stay whole in fp32: 6 + 12/DP
+  bytes/param with ``train.params_dtype=bf16``, 8 + 8/DP with fp32 weights (which
+  serve as the masters), and no DDP bucket copy.
 - activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation
   Recomputation", adapted to our layout): per layer and token,
   ``R + P / tp`` h-sized tensors plus ``S a s / (h tp)`` for the attention scores, where
@@ -230,6 +234,12 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
         w = 2 if t.precision != "fp32" else 4
         states = {"weights": w * p, "gradients": w * p if par.zero_stage == 1 else w * p / dp,
                   "optimizer": 12 * p / dp}
+    elif par.distributed_optimizer:  # Megatron's: masters (bf16 only) and Adam over DP
+        if t.params_dtype == "bf16":
+            states = {"weights": 2 * p, "gradients": 4 * p, "masters": 4 * p / dp,
+                      "optimizer": 8 * p / dp}
+        else:
+            states = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p / dp}
     elif t.params_dtype == "bf16":  # bf16 weights, fp32 main grads and masters, no DDP
         states = {"weights": 2 * p, "gradients": 4 * p, "masters": 4 * p, "optimizer": 8 * p}
     else:
@@ -300,7 +310,8 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
                    "engine": par.engine, "zero_stage": par.zero_stage if zero else None,
                    "sequence_parallel": bool(par.sequence_parallel and tp > 1),
                    "pipeline_schedule": par.pipeline_schedule if pp > 1 else None,
-                   "virtual_pipeline_size": pipe["virtual"]},
+                   "virtual_pipeline_size": pipe["virtual"],
+                   "distributed_optimizer": bool(par.distributed_optimizer and not zero)},
         "device": dev["name"], "device_memory": dev["memory"],
         "params_total": params["total"], "params_per_rank": p,
         "params_embedding": params["embedding"], "padded_vocab": params["padded_vocab"],
@@ -333,8 +344,8 @@ def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     """The cheapest change that makes a plan that does not fit fit: ``{"overrides": [...],
     "tp": N, "pp": P, "why": ...}``, tried in order of cost (sequence parallelism at
     TP > 1, selective recomputation, a smaller micro-batch dividing the per-rank batch,
-    full recomputation, ZeRO-2, more TP within a node, then pipeline stages across nodes
-    at the node's TP), or None."""
+    full recomputation, the distributed optimizer, ZeRO-2, more TP within a node, then
+    pipeline stages across nodes at the node's TP), or None."""
     m, t = cfg.model, cfg.train
     tries = []
     if tp > 1 and not cfg.parallel.sequence_parallel and m.seq_length % tp == 0 \
@@ -353,8 +364,13 @@ def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     if m.activation_checkpointing != "full":
         tries.append((["model.activation_checkpointing=full"], tp,
                       "recompute every layer in backward (~33% more compute)"))
+    if cfg.parallel.engine != "deepspeed" and not cfg.parallel.distributed_optimizer and dp > 1:
+        tries.append((["parallel.distributed_optimizer=true"], tp,
+                      "the distributed optimizer: masters and Adam moments split over DP "
+                      "(no slower than DDP)"))
     if cfg.parallel.engine != "deepspeed" and dp > 1:
-        tries.append((["parallel.engine=deepspeed", "parallel.zero_stage=2"], tp,
+        tries.append((["parallel.distributed_optimizer=false", "parallel.engine=deepspeed",
+                       "parallel.zero_stage=2"], tp,
                       "ZeRO-2: optimizer state and gradients partitioned over DP"))
     more = tp
     while more * 2 <= GPUS_PER_NODE:
@@ -408,7 +424,8 @@ def report(out: dict) -> str:
              f"memory per rank at micro-batch {c['micro_batch_size']} ({c['precision']}, "
              f"checkpointing {c['activation_checkpointing']}, "
              f"{'sequence parallel, ' if c['sequence_parallel'] else ''}{c['engine']}"
-             f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}):"]
+             f"{' ZeRO-' + str(c['zero_stage']) if c['zero_stage'] else ''}"
+             f"{' + distributed optimizer' if c['distributed_optimizer'] else ''}):"]
     for key in ("weights", "gradients", "masters", "optimizer", "ddp_buckets", "activations",
                 "temporary"):
         if key in mem:

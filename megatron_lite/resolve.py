@@ -118,11 +118,14 @@ def state_bytes_per_param(cfg: Config, dp: int) -> float:
     """What training holds per parameter on a rank before any activation (the planner's
     states): DDP fp32 weights, gradients and Adam 16 B (``params_dtype=bf16``: 18);
     ZeRO its weights and gradients (partitioned at stage 2) and 12 B of masters and
-    moments split over DP."""
+    moments split over DP; the distributed optimizer Megatron's 6 + 12/DP (bf16 weights)
+    or 8 + 8/DP (fp32 weights, the masters themselves)."""
     t, par = cfg.train, cfg.parallel
     if par.engine == "deepspeed":
         w = 2 if t.precision != "fp32" else 4
         return w + (w if par.zero_stage == 1 else w / dp) + 12 / dp
+    if par.distributed_optimizer:
+        return 6 + 12 / dp if t.params_dtype == "bf16" else 8 + 8 / dp
     return 18 if t.params_dtype == "bf16" else 16
 
 

@@ -133,6 +133,9 @@ def test_an_override_that_is_not_yaml_is_one_line():
     ([], 1), ([], 4), (["train.precision=bf16", "train.params_dtype=bf16"], 2),
     (["parallel.engine=deepspeed", "parallel.zero_stage=1", "train.precision=bf16"], 8),
     (["parallel.engine=deepspeed", "parallel.zero_stage=2"], 4),
+    (["parallel.distributed_optimizer=true"], 4),
+    (["parallel.distributed_optimizer=true", "train.precision=bf16",
+      "train.params_dtype=bf16"], 8),
 ])
 def test_the_fit_check_counts_the_planners_training_state(overrides, dp):
     """The fit check refuses only what cannot hold its state (weights, gradients, masters,

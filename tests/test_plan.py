@@ -205,3 +205,26 @@ def test_checkpoint_bytes_equal_a_saved_sharded_checkpoint(tmp_path, arch):
     assert out["checkpoint_bytes"] == saved  # the vocab (500, padded to 512) unpadded
     assert out["checkpoint_bytes_per_rank"] == -(-saved // 6)
     assert "checkpoint:" in report(out) and "GB/s of disk per node" in report(out)
+
+
+def test_distributed_optimizer_is_megatrons_count_and_is_suggested_first():
+    """6 + 12/d bytes/param with bf16 weights and fp32 main grads, 8 + 8/d with fp32
+    weights (they are the masters); suggested before ZeRO when DDP does not fit."""
+    cfg = load_config(ROOT / "configs/gpt2/1.5b.yaml", [
+        "train.precision=bf16", "train.params_dtype=bf16", "train.micro_batch_size=1",
+        "model.activation_checkpointing=full"])
+    with torch.device("meta"):
+        ddp = plan(cfg, 1, 8, "24G")
+        low = plan(apply_overrides(cfg, ["parallel.distributed_optimizer=true"]), 1, 8, "24G")
+        fp32 = plan(apply_overrides(cfg, ["parallel.distributed_optimizer=true",
+                                          "train.params_dtype=fp32"]), 1, 8, "24G")
+        fix = suggest(cfg, 1, 8, "24G")
+    p = low["params_per_rank"]
+    states = lambda out: sum(v for k, v in out["memory_per_rank"].items()  # noqa: E731
+                             if k not in ("total", "activations", "temporary"))
+    assert states(low) == pytest.approx((6 + 12 / 8) * p, abs=8)
+    assert states(fp32) == pytest.approx((8 + 8 / 8) * p, abs=8)
+    assert "ddp_buckets" not in fp32["memory_per_rank"]
+    assert not ddp["fits"] and low["fits"]
+    assert fix["overrides"] == ["parallel.distributed_optimizer=true"]
+    assert "distributed optimizer" in report(low)

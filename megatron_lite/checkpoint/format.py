@@ -237,8 +237,11 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
         model: the (unwrapped or DDP-wrapped) model.
         extra: more metadata for ``meta.json`` (consumed samples, loss scaler...).
         optimizer: the DDP engine's torch optimizer, or None (weights only) ...
-        zero: ... or the :class:`~megatron_lite.training.zero.ZeroEngine`: each DP rank
-            writes its partitions of the fp32 masters (as the model) and Adam moments.
+        zero: ... or what shards the optimizer over DP (the
+            :class:`~megatron_lite.training.zero.ZeroEngine`, or the
+            :class:`~megatron_lite.training.distopt.DistributedOptimizer`: both expose
+            ``internals.partitions()``/``fragment(p)``, ``base`` and ``names``): each DP
+            rank writes its partitions of the fp32 masters (as the model) and Adam moments.
         keep: how many of the newest checkpoints survive.
         rank_state: more of this rank's own state (Transformer-XL memories), saved with
             its RNG states and given back by :func:`load_checkpoint` on the same layout.
@@ -560,7 +563,8 @@ def load_checkpoint(path: str | Path, model, ctx: ParallelContext, *, optimizer=
         model: the (unwrapped or DDP-wrapped) model.
         optimizer: a torch optimizer to restore, or None (weights only) ...
         zero: ... or a :class:`~megatron_lite.training.zero.ZeroEngine` (DeepSpeed's
-            partitioned masters and moments).
+            partitioned masters and moments) or a
+            :class:`~megatron_lite.training.distopt.DistributedOptimizer` (its DP slices).
         restore_rng: with an unchanged layout, restore every rank's RNG states too (exact
             resume) and return the rest of its saved state as ``meta["rank_state"]``; with
             a changed layout they cannot be matched, and a warning says so.

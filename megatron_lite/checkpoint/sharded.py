@@ -16,7 +16,8 @@ the reads a new layout needs. What a box is for our parallel layers:
 - a copy held by several ranks (DP replicas, or a replicated parameter on every TP
   rank) is written once: the ranks split its flattened elements into equal ranges,
   each a few boxes (:func:`flat_boxes`), so the write and its memory are shared;
-- ZeRO's partitions are flat ranges of the same kind: each DP rank writes its own.
+- ZeRO's partitions and the distributed optimizer's slices are flat ranges of the same
+  kind: each DP rank writes its own.
 
 Nothing is pickled into the data files but tensors; DCP's ``.metadata`` *is* a pickle,
 read here by :class:`SafeReader` through an unpickler that only builds DCP's metadata

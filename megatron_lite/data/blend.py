@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lite.data.gpt_dataset import ErrorSync, build_once, cache_key
-from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
+from megatron_lite.data.indexed import IndexedDataError, IndexedDataset, missing_shard
 
 BLEND_VERSION = 1
 
@@ -251,8 +251,7 @@ def check_sources_exist(sources: list[Source], key: str) -> None:
     for s in sources:
         for ext in (".idx", ".bin"):
             if not Path(s.prefix + ext).is_file():
-                raise IndexedDataError(f"{key}: {s.prefix}{ext}: no such file (is the data "
-                                       "prefix right?)")
+                raise IndexedDataError(f"{key}: {missing_shard(s.prefix, Path(s.prefix + ext))}")
 
 
 def blend_plan(data: BlendedDataset, shards: dict[str, IndexedDataset],

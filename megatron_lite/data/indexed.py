@@ -42,6 +42,15 @@ def best_dtype(vocab_size: int) -> type[np.number]:
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
+def missing_shard(prefix: str, path: Path) -> str:
+    """The one line for a shard file that is not there, with a hint (a prefix given
+    with its ``.bin``/``.idx`` suffix says to drop it)."""
+    hint = "is the data prefix right?"
+    if prefix.endswith((".bin", ".idx")):
+        hint = f"the data path is a prefix without .bin/.idx: drop the suffix, {prefix[:-4]}"
+    return f"{path}: no such file ({hint})"
+
+
 class IndexedDatasetWriter:
     """Write a shard under temporary names; :meth:`finalize` renames it into place.
 
@@ -141,11 +150,7 @@ class IndexedDataset:
         idx_path, bin_path = Path(self.prefix + ".idx"), Path(self.prefix + ".bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
-                hint = "is the data prefix right?"
-                if self.prefix.endswith((".bin", ".idx")):
-                    hint = (f"the data path is a prefix without .bin/.idx: drop the suffix, "
-                            f"{self.prefix[:-4]}")
-                raise IndexedDataError(f"{p}: no such file ({hint})")
+                raise IndexedDataError(missing_shard(self.prefix, p))
         size = idx_path.stat().st_size
         with open(idx_path, "rb") as f:
             head = f.read(HEADER.size)

@@ -196,8 +196,8 @@ class SpanHook(TrainingHook):
         return self.penalty()
 
     def after_optimizer_step(self, trainer) -> None:
-        if trainer.zero is not None:  # z_h in [0, S], masters included
-            trainer.zero.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
+        if trainer.sharded is not None:  # z_h in [0, S], sharded masters included
+            trainer.sharded.clamp_([s.fraction for s in self.spans], 0.0, 1.0)
         else:
             for span in self.spans:
                 span.clamp_()

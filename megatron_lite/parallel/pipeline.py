@@ -103,6 +103,10 @@ def pipeline_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     if t.compile:
         problems.append(f"parallel.pipeline_parallel_size={p}: train.compile is not "
                         "pipelined")
+    if par.distributed_optimizer:
+        problems.append(f"parallel.pipeline_parallel_size={p}: parallel.distributed_optimizer "
+                        "is not pipelined yet (the stages average their gradients over DP "
+                        "after the schedule); use the DDP engine")
     if par.sequence_parallel and par.tensor_parallel_size > 1:
         problems.append(f"parallel.pipeline_parallel_size={p}: parallel.sequence_parallel "
                         "is not pipelined yet (the stages pass whole sequences); use "

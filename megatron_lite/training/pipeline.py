@@ -102,6 +102,7 @@ class PipelineModel(nn.Module):
                  chunks: list[range], stage_ids: list[int], num_stages: int):
         super().__init__()
         self.cfg, self.ctx, self.tp_group, self.rng = cfg, ctx, ctx.tp_group, ctx.rng
+        self.sp = ctx.sequence_parallel  # refused with pipelining for now: never active
         self.positions = full.positions
         self.padded_vocab_size = full.padded_vocab_size
         self.global_names = {n for n, _ in full.named_parameters()} | \

@@ -38,6 +38,7 @@ from megatron_lite.models.registry import describe_parts
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run, error_sync
 from megatron_lite.training.compile import compile_model
+from megatron_lite.training.distopt import DistributedOptimizer
 from megatron_lite.training.evaluation import evaluate, validation_metrics
 from megatron_lite.training.interrupt import Interrupt
 from megatron_lite.training.metrics import (
@@ -90,6 +91,9 @@ class Trainer:
                               "(DeepSpeed fixes its batch sizes when it starts)")
         if cfg.log.wandb:
             check_wandb()  # before anything is written
+        if auto and cfg.parallel.distributed_optimizer:
+            raise ConfigError("train.micro_batch_size=auto is not probed with "
+                              "parallel.distributed_optimizer=true: give a micro-batch size")
         if auto:
             t.micro_batch_size = 1  # until probed, below
         # resolves cfg once (megatron_lite.resolve): paths, token batch, vocab, the checks
@@ -110,8 +114,10 @@ class Trainer:
         self.hooks = [*model_hooks(self.model, cfg), *hooks]
         if t.sample_interval:
             self.hooks.append(SampleHook(t.sample_interval))
-        # Megatron's mixed precision: bf16 weights, fp32 main grads and masters
-        self.mixed = MainParams(self.model) if t.params_dtype == "bf16" else None
+        # Megatron's mixed precision: bf16 weights, fp32 main grads and masters (the
+        # distributed optimizer keeps its own, sharded)
+        self.mixed = MainParams(self.model) if t.params_dtype == "bf16" and \
+            not cfg.parallel.distributed_optimizer else None
         if t.compile:
             compile_model(self.model, ctx)
         self.run_dir = Path(t.run_dir)
@@ -121,6 +127,11 @@ class Trainer:
         unclipped = {id(p) for g in groups if not g.get("clip", True) for p in g["params"]}
         self.clipped = [p for p in self.params if id(p) not in unclipped]
         self.zero, self.engine = self._build_engine()
+        self.distopt = self.engine if isinstance(self.engine, DistributedOptimizer) else None
+        if self.distopt is not None:
+            self.optimizer = self.distopt.base  # AdamW over this rank's slices
+        # what holds sharded fp32 masters (clamps, checkpoints): DeepSpeed's or ours
+        self.sharded = self.zero or self.distopt
         # parallel.pipeline_parallel_size > 1: the schedule runs each step's micro-batches
         self.pipeline = PipelineEngine(self.model, cfg, ctx, self.accum) \
             if ctx.pp_size > 1 else None
@@ -175,12 +186,16 @@ class Trainer:
 
     def _build_engine(self):
         """``(zero, engine)``. The engine runs forward and backward: DDP over the DP group,
-        the bare model (one DP rank), or DeepSpeed ZeRO (then also ``zero``), which owns
-        the gradient reduction, clipping, master weights and loss scaling."""
+        the bare model (one DP rank), the distributed optimizer
+        (:mod:`.distopt`, which reduce-scatters the gradients and steps this rank's slices),
+        or DeepSpeed ZeRO (then also ``zero``), which owns the gradient reduction,
+        clipping, master weights and loss scaling."""
         cfg, ctx = self.cfg, self.ctx
         if cfg.parallel.engine == "deepspeed":
             zero = ZeroEngine(self.model, self.optimizer, cfg, ctx)
             return zero, zero
+        if cfg.parallel.distributed_optimizer:
+            return None, DistributedOptimizer(self.model, self.optimizer, cfg, ctx)
         if ctx.dp_size > 1 and self.mixed is None and ctx.pp_size == 1:
             # (MainParams reduces its fp32 grads; a pipeline after its schedule)
             return None, DistributedDataParallel(
@@ -198,8 +213,11 @@ class Trainer:
             return
         saved = read_meta(resolve_checkpoint(source))
         if t.finetune and not own:  # Megatron's --finetune: a new run from these weights
-            with self._fp32():
-                load_checkpoint(source, self.model, self.ctx)
+            if self.distopt is not None:  # bf16 weights: their fp32 masters from the file
+                self._load_masters_only(source)
+            else:
+                with self._fp32():
+                    load_checkpoint(source, self.model, self.ctx)
             if self.ctx.is_main:
                 print(f"fine-tuning from {source} (its step {saved['step']}): weights only; "
                       "fresh optimizer, step 0, this config's schedule", flush=True)
@@ -254,6 +272,16 @@ class Trainer:
             return meta
         raise first_error
 
+    def _load_masters_only(self, source) -> None:
+        """The distributed optimizer's fp32 masters from ``source``, and a fresh AdamW (its
+        moments and settings as before the load): what fine-tuning starts from."""
+        base = self.distopt.base
+        settings = [dict(g) for g in base.param_groups]
+        load_checkpoint(source, self.model, self.ctx, zero=self.distopt)
+        base.state.clear()
+        for group, before in zip(base.param_groups, settings, strict=True):
+            group.update({k: v for k, v in before.items() if k != "params"})
+
     def _check_schedule(self, saved: dict | None) -> None:
         """A resume whose config changes the LR schedule (say ``train.max_steps``) keeps the
         checkpoint's, unless ``optim.override_schedule``; one warning line either way."""
@@ -282,7 +310,8 @@ class Trainer:
 
     def _optimizer_or_zero(self) -> dict:
         """What holds the optimizer state, as the checkpoint functions take it."""
-        return {"zero": self.zero} if self.zero is not None else {"optimizer": self.optimizer}
+        return {"zero": self.sharded} if self.sharded is not None else \
+            {"optimizer": self.optimizer}
 
     def _resume_source(self) -> tuple[str | Path | None, bool]:
         """``(source, own)``: ``run_dir``'s own latest checkpoint (a restart, ``own``),
@@ -307,7 +336,7 @@ class Trainer:
     def _autocast(self):
         """Autocast for the DDP engine; DeepSpeed's bf16 and ``train.params_dtype=bf16``
         keep the weights in bf16 instead."""
-        if self.zero is not None or self.mixed is not None:
+        if self.zero is not None or self.cfg.train.params_dtype == "bf16":
             return contextlib.nullcontext()
         return autocast(self.cfg.train.precision, self.ctx.device)
 
@@ -403,28 +432,55 @@ class Trainer:
                 ((loss + self._extra_loss()) * (scale / self.accum)).backward()
             total += loss.detach().float()
             self._after_micro_batch()
-        if self.mixed is not None:  # fp32 main grads: averaged over DP here (no DDP)
-            self.mixed.reduce_grads(self.ctx.dp_group, self.ctx.dp_size,
-                                    int(cfg.parallel.ddp_bucket_mb * 2**20))
+        self._finalize_grads()
         finite = True
+        do = self.distopt
         with self._fp32(grads=True):
             for hook in self.hooks:
                 hook.before_optimizer_step(self)
+            if do is not None:
+                do.skip_cleared()
             if self.scaler is not None:
-                finite = self.scaler.unscale_and_check(self.params, self.ctx.device)
-            grad_norm = (clip_grads_(self.clipped, cfg.optim.clip_grad, self.ctx) if finite
-                         else math.nan)
+                finite = self.scaler.unscale_and_check(
+                    self.params if do is None else do.shard_params(), self.ctx.device)
+            if not finite:
+                grad_norm = math.nan
+            elif do is not None:  # from this rank's slices: one all-reduce
+                grad_norm = do.clip_grads_(cfg.optim.clip_grad)
+            else:
+                grad_norm = clip_grads_(self.clipped, cfg.optim.clip_grad, self.ctx)
             if finite:
-                self.optimizer.step()
+                if do is not None:  # this rank's slices, then all-gathered into the weights
+                    do.step()
+                else:
+                    self.optimizer.step()
                 for hook in self.hooks:
                     hook.after_optimizer_step(self)
             if self.scaler is not None:
                 self.scaler.update(finite)
-            self.optimizer.zero_grad(set_to_none=True)
+            if do is not None:
+                do.zero_grad()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         out = {"loss": self.run.dp_mean(total / self.accum), "lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
             out.update(loss_scale=scale, skipped=not finite)
         return self._finish_step(out)
+
+    def _finalize_grads(self) -> None:
+        """After the step's last backward, before any hook or the optimizer sees the
+        gradients: the one place where they are completed. The DP reduction the engine
+        did not do during backward (``train.params_dtype=bf16`` without the distributed
+        optimizer: MainParams' fp32 all-reduce; the distributed optimizer: the end of its
+        reduce-scatters). (Sequence-parallel parameters' gradients are already summed
+        over TP as backward produces them: ``parallel.layers.mark_sequence_parallel``.)"""
+        cfg = self.cfg
+        if self.distopt is not None:  # its slices
+            self.distopt.finish_grad_sync()
+            return
+        if self.mixed is not None:  # fp32 main grads: averaged over DP here (no DDP)
+            self.mixed.reduce_grads(self.ctx.dp_group, self.ctx.dp_size,
+                                    int(cfg.parallel.ddp_bucket_mb * 2**20))
 
     def evaluate(self) -> dict:
         """Validation metrics over ``eval_iters`` global batches (the same every time), as

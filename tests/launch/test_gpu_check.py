@@ -45,7 +45,7 @@ def test_printed_row_recomputes_at_any_step_time(step_s):
     check_row_arithmetic(float(printed_ms) / 1e3, int(tps), float(mfu), flops)
 
 
-@pytest.mark.slow  # a subprocess that trains 4 variants, 2 of them compiled, and a TP=2 pair
+@pytest.mark.slow  # a subprocess that trains 5 variants, 2 of them compiled, and a TP=2 pair
 def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
     env = dict(os.environ, PYTHON=sys.executable)
     out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--cpu", "--tiny",
@@ -53,7 +53,8 @@ def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [m.groups() for m in map(ROW.match, out.stdout.splitlines()) if m]
-    assert [r[0] for r in rows] == ["eager", "compile", "eager+ckpt", "compile+ckpt"], out.stdout
+    assert [r[0] for r in rows] == ["eager", "compile", "eager+ckpt", "compile+ckpt",
+                                    "eager+distopt"], out.stdout
     cfg = load_config(ROOT / "configs/gpt2/124m.yaml", TINY)
     params = count_parameters(cfg, 1)["total"]  # the planner's count, not the model's
     for _, m_params, mb, step_s, tps, mfu, _, _ in rows:
@@ -63,7 +64,7 @@ def test_dry_run_trains_every_variant_and_times_the_tp2_allreduce():
                              model_flops_per_step(cfg.model, 2, 64))
     share = re.search(r"\[2, 64, 64\]\s+0\.0 MiB:\s+([\d.]+) ms; x 8 per step", out.stdout)
     assert share and float(share.group(1)) > 0, out.stdout
-    assert "gpu_check: 4 rows" in out.stdout
+    assert "gpu_check: 5 rows" in out.stdout
 
 
 def test_without_cuda_it_says_how_to_dry_run():

@@ -47,6 +47,29 @@ def test_sequence_parallel_trains_like_tp1(distributed, gpt_shard, bpe_files, tm
         assert rel <= 1e-5, f"{name} deviates from TP=1 by {rel:.2e}"
 
 
+def _norms(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
+
+
+def test_sequence_parallel_with_the_distributed_optimizer(distributed, gpt_shard, bpe_files,
+                                                          tmp_path):
+    """The norm gradients are summed over TP once (by the hook at the source), not again
+    by the engine: TP=2 with sequence parallelism and the distributed optimizer follows
+    TP=1 in losses and gradient norms (a second sum doubles the norm weights' gradients,
+    which Adam's update hides but the norm does not)."""
+    common = {"train.max_steps": 4, "train.eval_interval": 2}
+    ref_dir, sp_dir = tmp_path / "tp1", tmp_path / "tp2-sp-distopt"
+    distributed(_train, 1, tiny_overrides(gpt_shard, bpe_files, ref_dir, **common), tp_size=1)
+    distributed(_train, 2, tiny_overrides(gpt_shard, bpe_files, sp_dir, **common, **{
+        "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True,
+        "parallel.distributed_optimizer": True}), tp_size=2)
+    (ref, ref_val), (got, val) = _losses(ref_dir), _losses(sp_dir)
+    pairs = zip(got + val + _norms(sp_dir), ref + ref_val + _norms(ref_dir), strict=True)
+    rel = max(abs(a - b) / abs(b) for a, b in pairs)
+    assert rel <= 1e-5, f"deviates from TP=1 by {rel:.2e}"
+
+
 @pytest.mark.slow
 def test_sequence_parallel_resume_is_bitwise_exact(distributed, gpt_shard, bpe_files, tmp_path):
     # the checkpoint test's own harness (dropout on, a run split at step 6 vs straight)
