@@ -2,7 +2,7 @@
 
     python bench/train_step.py            # all three tables (about 5 minutes on 2 cores)
     python bench/train_step.py --quick    # fewer timed steps
-    python bench/train_step.py --table throughput|memory|checkpoint
+    python bench/train_step.py --table throughput|memory|checkpoint|llama
 
 Table 1: forward + backward + AdamW of a tiny GPT-2 (6 layers, hidden 256, 4 heads,
 seq 256, batch 8, vocab 50257) for megatron-lite (TP=1) eager and with
@@ -22,6 +22,11 @@ saves in a forward (parameters excluded), in total and inside the transformer la
 Table 3: activation checkpointing none / selective / full on 12 layers at seq 512:
 step time, bytes autograd saved for backward (the activation memory), and peak RSS
 growth of a fresh process over a step.
+
+Table 4: a Llama-family decoder (6 layers, hidden 256, 4 heads on 2 K/V heads, SwiGLU
+688, rotary positions, RMSNorm, no biases, untied head, seq 256, batch 8, SmolLM2's
+vocab 49152): megatron-lite (TP=1) eager and compiled against transformers'
+LlamaForCausalLM of the same shape, fwd + bwd + AdamW, timed round-robin as table 1.
 """
 
 from __future__ import annotations
@@ -82,6 +87,73 @@ def build(impl: str, layers: int, h: int, heads: int, seq: int, ckpt: str = "non
                                   vocab_size=VOCAB)
     model = transformers.GPT2LMHeadModel(cfg)
     return model, lambda ids, labels: model(input_ids=ids, labels=ids).loss, None
+
+
+LLAMA = dict(layers=6, h=256, heads=4, groups=2, ffn=688, seq=256, batch=8, vocab=49152)
+
+
+def build_llama(impl: str):
+    """Table 4's model: ours (eager or compiled) or transformers' LlamaForCausalLM."""
+    L = LLAMA
+    torch.manual_seed(0)
+    if impl.startswith("megatron-lite"):
+        cfg = ModelConfig(num_layers=L["layers"], hidden_size=L["h"],
+                          num_attention_heads=L["heads"], num_query_groups=L["groups"],
+                          ffn_hidden_size=L["ffn"], seq_length=L["seq"],
+                          max_position_embeddings=L["seq"], vocab_size=L["vocab"],
+                          normalization="rmsnorm", activation="swiglu",
+                          position_embedding="rope", add_bias_linear=False,
+                          untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
+                          attention_dropout=0.0)
+        ctx = ParallelContext()
+        model = GPTModel(cfg, ctx)
+        if impl.endswith("compile"):
+            compile_model(model, ctx)
+        return model, lambda ids, labels: model(ids, labels)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=L["vocab"], hidden_size=L["h"], intermediate_size=L["ffn"],
+        num_hidden_layers=L["layers"], num_attention_heads=L["heads"],
+        num_key_value_heads=L["groups"], max_position_embeddings=L["seq"],
+        tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    return model, lambda ids, labels: model(input_ids=ids, labels=ids).loss
+
+
+def llama_table(timed_steps: int, precision: str = "fp32") -> list[dict]:
+    """Table 4: steps of ours and transformers' Llama, round-robin, median."""
+    L = LLAMA
+    steps = {}
+    for impl in ("megatron-lite", "megatron-lite+compile", "transformers"):
+        model, loss_fn = build_llama(impl)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        ids = torch.randint(0, L["vocab"], (L["batch"], L["seq"]),
+                            generator=torch.Generator().manual_seed(1))
+        labels = torch.roll(ids, -1, 1)
+
+        def step(model=model, loss_fn=loss_fn, opt=opt, ids=ids, labels=labels):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(ids, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        steps[impl] = step
+    times = {impl: [] for impl in steps}
+    for step in steps.values():  # warm-up (and compilation)
+        step(), step(), step()
+    for _ in range(timed_steps):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    tokens = L["batch"] * L["seq"]
+    return [{"precision": precision, "impl": impl, "step_s": statistics.median(ts),
+             "tokens_per_s": tokens / statistics.median(ts)} for impl, ts in times.items()]
 
 
 def make_step(impl, precision, layers, h, heads, seq, batch, ckpt="none", parts=None):
@@ -270,7 +342,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed steps instead of 7")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--table", choices=("all", "throughput", "memory", "checkpoint"),
+    parser.add_argument("--table", choices=("all", "throughput", "memory", "checkpoint",
+                                            "llama"),
                         default="all")
     parser.add_argument("--ckpt-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -288,6 +361,8 @@ def main() -> None:
         print_memory(measured)
     if args.table in ("all", "checkpoint"):
         print_checkpointing(steps)
+    if args.table in ("all", "llama"):
+        print_llama(steps, measured)
 
 
 def peaks() -> dict:
@@ -345,6 +420,20 @@ def print_checkpointing(steps: int) -> None:
         print(f"{r['mode']:<11}{r['step_s']:>8.3f}{r['step_s'] / base['step_s']:>7.2f}x"
               f"{r['saved_mib']:>11.0f}{r['saved_mib'] / base['saved_mib']:>7.2f}x"
               f"{r['peak_growth_mib']:>17.0f}")
+
+
+def print_llama(steps: int, peaks: dict) -> None:
+    L = LLAMA
+    print(f"\nLlama {L['layers']}L h{L['h']}, {L['heads']} heads on {L['groups']} K/V heads, "
+          f"SwiGLU {L['ffn']}, seq {L['seq']}, batch {L['batch']}, vocab {L['vocab']}: "
+          "fwd + bwd + AdamW")
+    print(f"{'precision':<10}{'implementation':<26}{'step s':>8}{'tokens/s':>10}{'vs HF':>8}")
+    for precision in ("fp32", "bf16") if bf16_native(peaks) else ("fp32",):
+        rows = llama_table(steps, precision)
+        hf = next(r for r in rows if r["impl"] == "transformers")["tokens_per_s"]
+        for r in rows:
+            print(f"{r['precision']:<10}{r['impl']:<26}{r['step_s']:>8.3f}"
+                  f"{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / hf:>7.2f}x")
 
 
 if __name__ == "__main__":

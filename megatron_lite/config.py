@@ -72,7 +72,7 @@ def layer_units(pattern: str) -> list[tuple[int, int]]:
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"  # gpt | bert
+    arch: str = "gpt"  # gpt | bert (a Llama-family decoder is gpt with its parts, below)
     num_layers: int = 12  # transformer layers (an attention + an FFN sublayer each)
     hidden_size: int = 768  # model width h
     num_attention_heads: int = 12  # heads per attention sublayer (split over TP)
@@ -85,9 +85,9 @@ class ModelConfig:
     attention_dropout: float = 0.1  # dropout on attention probabilities
     init_std: float = 0.02  # N(0, std) init; residual output layers / sqrt(2N)
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
-    normalization: str = "layernorm"  # the norm part (megatron_lite/models/norms.py)
+    normalization: str = "layernorm"  # the norm part: layernorm | rmsnorm (Llama)
     layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
-    activation: str = "gelu_tanh"  # the MLP part: gelu_tanh (GPT-2 "gelu_new") | gelu (BERT)
+    activation: str = "gelu_tanh"  # MLP part: gelu_tanh (GPT-2 gelu_new) | gelu (BERT) | swiglu
     attention_core: str = "sdpa"  # sdpa (flash/fused where available) | math (written out)
     # residual sublayers bottom to top: s = self-attention, f = feed-forward;
     # empty = "sf" * num_layers (ordinary layers). At most one of these three orders:
@@ -95,9 +95,16 @@ class ModelConfig:
     sandwich_coefficient: int = 0  # k: s^k (sf)^(n-k) f^k (Press et al. 2019)
     par_ratio: float = 0.0  # p: PAR's rules, round(2n/p) attention blocks in the lower 2/3
     num_tokentypes: int = 2  # BERT segment embeddings
+    # Llama-family decoders (megatron_lite/models/rotary.py, norms.py, mlp.py, attention.py)
+    num_query_groups: int = 0  # grouped-query attention: K/V heads (0: one per query head)
+    add_bias_linear: bool = True  # biases in the attention and MLP linears (Llama: false)
+    untie_embeddings_and_output_weights: bool = False  # a separate LM head (Llama: true)
+    rope_theta: float = 10000.0  # rotary positions: base of the frequencies (rope only)
+    rope_scaling: str = "none"  # rotary positions: none | linear (position interpolation)
+    rope_scaling_factor: float = 1.0  # rope_scaling=linear: positions divided by this
     activation_checkpointing: str = "none"  # none | full | selective
     # Transformer-XL (Dai et al. 2019), GPT only: relative positions and segment memory
-    position_embedding: str = "learned"  # learned (GPT-2) | relative
+    position_embedding: str = "learned"  # learned (GPT-2) | relative | rope (Llama)
     mem_len: int = 0  # memory of past positions per attention sublayer (relative only)
     clamp_len: int = 0  # cap relative distances (0: no cap)
     # adaptive attention span (Sukhbaatar et al. 2019), on relative positions + memory
@@ -138,6 +145,11 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        """K/V heads of an attention sublayer (``num_query_groups``, else one per head)."""
+        return self.num_query_groups or self.num_attention_heads
 
 
 @dataclass
@@ -298,6 +310,18 @@ class Config:
                 problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
         m = self.model
         problems += _order_problems(m)
+        if m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups:
+            problems.append(f"model.num_query_groups={m.num_query_groups} must divide "
+                            f"model.num_attention_heads={m.num_attention_heads}")
+        if m.untie_embeddings_and_output_weights and m.arch != "gpt":
+            problems.append("model.untie_embeddings_and_output_weights is for model.arch=gpt")
+        if m.untie_embeddings_and_output_weights and self.parallel.pipeline_parallel_size > 1:
+            problems.append("model.untie_embeddings_and_output_weights with "
+                            "parallel.pipeline_parallel_size > 1 is not built (the last stage "
+                            "holds the tied head only)")
+        if m.query_groups != m.num_attention_heads and m.position_embedding == "relative":
+            problems.append("model.num_query_groups (grouped-query attention) is not built for "
+                            "model.position_embedding=relative")
         t = self.train
         if self.parallel.engine == "deepspeed" and self.parallel.zero_stage not in (1, 2):
             problems.append(f"parallel.zero_stage={self.parallel.zero_stage} is not 1 or 2 "
@@ -350,6 +374,9 @@ def _sequence_parallel_problems(cfg: Config) -> list[str]:
         problems.append(f"parallel.sequence_parallel does not support model.position_embedding="
                         f"{m.position_embedding} (Transformer-XL's memory and the adaptive span "
                         "attend over the whole segment of every rank)")
+    if tp > m.query_groups:
+        problems.append(f"parallel.sequence_parallel with TP={tp} above model.num_query_groups="
+                        f"{m.query_groups} (K/V heads shared by TP ranks) is not built")
     return problems
 
 
@@ -364,7 +391,7 @@ NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.ma
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
                 "train.sample_interval",
                 "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
-                "optim.warmup_steps", "optim.adam_eps")
+                "optim.warmup_steps", "optim.adam_eps", "model.num_query_groups")
 FRACTIONS = ("model.hidden_dropout", "model.attention_dropout")  # in [0, 1)
 
 

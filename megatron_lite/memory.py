@@ -51,10 +51,15 @@ def estimate_parameters(m: ModelConfig, tp: int = 1, layer_share: float = 1.0) -
     h, ffn, pattern = m.hidden_size, m.ffn_size, m.pattern
     multiple = m.make_vocab_size_divisible_by * tp
     vocab = -(-m.vocab_size // multiple) * multiple
-    attention = 4 * h * h + 4 * h + 2 * h  # QKV, output projection, biases, norm
-    mlp = 2 * h * ffn + ffn + h + 2 * h
+    norm = h if m.normalization == "rmsnorm" else 2 * h  # RMSNorm: a gain, no bias
+    bias = 1 if m.add_bias_linear else 0
+    kv = 2 * m.query_groups * (h // m.num_attention_heads)  # K and V rows (grouped-query)
+    attention = 2 * h * h + h * kv + bias * (2 * h + kv) + norm  # Q, K, V, output, biases
+    matrices = 3 if m.activation == "swiglu" else 2  # SwiGLU: gate, up, down
+    mlp = matrices * h * ffn + bias * ((matrices - 1) * ffn + h) + norm
+    heads = 2 if m.untie_embeddings_and_output_weights else 1  # embedding (+ output layer)
     layers = pattern.count("s") * attention + pattern.count("f") * mlp
-    total = round(layers * layer_share) + vocab * h + 2 * h
+    total = round(layers * layer_share) + heads * vocab * h + norm
     table = position_scheme(m).input_table(device="meta")  # learned positions
     total += sum(p.numel() for p in table.parameters()) if table is not None else 0
     if m.arch == "bert":  # token types, MLM dense + norm + bias, pooler, NSP

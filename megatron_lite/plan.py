@@ -215,6 +215,9 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
     if m.num_attention_heads % tp or m.hidden_size % tp or m.ffn_size % tp:
         raise PlanError(f"TP={tp} does not divide the heads ({m.num_attention_heads}), hidden "
                         f"({m.hidden_size}) and FFN ({m.ffn_size}) sizes")
+    if m.query_groups % tp and tp % m.query_groups:
+        raise PlanError(f"TP={tp} and the {m.query_groups} K/V heads (model.num_query_groups): "
+                        "one must divide the other")
     dev = device_spec(device)
     params = count_parameters(cfg, tp)
     mb = micro_batch or t.micro_batch_size

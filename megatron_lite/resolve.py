@@ -64,6 +64,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
             pipeline_parallel_size=cfg.parallel.pipeline_parallel_size)
     except ParallelConfigError as err:
         problems.append(str(err))
+    tp, groups = cfg.parallel.tensor_parallel_size, m.query_groups
+    if tp >= 1 and groups % tp and tp % groups:
+        problems.append(f"model.num_query_groups={groups} and parallel.tensor_parallel_size="
+                        f"{tp}: the K/V heads split over TP when one divides the other only")
     problems += pipeline_problems(cfg, world_size)
     if problems:
         raise ConfigError("; ".join(problems))

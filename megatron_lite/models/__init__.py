@@ -7,7 +7,14 @@ a new part's module is imported here.
 from __future__ import annotations
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models import adaptive_span, mlp, norms, positions, relative  # noqa: F401
+from megatron_lite.models import (  # noqa: F401
+    adaptive_span,
+    mlp,
+    norms,
+    positions,
+    relative,
+    rotary,
+)
 from megatron_lite.models.attention import KVCache
 from megatron_lite.models.bert import BertModel
 from megatron_lite.models.gpt import GPTModel

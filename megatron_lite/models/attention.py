@@ -27,6 +27,7 @@ from megatron_lite.parallel import (
     ColumnParallelLinear,
     ParallelContext,
     RowParallelLinear,
+    SharedColumnLinear,
     checkpoint,
     normal_init,
     scaled_normal_init,
@@ -152,19 +153,45 @@ def captured(layers: list[SelfAttention]) -> Iterator[list[list[tuple]]]:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with heads split across the TP group."""
+    """Multi-head self-attention with heads split across the TP group.
+
+    Grouped-query attention (Ainslie et al. 2023; ``model.num_query_groups`` g below the
+    head count n): separate ``q`` (n heads), ``k`` and ``v`` (g heads each) projections;
+    query head i reads K/V head ``i // (n / g)``. When TP divides g, ``k``/``v`` are
+    column-parallel like ``q`` (a rank's query heads are exactly those of its groups);
+    when g divides TP, each K/V head is computed by the ``TP / g`` ranks that share it
+    (:class:`~megatron_lite.parallel.SharedColumnLinear`: replicated weights, gradients
+    summed over TP). The KV cache holds the g heads once; they are repeated for the
+    query heads after it."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, causal: bool, device=None):
         super().__init__()
         h, std = cfg.hidden_size, cfg.init_std
         self.head_dim, self.causal = h // cfg.num_attention_heads, causal
         self.selective = cfg.activation_checkpointing == "selective"
+        bias, group = cfg.add_bias_linear, ctx.tp_group
         sp = ctx.sequence_parallel  # x arrives as a sequence shard while it is active
-        self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
-                                        tp_group=ctx.tp_group, sequence_parallel=sp,
-                                        device=device)
+        groups = cfg.query_groups
+        self.grouped = groups != cfg.num_attention_heads
+        if not self.grouped:
+            self.qkv = ColumnParallelLinear(h, 3 * h, stride=3, init_method=normal_init(std),
+                                            bias=bias, tp_group=group, sequence_parallel=sp,
+                                            device=device)
+        else:
+            kv = groups * self.head_dim
+            self.q = ColumnParallelLinear(h, h, init_method=normal_init(std), bias=bias,
+                                          tp_group=group, sequence_parallel=sp, device=device)
+            for name in ("k", "v"):
+                if groups % ctx.tp_size == 0:
+                    layer = ColumnParallelLinear(h, kv, init_method=normal_init(std),
+                                                 bias=bias, tp_group=group,
+                                                 sequence_parallel=sp, device=device)
+                else:  # (sequence parallelism with shared K/V heads is refused by config)
+                    layer = SharedColumnLinear(h, kv, groups, init_method=normal_init(std),
+                                               bias=bias, tp_group=group, device=device)
+                self.add_module(name, layer)
         self.proj = RowParallelLinear(
-            h, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
+            h, h, input_is_parallel=True, tp_group=group, device=device, bias=bias,
             init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
         self.positions = position_scheme(cfg)
         self.positions.attention_modules(self, ctx, device)
@@ -184,12 +211,22 @@ class SelfAttention(nn.Module):
         position scheme's inputs (:meth:`PositionScheme.attention_input`); ``z`` the core's
         (:meth:`AttentionCore.inputs`)."""
         core = self.attention_core
-        qkv = self.qkv(x)  # [b, s, 3 * h/tp] (sequence parallelism: all of it gathered)
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
-        q, k, values = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
+        if not self.grouped:
+            qkv = self.qkv(x)  # [b, s, 3 * h/tp] (sequence parallelism: all of it gathered)
+            b, s, _ = qkv.shape
+            qkv = qkv.view(b, s, 3, -1, self.head_dim)  # [b, s, 3, heads/tp, d]
+            q, k, values = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads/tp, s, d]
+        else:  # q [b, heads/tp, s, d]; k, values [b, kv heads here, s, d]
+            q, k, values = (layer(x) for layer in (self.q, self.k, self.v))
+            b, s, _ = q.shape  # (sequence parallelism: all of it gathered)
+            q, k, values = (t.view(b, s, -1, self.head_dim).transpose(1, 2)
+                            for t in (q, k, values))
         q, k, values, mask, causal = self.positions.attend(self, q, k, values, mask, cache,
                                                            index, *pos)
+        if k.shape[1] != q.shape[1]:  # grouped: each K/V head serves heads/groups queries
+            # NOTE: only this rank's query heads: all of one shared group, or whole groups
+            k, values = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1)
+                         for t in (k, values))
         if z is None:
             z = core.inputs()
         q, k, values, mask, causal = self.tap(q, k, values, mask, causal)

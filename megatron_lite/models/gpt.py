@@ -1,4 +1,8 @@
-"""GPT-2: token embeddings (+ the position scheme's), a causal stack, tied output layer."""
+"""GPT-2: token embeddings (+ the position scheme's), a causal stack, tied output layer.
+
+A Llama-family decoder is this model with other parts (rotary positions, RMSNorm,
+SwiGLU, grouped-query attention: :mod:`megatron_lite.models.registry`) and, with
+``model.untie_embeddings_and_output_weights``, an output layer of its own."""
 
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ class GPTModel(nn.Module):
         self.positions = position_scheme(cfg)
         self.wpe = self.positions.input_table(device)  # learned positions; else None
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
+        # untied: a vocab-parallel output layer of its own (Llama), drawn after the rest
+        self.output_layer = (word_embedding(cfg, ctx, device)
+                             if cfg.untie_embeddings_and_output_weights else None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, memory=None) -> torch.Tensor:
@@ -68,13 +75,19 @@ class GPTModel(nn.Module):
         x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h] (or s/tp)
         return self.logits(x) if labels is None else self.loss(x, labels)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, h]`` output layer: the word embedding (tied) or its own."""
+        return self.wte.weight if self.output_layer is None else self.output_layer.weight
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The tied output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits.
+        """The output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits.
         (Sequence parallelism: ``x`` is this rank's ``[b, s/tp, h]``, all-gathered here
         by :func:`gather_sequence_for_head`, whose backward reduce-scatters.)"""
         if self.sp.active:
-            return F.linear(gather_sequence_for_head(x, self.sp, self.tp_group), self.wte.weight)
-        return F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)
+            return F.linear(gather_sequence_for_head(x, self.sp, self.tp_group),
+                            self.output_weight)
+        return F.linear(copy_to_tp_region(x, self.tp_group), self.output_weight)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of the final hidden states ``x`` (``train.compile``

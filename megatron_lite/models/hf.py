@@ -1,4 +1,4 @@
-"""Hugging Face interop: GPT-2 and BERT weights to and from megatron-lite, at any TP size.
+"""Hugging Face interop: GPT-2, BERT and Llama weights to and from megatron-lite, at any TP size.
 
 Conversion is a key map over *full* state dicts; sharding is done by
 :func:`load_full_state_dict` / :func:`full_state_dict`, so it works for every TP size.
@@ -8,6 +8,12 @@ Conversion is a key map over *full* state dicts; sharding is done by
   layout; GELU is the tanh approximation; the LM head is tied to ``wte``.
 - BERT post-LN = ``BertForPreTraining``; pre-LN = ``MegatronBertForPreTraining``. HF
   keeps separate query/key/value linears; we fuse them as ``[Q|K|V]``.
+- Llama (``LlamaForCausalLM``) = a GPT with rotary positions, RMSNorm, SwiGLU, no
+  biases and grouped-query attention (:func:`is_llama`). ``q_proj``/``k_proj``/``v_proj``
+  are our ``q``/``k``/``v`` (fused ``[Q|K|V]`` when there is one K/V head per query head);
+  ``gate_proj`` and ``up_proj`` are our fused ``fc1 = [gate|up]``. HF's rows are already
+  in the half-split rotary layout ours uses (``rotate_half``), so Q/K rows are copied
+  unpermuted (:mod:`megatron_lite.models.rotary`).
 
 The vocab is padded inside megatron-lite (to 128 x TP) and trimmed on export.
 ``transformers`` is imported lazily: it is the optional ``hf`` extra.
@@ -49,6 +55,46 @@ def _gpt_rules(cfg: ModelConfig) -> list[Rule]:
               ("transformer.final_ln.bias", "transformer.ln_f.bias", "copy"),
               ("wte.weight", "lm_head.weight", "vocab")]  # tied
     return rules
+
+
+def is_llama(cfg: ModelConfig) -> bool:
+    """A GPT whose parts make it a Llama-family decoder (rotary positions)."""
+    return cfg.arch == "gpt" and cfg.position_embedding == "rope"
+
+
+def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+    wanted = {"normalization": "rmsnorm", "activation": "swiglu", "add_bias_linear": False,
+              "layernorm_order": "pre"}
+    differ = [f"model.{k}={getattr(cfg, k)}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if differ:
+        raise ValueError(f"rotary positions with {', '.join(differ)}: Hugging Face's Llama has "
+                         "RMSNorm, SwiGLU, no biases and pre-norm, so no HF model holds this one")
+    grouped = cfg.query_groups != cfg.num_attention_heads
+    rules = [("wte.weight", "model.embed_tokens.weight", "vocab")]
+    for i in range(cfg.num_layers):
+        a, f, L = f"transformer.layers.{2 * i}", f"transformer.layers.{2 * i + 1}", \
+            f"model.layers.{i}"
+        rules.append((f"{a}.ln.weight", f"{L}.input_layernorm.weight", "copy"))
+        if grouped:
+            rules += [(f"{a}.attn.{n}.weight", f"{L}.self_attn.{n}_proj.weight", "copy")
+                      for n in "qkv"]
+        else:
+            rules.append((f"{a}.attn.qkv.weight", f"{L}.self_attn.{{q,k,v}}_proj.weight", "cat"))
+        rules += [(f"{a}.attn.proj.weight", f"{L}.self_attn.o_proj.weight", "copy"),
+                  (f"{f}.ln.weight", f"{L}.post_attention_layernorm.weight", "copy"),
+                  (f"{f}.mlp.fc1.weight", f"{L}.mlp.{{gate,up}}_proj.weight", "cat"),
+                  (f"{f}.mlp.fc2.weight", f"{L}.mlp.down_proj.weight", "copy")]
+    rules.append(("transformer.final_ln.weight", "model.norm.weight", "copy"))
+    head = "output_layer.weight" if cfg.untie_embeddings_and_output_weights else "wte.weight"
+    rules.append((head, "lm_head.weight", "vocab"))  # tied: wte again
+    return rules
+
+
+def _cat_names(theirs: str) -> list[str]:
+    """``a.{q,k,v}_proj.w`` -> the three names (a ``cat`` rule's HF tensors, in order)."""
+    head, rest = theirs.split("{", 1)
+    names, tail = rest.split("}", 1)
+    return [f"{head}{n}{tail}" for n in names.split(",")]
 
 
 def _linear_rules(ours: str, theirs: str) -> list[Rule]:
@@ -96,13 +142,24 @@ def _rules(cfg: ModelConfig) -> list[Rule]:
         raise ValueError(f"the sublayer pattern {cfg.pattern!r} is not (sf)^{cfg.num_layers}: "
                          "Hugging Face's GPT-2 and BERT have an attention and a feed-forward "
                          "sublayer in every layer, so no HF model holds it")
+    if cfg.kept_layers is not None:
+        raise ValueError(f"model.layers_to_keep={cfg.layers_to_keep!r}: write the pruned "
+                         "checkpoint first (python -m megatron_lite.prune), then convert it")
+    if is_llama(cfg):
+        return _llama_rules(cfg)
     if cfg.position_embedding != "learned":
         raise ValueError(f"model.position_embedding={cfg.position_embedding}: Hugging Face's "
                          "GPT-2 has learned absolute positions only (transformers no longer "
                          "ships Transformer-XL), so no HF model holds this one")
-    if cfg.kept_layers is not None:
-        raise ValueError(f"model.layers_to_keep={cfg.layers_to_keep!r}: write the pruned "
-                         "checkpoint first (python -m megatron_lite.prune), then convert it")
+    plain = {"normalization": "layernorm", "add_bias_linear": True,
+             "untie_embeddings_and_output_weights": False, "query_groups": cfg.num_attention_heads}
+    differ = [f"model.{k}={getattr(cfg, k)}" for k, v in plain.items() if getattr(cfg, k) != v]
+    if cfg.activation == "swiglu":
+        differ.append("model.activation=swiglu")
+    if differ:
+        raise ValueError(f"learned positions with {', '.join(differ)}: Hugging Face's GPT-2 "
+                         "and BERT hold none of these (a Llama has rotary positions), so no "
+                         "HF model holds this one")
     return _gpt_rules(cfg) if cfg.arch == "gpt" else _bert_rules(cfg)
 
 
@@ -117,6 +174,8 @@ def hf_to_full_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
             continue
         if how == "qkv":
             out[ours] = torch.cat([hf_state[theirs.replace("{q,k,v}", n)] for n in _QKV])
+        elif how == "cat":
+            out[ours] = torch.cat([hf_state[n] for n in _cat_names(theirs)])
         elif how == "T":
             out[ours] = hf_state[theirs].t().contiguous()
         else:
@@ -132,6 +191,10 @@ def full_state_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
         if how == "qkv":
             for name, part in zip(_QKV, t.chunk(3), strict=True):
                 out[theirs.replace("{q,k,v}", name)] = part.clone()
+        elif how == "cat":
+            names = _cat_names(theirs)
+            for name, part in zip(names, t.chunk(len(names)), strict=True):
+                out[name] = part.clone()
         elif how == "T":
             out[theirs] = t.t().contiguous()
         elif how == "vocab":
@@ -149,7 +212,9 @@ _GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gel
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-    """A :class:`ModelConfig` for an HF ``GPT2Config``, ``BertConfig`` or ``MegatronBertConfig``."""
+    """A :class:`ModelConfig` for an HF ``GPT2Config``, ``BertConfig``, ``MegatronBertConfig``
+    or ``LlamaConfig`` (what is not built, e.g. rope scalings other than linear, is one
+    ``ValueError``)."""
     kind = hf_config.model_type
     if kind == "gpt2":
         act = hf_config.activation_function
@@ -180,7 +245,52 @@ def config_from_hf(hf_config) -> ModelConfig:
             attention_dropout=hf_config.attention_probs_dropout_prob,
             init_std=hf_config.initializer_range, activation=_GELU[act],
             layernorm_order="pre" if kind == "megatron-bert" else "post")
-    raise ValueError(f"HF model type {kind!r} is not supported (gpt2, bert, megatron-bert)")
+    if kind == "llama":
+        return _llama_config(hf_config)
+    raise ValueError(f"HF model type {kind!r} is not supported (gpt2, bert, megatron-bert, "
+                     "llama)")
+
+
+def _llama_rope(hf_config) -> tuple[float, str, float]:
+    """``(rope_theta, rope_scaling, factor)`` of a Llama config (transformers 5's
+    ``rope_parameters``, or 4's ``rope_theta`` + ``rope_scaling``); a scaling that is not
+    built is one error."""
+    params = dict(getattr(hf_config, "rope_parameters", None)
+                  or getattr(hf_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), "none", 1.0
+    if kind == "linear":
+        return float(theta), "linear", float(params["factor"])
+    raise ValueError(f"Llama rope scaling {kind!r} is not built (default, linear)")
+
+
+def _llama_config(hf_config) -> ModelConfig:
+    c = hf_config
+    heads, hidden = c.num_attention_heads, c.hidden_size
+    refused = [(c.hidden_act != "silu", f"activation {c.hidden_act!r} (silu only)"),
+               (getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False),
+                "attention/MLP biases"),
+               ((getattr(c, "head_dim", None) or hidden // heads) * heads != hidden,
+                f"head_dim {getattr(c, 'head_dim', None)} != hidden_size / heads"),
+               (getattr(c, "sliding_window", None) is not None, "sliding-window attention")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"Llama with {what} is not built")
+    theta, scaling, factor = _llama_rope(c)
+    groups = c.num_key_value_heads or heads
+    return ModelConfig(
+        arch="gpt", num_layers=c.num_hidden_layers, hidden_size=hidden,
+        num_attention_heads=heads, num_query_groups=0 if groups == heads else groups,
+        ffn_hidden_size=c.intermediate_size, seq_length=c.max_position_embeddings,
+        max_position_embeddings=c.max_position_embeddings, vocab_size=c.vocab_size,
+        layernorm_epsilon=c.rms_norm_eps, hidden_dropout=0.0,
+        attention_dropout=float(c.attention_dropout or 0.0), init_std=c.initializer_range,
+        normalization="rmsnorm", activation="swiglu", position_embedding="rope",
+        rope_theta=theta, rope_scaling=scaling, rope_scaling_factor=factor,
+        add_bias_linear=False, layernorm_order="pre",
+        untie_embeddings_and_output_weights=not c.tie_word_embeddings)
 
 
 def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None,
@@ -194,6 +304,23 @@ def hf_config_from(cfg: ModelConfig, eos_token_id: int | None = None,
     """
     import transformers
 
+    if is_llama(cfg):
+        _llama_rules(cfg)  # refuses a combination no HF model holds
+        rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+                "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling == "linear":
+            rope["factor"] = cfg.rope_scaling_factor
+        return transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.query_groups, hidden_act="silu",
+            max_position_embeddings=cfg.max_position_embeddings,
+            initializer_range=cfg.init_std, rms_norm_eps=cfg.layernorm_epsilon,
+            tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
+            rope_parameters=rope, attention_bias=False, mlp_bias=False,
+            attention_dropout=cfg.attention_dropout, bos_token_id=None,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
     if cfg.arch == "gpt":
         if cfg.layernorm_order != "pre":
@@ -228,7 +355,8 @@ def from_hf(hf_model, ctx: ParallelContext | None = None, **overrides) -> GPTMod
     """Build a megatron-lite model at ``ctx``'s TP size holding an HF model's weights.
 
     Args:
-        hf_model: ``GPT2LMHeadModel``, ``BertForPreTraining`` or ``MegatronBertForPreTraining``.
+        hf_model: ``GPT2LMHeadModel``, ``BertForPreTraining``, ``MegatronBertForPreTraining``
+            or ``LlamaForCausalLM``.
         ctx: the parallel context; every TP rank calls this with the same HF model.
         **overrides: ModelConfig fields to change (e.g. ``hidden_dropout=0.0``).
     """
@@ -252,7 +380,9 @@ def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
     ctx = ctx or ParallelContext()
     cfg = model.cfg
     hf_config = hf_config_from(cfg, eos_token_id, pad_token_id)
-    if cfg.arch == "gpt":
+    if is_llama(cfg):
+        hf_cls = transformers.LlamaForCausalLM
+    elif cfg.arch == "gpt":
         hf_cls = transformers.GPT2LMHeadModel
     elif cfg.layernorm_order == "post":
         hf_cls = transformers.BertForPreTraining
@@ -261,14 +391,15 @@ def to_hf(model: GPTModel | BertModel, ctx: ParallelContext | None = None,
     hf_model = hf_cls(hf_config)
     hf_state = full_state_to_hf(full_state_dict(model, ctx.tp_group), cfg)
     missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "masked_bias", "attn.bias"))]
+    missing = [k for k in missing if not k.endswith(("position_ids", "masked_bias", "attn.bias",
+                                                      "rotary_emb.inv_freq"))]
     if missing or unexpected:
         raise KeyError(f"HF export mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return hf_model.eval()
 
 
 _HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForPreTraining",
-               "megatron-bert": "MegatronBertForPreTraining"}
+               "megatron-bert": "MegatronBertForPreTraining", "llama": "LlamaForCausalLM"}
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
             "flax_model.msgpack", "model.ckpt.index")
 
@@ -290,7 +421,7 @@ def read_hf_config(hf_dir: str | Path):
         raise ValueError(f"{path}: not a JSON object ({err})") from None
     if kind not in _HF_CLASSES:
         raise ValueError(f"{hf_dir}: model_type {kind!r} is not supported "
-                         "(gpt2, bert, megatron-bert)")
+                         "(gpt2, bert, megatron-bert, llama)")
     cls = getattr(transformers, _HF_CLASSES[kind])
     try:
         return cls.config_class.from_dict(data)
@@ -355,8 +486,8 @@ def hf_weight_files(hf_dir: str | Path) -> list[Path]:
 
 
 def load_hf_model(hf_dir: str | Path, hf_config=None):
-    """A local Hugging Face model folder (GPT-2, BERT, Megatron-BERT) as a transformers
-    model in eval mode; offline, safetensors only, one-line errors naming the file.
+    """A local Hugging Face model folder (GPT-2, BERT, Megatron-BERT, Llama) as a
+    transformers model in eval mode; offline, safetensors only, one-line errors naming the file.
 
     Args:
         hf_config: its config (:func:`read_hf_config`), when already read.

@@ -1,4 +1,5 @@
-"""MLP parts (``model.activation``): the feed-forward sublayer's body."""
+"""MLP parts (``model.activation``): the feed-forward sublayer's body: GELU (GPT-2, BERT)
+or SwiGLU (Shazeer 2020; Llama)."""
 
 from __future__ import annotations
 
@@ -35,16 +36,50 @@ class MLP(nn.Module, Part):
         super().__init__()
         h, std = cfg.hidden_size, cfg.init_std
         self.act = activation_fn(cfg.activation)
-        sp = ctx.sequence_parallel
+        bias, sp = cfg.add_bias_linear, ctx.sequence_parallel
         self.fc1 = ColumnParallelLinear(h, cfg.ffn_size, init_method=normal_init(std),
-                                        tp_group=ctx.tp_group, sequence_parallel=sp,
+                                        bias=bias, tp_group=ctx.tp_group, sequence_parallel=sp,
                                         device=device)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
+            bias=bias, init_method=scaled_normal_init(std, len(cfg.pattern) / 2),
+            sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))  # [b, s, ffn/tp] inside, [b, s, h] out
+
+    @classmethod
+    def flops(cls, cfg: ModelConfig) -> float:
+        """Forward FLOPs per token: two ``h x ffn`` matmuls."""
+        return 4 * cfg.hidden_size * cfg.ffn_size
+
+
+@MLPS.register("swiglu")
+class SwiGLU(nn.Module, Part):
+    """``down(silu(gate(x)) * up(x))``: gate and up fused into one column-parallel
+    ``fc1`` of ``2 x ffn`` rows ``[gate|up]`` with stride 2, so each TP rank holds the
+    matching slices of both (its ``[gate_r|up_r]``); ``fc2`` (down) row-parallel. One
+    all-reduce forward, as the GELU MLP."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None):
+        super().__init__()
+        h, ffn, std, bias = cfg.hidden_size, cfg.ffn_size, cfg.init_std, cfg.add_bias_linear
+        sp = ctx.sequence_parallel
+        self.fc1 = ColumnParallelLinear(h, 2 * ffn, stride=2, init_method=normal_init(std),
+                                        bias=bias, tp_group=ctx.tp_group, sequence_parallel=sp,
+                                        device=device)
+        self.fc2 = RowParallelLinear(
+            ffn, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device, bias=bias,
+            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(x).chunk(2, dim=-1)  # each [b, s, ffn/tp]
+        return self.fc2(F.silu(gate) * up)  # [b, s, h]
+
+    @classmethod
+    def flops(cls, cfg: ModelConfig) -> float:
+        """Forward FLOPs per token: three ``h x ffn`` matmuls."""
+        return 6 * cfg.hidden_size * cfg.ffn_size
 
 
 def mlp(cfg: ModelConfig, ctx: ParallelContext, device=None) -> nn.Module:

@@ -15,7 +15,8 @@ at four places, each a method with a neutral default:
   (segments continue one another: evaluation reads a stream, generation keeps a memory).
 
 This file holds the base and GPT-2/BERT's learned absolute positions; Transformer-XL's
-relative positions are :mod:`megatron_lite.models.relative`.
+relative positions are :mod:`megatron_lite.models.relative`, Llama's rotary ones
+:mod:`megatron_lite.models.rotary`.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class PositionScheme(Part):
 
     def attention_flops(self, seq: int) -> float:
         """Forward FLOPs per token of one attention sublayer at ``seq`` tokens (Narayanan
-        et al. 2021): the QKV and output projections ``8h^2``, scores and context ``4sh``."""
-        h = self.cfg.hidden_size
-        return 8 * h * h + 4 * seq * h
+        et al. 2021): the QKV and output projections ``8h^2``, scores and context ``4sh``;
+        with grouped-query attention the K/V projections are ``4h g d`` (``g`` groups)."""
+        h, m = self.cfg.hidden_size, self.cfg
+        kv = 2 * m.query_groups * (h // m.num_attention_heads)  # K and V rows
+        return 4 * h * h + 2 * h * kv + 4 * seq * h
 
     def decoding_memory(self, window: int):
         """The memory generation decodes with (``window``: the context it may use when the

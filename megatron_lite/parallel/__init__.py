@@ -4,6 +4,7 @@ from megatron_lite.parallel.cross_entropy import vocab_parallel_argmax, vocab_pa
 from megatron_lite.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    SharedColumnLinear,
     VocabParallelEmbedding,
     mark_sequence_parallel,
     mark_sequence_parallel_module,
@@ -41,6 +42,7 @@ __all__ = [
     "ParallelContext",
     "SequenceParallel",
     "RowParallelLinear",
+    "SharedColumnLinear",
     "TPRNGTracker",
     "VocabParallelEmbedding",
     "checkpoint",

@@ -254,3 +254,52 @@ class VocabParallelEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings} (/{group_size(self.tp_group)}: "
                 f"[{self.vocab_start}, {self.vocab_end})), {self.embedding_dim}")
+
+
+class SharedColumnLinear(nn.Module):
+    """A column-parallel linear whose output has fewer blocks than there are TP ranks:
+    ``out_features`` is ``blocks`` equal blocks (e.g. the K heads of grouped-query
+    attention), TP size a multiple of ``blocks``, and rank r computes block
+    ``r // (tp / blocks)`` -- each block is shared by ``tp / blocks`` neighbouring ranks.
+
+    The weight is replicated (whole on every rank, ``tp_dim`` None, so it checkpoints and
+    converts as one full tensor at every layout). Each rank's gradient covers only its
+    block, from its own consumers; the weight enters through :func:`copy_to_tp_region`,
+    whose backward sums the gradients over TP: every rank then holds the full gradient
+    (the ranks sharing a block added up), identical everywhere, as a replicated
+    parameter's must be.
+    """
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, *, bias: bool = True,
+                 init_method: InitMethod | None = None, tp_group=None, device=None,
+                 dtype=None):
+        super().__init__()
+        tp = group_size(tp_group)
+        if tp % blocks or out_features % blocks:
+            raise ValueError(f"{blocks} blocks of {out_features} outputs do not share "
+                             f"evenly over TP size {tp}")
+        self.in_features, self.out_features, self.tp_group = in_features, out_features, tp_group
+        size = out_features // blocks
+        self.start = group_rank(tp_group) // (tp // blocks) * size
+        self.size = size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                               dtype=dtype))
+        init_shard_(self.weight, (out_features, in_features), init_method or normal_init(),
+                     0, 1, None)
+        mark_tp(self.weight, None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+            mark_tp(self.bias, None)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp_region(x, self.tp_group)  # [..., in]
+        rows = slice(self.start, self.start + self.size)
+        weight = copy_to_tp_region(self.weight, self.tp_group)[rows]
+        bias = None if self.bias is None else copy_to_tp_region(self.bias, self.tp_group)[rows]
+        return F.linear(x, weight, bias)  # [..., out / blocks]
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features} (rows {self.start}:"
+                f"{self.start + self.size} here)")

@@ -16,6 +16,7 @@ from megatron_lite.config import ConfigError
 from megatron_lite.devices import device_for_cuda_name
 from megatron_lite.files import atomic_path, atomic_write
 from megatron_lite.models.positions import position_scheme
+from megatron_lite.models.registry import MLPS
 
 
 def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
@@ -33,13 +34,14 @@ def model_flops_per_step(cfg, global_batch: int, seq: int) -> float:
     """Forward + backward FLOPs of one step (Narayanan et al. 2021), activations not recomputed.
 
     Per token, forward: an attention sublayer ``8h^2 + 4sh`` (QKV and output projections,
-    scores and context), a feed-forward one ``4h * ffn``, the logits ``2hV``; an ordinary
+    scores and context; fewer K/V heads under grouped-query attention), a feed-forward one
+    ``4h * ffn`` (SwiGLU's three matrices ``6h * ffn``), the logits ``2hV``; an ordinary
     layer is their sum. Counts every sublayer of the pattern (sandwich, PAR), LayerDrop's
     skipped ones too (the expected cost is lower by about ``p``).
     """
     h, pattern, vocab = cfg.hidden_size, cfg.pattern, cfg.vocab_size
     # the attention's depends on the position scheme (Transformer-XL's memory, W_R)
-    attention, ffn = position_scheme(cfg).attention_flops(seq), 4 * h * cfg.ffn_size
+    attention, ffn = position_scheme(cfg).attention_flops(seq), MLPS.of(cfg).flops(cfg)
     per_token = pattern.count("s") * attention + pattern.count("f") * ffn + 2 * h * vocab
     return 3 * global_batch * seq * per_token
 

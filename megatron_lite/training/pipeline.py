@@ -112,6 +112,8 @@ class PipelineModel(nn.Module):
 
     logits = GPTModel.logits  # the tied head: [b, s, h] -> this TP rank's logits
     loss = GPTModel.loss
+    output_weight = GPTModel.output_weight  # tied only (an untied head is refused by config)
+    output_layer = None
 
     def __init__(self, full: GPTModel, cfg: ModelConfig, ctx: ParallelContext,
                  chunks: list[range], stage_ids: list[int], num_stages: int):
