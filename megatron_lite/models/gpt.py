@@ -14,7 +14,7 @@ from megatron_lite.models.transformer import Transformer
 from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
-    vocab_parallel_cross_entropy,
+    linear_cross_entropy,
 )
 
 
@@ -38,8 +38,10 @@ class GPTModel(nn.Module):
         self.transformer = Transformer(cfg, ctx, causal=True, device=device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, memory=None) -> torch.Tensor:
-        """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
+                cache: KVCache | None = None, memory=None, reduction: str = "mean"
+                ) -> torch.Tensor:
+        """Logits (this rank's vocab slice) or, with ``labels``, the loss (``reduction``:
+        ``mean`` over the targets, ``sum`` or per-token ``none``).
 
         Args:
             input_ids: ``[b, s]`` token ids.
@@ -54,14 +56,17 @@ class GPTModel(nn.Module):
         x = self.positions.embed(self.wpe, self.wte(input_ids), cache, memory)  # [b, s, h]
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h]
-        return self.logits(x) if labels is None else self.loss(x, labels)
+        return self.logits(x) if labels is None else self.loss(x, labels, reduction)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied output layer: ``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` logits."""
         return F.linear(copy_to_tp_region(x, self.tp_group), self.wte.weight)
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean next-token loss of the final hidden states ``x`` (``train.compile``
-        compiles this, the largest activation's producer and consumer, as one region)."""
-        return vocab_parallel_cross_entropy(self.logits(x), labels, self.tp_group,
-                                            vocab_size=self.cfg.vocab_size)
+    def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+             ) -> torch.Tensor:
+        """The next-token loss of the final hidden states ``x``: the tied output layer and
+        the vocab-parallel cross-entropy in chunks of ``model.loss_chunk_tokens`` tokens
+        (:func:`linear_cross_entropy`: the full logits never exist)."""
+        return linear_cross_entropy(x, self.wte.weight, labels, self.tp_group,
+                                    vocab_size=self.cfg.vocab_size, reduction=reduction,
+                                    chunk_tokens=self.cfg.loss_chunk_tokens)

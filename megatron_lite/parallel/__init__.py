@@ -8,6 +8,7 @@ from megatron_lite.parallel.layers import (
     normal_init,
     scaled_normal_init,
 )
+from megatron_lite.parallel.linear_cross_entropy import linear_cross_entropy
 from megatron_lite.parallel.mappings import (
     copy_to_tp_region,
     gather_from_tp_region,
@@ -40,6 +41,7 @@ __all__ = [
     "full_state_dict",
     "gather_from_tp_region",
     "init_parallel",
+    "linear_cross_entropy",
     "parallel_session",
     "load_full_state_dict",
     "merge_shards",
