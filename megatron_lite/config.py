@@ -94,7 +94,7 @@ class ModelConfig:
     par_ratio: float = 0.0  # p: PAR's rules, round(2n/p) attention blocks in the lower 2/3
     num_tokentypes: int = 2  # BERT segment embeddings
     activation_checkpointing: str = "none"  # none | full | selective
-    loss_chunk_tokens: int = 1024  # output layer + loss per chunk of tokens, no full logits; 0: off
+    loss_chunk_tokens: int = 256  # output layer + loss per chunk of tokens, no full logits; 0: off
     # Transformer-XL (Dai et al. 2019), GPT only: relative positions and segment memory
     position_embedding: str = "learned"  # learned (GPT-2) | relative
     mem_len: int = 0  # memory of past positions per attention sublayer (relative only)

@@ -31,7 +31,7 @@ from megatron_lite.parallel.cross_entropy import vocab_parallel_argmax, vocab_pa
 from megatron_lite.parallel.mappings import copy_to_tp_region
 from megatron_lite.parallel.state import group_rank
 
-DEFAULT_CHUNK_TOKENS = 1024  # model.loss_chunk_tokens (bench/train_step.py --table loss)
+DEFAULT_CHUNK_TOKENS = 256  # model.loss_chunk_tokens (bench/train_step.py --table loss)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
