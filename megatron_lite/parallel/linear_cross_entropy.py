@@ -74,11 +74,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     logits = torch.addmm(b_c, x, w_c.t())
                 logits = logits.float()  # (no copy in fp32)
-                if valid > 0:
-                    local_max, local_arg = logits[:, :valid].max(dim=-1)
-                else:  # this rank holds only padding
-                    local_max = logits.new_full((b - a,), float("-inf"))
-                    local_arg = torch.zeros(b - a, dtype=torch.long, device=dev)
+                if valid < n_local:  # padding: exp() makes it 0, max() never picks it
+                    logits[:, valid:] = float("-inf")
+                if want_pred:  # (a rank of padding only: -inf, never the best)
+                    local_max, local_arg = logits.max(dim=-1)
+                else:
+                    local_max = logits.amax(dim=-1)
                 if want_pred:
                     pairs = torch.stack(all_gather_list(torch.stack(
                         [local_max.double(), (local_arg + start).double()], -1), group))
@@ -94,8 +95,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 both = torch.empty(2, b - a, dtype=torch.float32, device=dev)
                 both[0] = logits[rows, local_t].masked_fill(~mine, 0.0)
                 logits.exp_()
-                if valid < n_local:
-                    logits[:, valid:] = 0.0
                 torch.sum(logits, dim=-1, out=both[1])
                 target_logit, sum_exp = all_reduce(both, group)
                 losses[a:b] = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
