@@ -2,7 +2,7 @@
 
     python bench/train_step.py            # all three tables (about 5 minutes on 2 cores)
     python bench/train_step.py --quick    # fewer timed steps
-    python bench/train_step.py --table throughput|memory|checkpoint|llama
+    python bench/train_step.py --table throughput|memory|loss|checkpoint|llama
 
 Table 1: forward + backward + AdamW of a tiny GPT-2 (6 layers, hidden 256, 4 heads,
 seq 256, batch 8, vocab 50257) for megatron-lite (TP=1) eager and with
@@ -19,7 +19,11 @@ Table 2: bf16 autocast against ``train.params_dtype=bf16``: bytes per parameter 
 training state, counted from the tensors after a step, and activation bytes autograd
 saves in a forward (parameters excluded), in total and inside the transformer layers.
 
-Table 3: activation checkpointing none / selective / full on 12 layers at seq 512:
+Table 3: the output layer + loss by ``model.loss_chunk_tokens`` (0: unchunked, the full
+``[tokens, V]`` logits and fp32 exponentials kept for backward): bytes it saves for
+backward, its forward + backward time, a step's time and peak memory (fresh processes).
+
+Table 4: activation checkpointing none / selective / full on 12 layers at seq 512:
 step time, bytes autograd saved for backward (the activation memory), and peak RSS
 growth of a fresh process over a step.
 
@@ -55,7 +59,9 @@ from megatron_lite.training.compile import compile_model  # noqa: E402
 from megatron_lite.training.mixed import MainParams  # noqa: E402
 
 VOCAB = 50257
-IMPLS = ("megatron-lite", "megatron-lite+compile", "plain", "transformers")
+# "unchunked": model.loss_chunk_tokens=0, the output layer + loss as before issue 44
+IMPLS = ("megatron-lite", "megatron-lite unchunked", "megatron-lite+compile", "plain",
+         "transformers")
 # train.params_dtype=bf16 (Megatron's mixed precision), bf16 rows only
 PARAMS_IMPLS = ("megatron-lite bf16-params", "megatron-lite bf16-params+compile")
 
@@ -65,12 +71,15 @@ def model_flops(b: int, s: int, layers: int, h: int, vocab: int) -> float:
     return 72 * b * s * layers * h * h * (1 + s / (6 * h) + vocab / (12 * h * layers))
 
 
-def build(impl: str, layers: int, h: int, heads: int, seq: int, ckpt: str = "none"):
+def build(impl: str, layers: int, h: int, heads: int, seq: int, ckpt: str = "none",
+          chunk: int | None = None):
     torch.manual_seed(0)
     if impl.startswith("megatron-lite"):
+        if chunk is None:
+            chunk = 0 if "unchunked" in impl else ModelConfig.loss_chunk_tokens
         cfg = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=heads,
                           seq_length=seq, max_position_embeddings=seq, vocab_size=VOCAB,
-                          activation_checkpointing=ckpt)
+                          activation_checkpointing=ckpt, loss_chunk_tokens=chunk)
         ctx = ParallelContext()
         model = GPTModel(cfg, ctx)
         mixed = MainParams(model) if "bf16-params" in impl else None  # as the Trainer does
@@ -156,12 +165,15 @@ def llama_table(timed_steps: int, precision: str = "fp32") -> list[dict]:
              "tokens_per_s": tokens / statistics.median(ts)} for impl, ts in times.items()]
 
 
-def make_step(impl, precision, layers, h, heads, seq, batch, ckpt="none", parts=None):
+def make_step(impl, precision, layers, h, heads, seq, batch, ckpt="none", parts=None,
+              chunk=None):
     """A function running one training step; ``parts`` (a dict) receives the model,
     optimizer, inputs and MainParams, for the memory table."""
-    model, loss_fn, mixed = build(impl, layers, h, heads, seq, ckpt)
+    model, loss_fn, mixed = build(impl, layers, h, heads, seq, ckpt, chunk)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    # every implementation steps the AdamW megatron-lite's trainer builds on a CPU (fused:
+    # one pass over each tensor, build_optimizer), so the table compares the models
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
     labels = torch.roll(ids, -1, 1)  # megatron-lite and plain take shifted labels
@@ -195,7 +207,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
 RNG_OPS = ("aten::bernoulli_", "aten::uniform_", "aten::rand")
 
 
@@ -214,6 +226,9 @@ def step_profile(layers=6, h=256, heads=4, seq=256, batch=8) -> dict:
     share = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
              for name, ops in (("matmul", MATMUL_OPS), ("rng", RNG_OPS))}
     share["other"] = 1 - share["matmul"] - share["rng"]
+    rest = sorted((e for e in events if e.key not in MATMUL_OPS + RNG_OPS),
+                  key=lambda e: -e.self_cpu_time_total)
+    share["top"] = [(e.key, e.self_cpu_time_total / total) for e in rest[:8]]
     return share
 
 
@@ -328,6 +343,63 @@ def checkpoint_child(mode: str, timed_steps: int) -> dict:
             "peak_growth_mib": peak / 2**20}
 
 
+def loss_child(chunk: int, timed_steps: int) -> dict:
+    """One ``model.loss_chunk_tokens`` setting in this (fresh) process, the throughput
+    model in fp32: the bytes the output layer + loss saves for backward, the time of its
+    forward + backward alone and of a whole step, the process's peak RSS and how far a
+    step's peak rises over the steady state (RSS after a first step)."""
+    layers, h, heads, seq, batch = 6, 256, 4, 256, 8
+    parts: dict = {}
+    step = make_step("megatron-lite", "fp32", layers, h, heads, seq, batch, parts=parts,
+                     chunk=chunk)
+    step()  # allocates AdamW state and warms up
+    with open("/proc/self/statm") as f:
+        rss0 = int(f.read().split()[1]) * resource.getpagesize()
+    times = []
+    for _ in range(timed_steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, labels = parts["model"], parts["labels"]
+    x = torch.randn(batch, seq, h, requires_grad=True)  # the final hidden states
+    with saved_bytes(model) as saved:
+        loss = model.loss(x, labels)
+    del loss
+    head = []
+    for _ in range(timed_steps):
+        t0 = time.perf_counter()
+        model.loss(x, labels).backward()
+        head.append(time.perf_counter() - t0)
+    return {"chunk": chunk, "saved_mib": saved["all"] / 2**20,
+            "head_s": statistics.median(head), "step_s": statistics.median(times),
+            "peak_mib": peak / 2**20, "peak_growth_mib": (peak - rss0) / 2**20}
+
+
+def loss_table(timed_steps: int, chunks) -> list[dict]:
+    rows = []
+    for chunk in chunks:
+        out = subprocess.run([sys.executable, __file__, "--loss-child", str(chunk),
+                              "--steps", str(timed_steps)], check=True, capture_output=True,
+                             text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def print_loss(steps: int, chunks=(0, 256, 1024, 2048)) -> None:
+    default = ModelConfig.loss_chunk_tokens
+    print("\nOutput layer + cross-entropy by model.loss_chunk_tokens (0 = unchunked, as before "
+          f"issue 44; default {default}), GPT-2 6L h256, seq 256, batch 8, vocab 50257, fp32")
+    print(f"{'chunk':>6}{'head+loss saved MiB':>21}{'x before':>10}{'head+loss s':>13}"
+          f"{'step s':>8}{'peak RSS MiB':>14}{'step peak over steady MiB':>27}")
+    rows = loss_table(steps, chunks)
+    base = rows[0]
+    for r in rows:
+        print(f"{r['chunk']:>6}{r['saved_mib']:>21.1f}{r['saved_mib'] / base['saved_mib']:>9.3f}x"
+              f"{r['head_s']:>13.3f}{r['step_s']:>8.3f}{r['peak_mib']:>14.0f}"
+              f"{r['peak_growth_mib']:>27.0f}")
+
+
 def checkpoint_table(timed_steps: int) -> list[dict]:
     rows = []
     for mode in ("none", "selective", "full"):
@@ -343,22 +415,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed steps instead of 7")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--table", choices=("all", "throughput", "memory", "checkpoint",
-                                            "llama"),
-                        default="all")
+                                            "loss", "llama"), default="all")
     parser.add_argument("--ckpt-child", help=argparse.SUPPRESS)
+    parser.add_argument("--loss-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--chunks", default="0,256,1024,2048",
+                        help="model.loss_chunk_tokens settings of the loss table (0 first)")
+    parser.add_argument("--fp32-only", action="store_true", help="no bf16 rows")
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 7)
     if args.ckpt_child:
         print(json.dumps(checkpoint_child(args.ckpt_child, steps)))
+        return
+    if args.loss_child is not None:
+        print(json.dumps(loss_child(args.loss_child, steps)))
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; median of {steps} steps\n")
     measured = peaks()
     if args.table in ("all", "throughput"):
-        print_throughput(steps, measured)
+        print_throughput(steps, measured, args.fp32_only)
     if args.table in ("all", "memory"):
         print_memory(measured)
+    if args.table in ("all", "loss"):
+        print_loss(steps, [int(c) for c in args.chunks.split(",")])
     if args.table in ("all", "checkpoint"):
         print_checkpointing(steps)
     if args.table in ("all", "llama"):
@@ -372,11 +452,11 @@ def peaks() -> dict:
     return out
 
 
-def print_throughput(steps: int, peaks: dict) -> None:
+def print_throughput(steps: int, peaks: dict, fp32_only: bool = False) -> None:
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    precisions = ("fp32", "bf16") if bf16_native(peaks) else ("fp32",)
-    if len(precisions) == 1:
+    precisions = ("fp32", "bf16") if bf16_native(peaks) and not fp32_only else ("fp32",)
+    if len(precisions) == 1 and not fp32_only:
         print("bf16 rows skipped: this CPU has no native bf16 matmul (AVX2 only; bf16 runs "
               f"at {peaks['bf16'] / peaks['fp32']:.3f} of fp32)")
     print("GPT-2 6L h256 4 heads, seq 256, batch 8, vocab 50257: fwd + bwd + AdamW")
@@ -394,6 +474,14 @@ def print_throughput(steps: int, peaks: dict) -> None:
     print(f"eager fp32 step, self CPU time: {share['matmul']:.0%} matmuls, {share['rng']:.0%} "
           f"dropout draws (kept eager under compile), {share['other']:.0%} the rest: compile "
           f"can gain at most {1 / (1 - share['other']):.2f}x by fusing all of the rest away")
+    print("  the rest's largest ops: " + ", ".join(f"{k} {v:.1%}" for k, v in share["top"]))
+    fp32 = {r["impl"]: r["tokens_per_s"] for r in rows if r["precision"] == "fp32"}
+    gain = fp32["megatron-lite+compile"] / fp32["megatron-lite"]
+    verdict = "a win" if gain >= 1.1 else (
+        "not a win, so train.compile stays off by default: the matmuls (the bulk above) run "
+        "the same compiled or not, dropout's draws stay eager for eager-identical masks, "
+        f"and fusing all of the rest could give at most {1 / (1 - share['other']):.2f}x")
+    print(f"compile: {gain:.2f}x eager in fp32 here, {verdict}")
 
 
 def print_memory(peaks: dict) -> None:

@@ -103,6 +103,7 @@ class ModelConfig:
     rope_scaling: str = "none"  # rotary positions: none | linear (position interpolation)
     rope_scaling_factor: float = 1.0  # rope_scaling=linear: positions divided by this
     activation_checkpointing: str = "none"  # none | full | selective
+    loss_chunk_tokens: int = 256  # output layer + loss per chunk of tokens, no full logits; 0: off
     # Transformer-XL (Dai et al. 2019), GPT only: relative positions and segment memory
     position_embedding: str = "learned"  # learned (GPT-2) | relative | rope (Llama)
     mem_len: int = 0  # memory of past positions per attention sublayer (relative only)
@@ -391,7 +392,8 @@ NON_NEGATIVE = ("train.micro_batch_size", "train.global_batch_tokens", "train.ma
                 "train.save_interval", "train.keep_checkpoints", "train.exit_after",
                 "train.sample_interval",
                 "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
-                "optim.warmup_steps", "optim.adam_eps", "model.num_query_groups")
+                "optim.warmup_steps", "optim.adam_eps", "model.num_query_groups",
+                "model.loss_chunk_tokens")
 FRACTIONS = ("model.hidden_dropout", "model.attention_dropout")  # in [0, 1)
 
 

@@ -12,9 +12,12 @@ seeded generator, so all ranks pick the same token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from megatron_lite.checkpoint import load_checkpoint, resolve_checkpoint
 from megatron_lite.cli import parse_args, path_and_overrides, run_cli
@@ -22,7 +25,9 @@ from megatron_lite.config import ConfigError, load_config
 from megatron_lite.hooks import TrainingHook
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import (
+    ColumnParallelLinear,
     ParallelContext,
+    RowParallelLinear,
     gather_from_tp_region,
     parallel_session,
     read_launch_env,
@@ -49,6 +54,30 @@ def next_token(logits: torch.Tensor, gen: torch.Generator, greedy: bool, tempera
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
+@contextlib.contextmanager
+def decode_layout(model: GPTModel, restore: bool = True) -> Iterator[None]:
+    """Inside the block, the weights ``F.linear`` multiplies (the TP layers', ``nn.Linear``'s
+    and the tied output layer's) are stored input-major: the same ``[out, in]`` tensors
+    with swapped strides. One token at a time the product is a matrix-vector one, which
+    this CPU computes about 2x faster from an ``[in, out]`` layout (``x @ W.t()`` is then a
+    plain contiguous ``x @ A``; transformers' GPT-2 keeps its ``Conv1D`` weights that way).
+    Values are untouched. Entering copies each weight once (about 0.25 s for GPT-2 124M
+    here), so the command line enters it once for all of its tokens; ``restore`` makes
+    the weights contiguous again on exit (another copy each)."""
+    params = [m.weight for m in model.modules()
+              if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))]
+    params.append(model.wte.weight)
+    params = [p for p in dict.fromkeys(params) if p.dim() == 2 and p.is_contiguous()]
+    for p in params:
+        p.data = p.data.t().contiguous().t()
+    try:
+        yield
+    finally:
+        if restore:
+            for p in params:
+                p.data = p.data.contiguous()
+
+
 @torch.no_grad()
 def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_new_tokens: int,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -68,11 +97,11 @@ def generate(model: GPTModel, ctx: ParallelContext, prompt_ids: list[int], max_n
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    ids = list(prompt_ids)
     window = model.cfg.max_position_embeddings
     memory = model.positions.decoding_memory(window)
     if memory is not None:
         window = memory.mem_len + 1
+    ids = list(prompt_ids)
     vocab = model.cfg.vocab_size
     cache = None
     for _ in range(max_new_tokens):
@@ -177,8 +206,9 @@ def main(argv=None) -> int:
             run = build_run(cfg, ctx, data=False)
             load_checkpoint(ckpt, run.model, ctx)
             tok = run.tokenizer
-            out = generate(run.model, ctx, tok.encode(a.prompt), a.max_new_tokens, a.greedy,
-                           a.temperature, a.top_k, a.top_p, a.seed, tok.eod)
+            with decode_layout(run.model, restore=False):  # the process ends after
+                out = generate(run.model, ctx, tok.encode(a.prompt), a.max_new_tokens,
+                               a.greedy, a.temperature, a.top_k, a.top_p, a.seed, tok.eod)
             if ctx.is_main:
                 print(a.prompt + tok.decode(t for t in out if t != tok.eod))
 

@@ -32,14 +32,18 @@ Memory per rank, in bytes:
   in bf16 as well). Attention without dropout runs a fused kernel that keeps no
   scores (S = 0), as does ``selective`` recomputation. ``full`` keeps each sublayer's
   input (``FULL_TERM``) and, in backward, one layer's activations at a time. Outside the
-  layers: the embedding output, the final LayerNorm and the vocab-parallel cross-entropy's
-  fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``). With sequence parallelism
-  (``parallel.sequence_parallel``, TP > 1) R divides by TP as well (the paper's
-  ``s b h (34/t + 5 a s/(h t))``: every term over t; the cores' inputs are kept as the
-  sequence shard and gathered again in backward), and so do ``FULL_TERM`` and 8 h of the
-  12 h outside the layers (the final LayerNorm on the shard; the head's gathered input
-  stays whole); ``bench/sequence_parallel.py`` measures it.
-- temporary: the gradient of the logits in backward (fp32 ``[tokens, V/tp]``).
+  layers: the embedding output, the final LayerNorm and what the output layer + loss
+  keeps: chunked (``model.loss_chunk_tokens``, :func:`loss_bytes`), the gradients it
+  computed in forward (fp32 ``[tokens, h]`` and ``[V/tp, h]``); unchunked, the
+  cross-entropy's fp32 ``[tokens, V/tp]`` exponentials (``LOGITS_TERM``). With sequence
+  parallelism (``parallel.sequence_parallel``, TP > 1) R divides by TP as well (the
+  paper's ``s b h (34/t + 5 a s/(h t))``: every term over t; the cores' inputs are kept
+  as the sequence shard and gathered again in backward), and so do ``FULL_TERM`` and 8 h
+  of the 12 h outside the layers (the final LayerNorm on the shard; the head's gathered
+  input stays whole); ``bench/sequence_parallel.py`` measures it.
+- temporary: chunked, one chunk's logits and their gradient (``CHUNK_TERM``, fp32
+  ``[chunk, V/tp]`` each); unchunked, the gradient of the logits in backward (fp32
+  ``[tokens, V/tp]``).
 
 Compute: FLOPs per step as in :func:`megatron_lite.training.metrics.model_flops_per_step`
 (forward + backward), plus a forward of each layer again under ``full`` recomputation
@@ -101,6 +105,16 @@ ACTIVATION_TERMS = {4: {"R": 16.0, "R_dropout": 8.0, "P": 48.0, "S": 12.0},
                     2: {"R": 12.0, "R_dropout": 8.0, "P": 30.0, "S": 13.5}}
 FULL_TERM = 8.0  # full recomputation: each of the 2 sublayers' fp32 input, per layer
 LOGITS_TERM = 4.0  # fp32 bytes per vocab entry and token (the cross-entropy's exponentials)
+CHUNK_TERM = 8.0  # bytes per vocab entry and token of a loss chunk (logits + their gradient)
+
+
+def loss_bytes(m, tokens: int, vocab_tp: float) -> tuple[float, float]:
+    """``(saved, temporary)`` bytes of the output layer + loss of ``tokens`` tokens on one
+    TP rank (see the module docstring)."""
+    if m.loss_chunk_tokens:
+        return 4 * (tokens + vocab_tp) * m.hidden_size, \
+            CHUNK_TERM * min(m.loss_chunk_tokens, tokens) * vocab_tp
+    return LOGITS_TERM * tokens * vocab_tp, 4 * tokens * vocab_tp
 
 
 class PlanError(ValueError):
@@ -194,7 +208,7 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int) -> dict:
     layers = len(m.pattern) / 2  # sublayer pairs
     vocab = _padded(m.vocab_size, m.make_vocab_size_divisible_by * tp) / tp
     # + embeddings, final LayerNorm (the head's input is whole under sequence parallelism)
-    outside = tokens * (LOGITS_TERM * vocab + (4 + 8 / sp) * h)
+    outside = loss_bytes(m, tokens, vocab)[0] + tokens * (4 + 8 / sp) * h
     with_scores = terms["S"] * a * s / (h * tp) * tokens * h if m.attention_dropout > 0 else 0.0
     if m.activation_checkpointing == "full":  # backward recomputes one layer at a time
         stored, recompute = tokens * h * FULL_TERM / sp * layers, per_layer + with_scores
@@ -249,7 +263,7 @@ def plan(cfg: Config, tp: int, dp: int, device: str, micro_batch: int | None = N
 
     def need(b: int) -> tuple[float, dict]:
         act = activation_bytes(cfg, tp, b)
-        temporary = 4 * b * m.seq_length * vocab
+        temporary = loss_bytes(m, b * m.seq_length, vocab)[1]
         if pp > 1:  # the first stage's in-flight micro-batches or the last's logits
             first = act["layers"] * pipe["share"] * pipe["in_flight"] + \
                 (act["total"] - act["saved"])

@@ -23,10 +23,9 @@ from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
     gather_sequence_for_head,
+    linear_cross_entropy,
     mark_sequence_parallel_module,
     scatter_to_sequence_region,
-    vocab_parallel_argmax,
-    vocab_parallel_cross_entropy,
 )
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.layers import mark_tp
@@ -103,31 +102,36 @@ class BertModel(nn.Module):
         # the heads run replicated on all of the sequence: their gradient w.r.t. x is the
         # same on every TP rank, so the gather's backward keeps this rank's slice
         x = gather_sequence_for_head(x, self.sp, self.tp_group, partial_grad=False)
-
-        t = self.lm_ln(self.act(self.lm_dense(x)))  # [b, s, h]
-        mlm_logits = F.linear(copy_to_tp_region(t, self.tp_group), self.word.weight,
-                              self.lm_bias)  # [b, s, V/tp]
         nsp_logits = self.nsp(torch.tanh(self.pooler(x[:, 0])))  # [b, 2]
         if mlm_labels is None and nsp_labels is None:
-            return mlm_logits, nsp_logits
-        loss, parts = self.loss(mlm_logits, nsp_logits, mlm_labels, nsp_labels)
-        self.last_stats = self.stats(mlm_logits, nsp_logits, mlm_labels, nsp_labels, parts)
+            return self.mlm_logits(x), nsp_logits
+        loss, parts, pred = self.loss(x, nsp_logits, mlm_labels, nsp_labels)
+        self.last_stats = self.stats(pred, nsp_logits, mlm_labels, nsp_labels, parts)
         return loss
+
+    def mlm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The masked-LM head's transform (dense, activation, LayerNorm) of ``[..., h]``."""
+        return self.lm_ln(self.act(self.lm_dense(x)))
+
+    def mlm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s, h]`` -> this rank's ``[b, s, V/tp]`` MLM logits (the tied decoder)."""
+        return F.linear(copy_to_tp_region(self.mlm_head(x), self.tp_group), self.word.weight,
+                        self.lm_bias)
 
     # what :meth:`stats` returns, in order
     STATS = ("mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count")
 
     @torch.no_grad()
-    def stats(self, mlm_logits, nsp_logits, mlm_labels, nsp_labels, parts) -> torch.Tensor:
+    def stats(self, mlm_pred, nsp_logits, mlm_labels, nsp_labels, parts) -> torch.Tensor:
         """``[STATS]`` (float64) of one micro-batch: both losses, and the correct and total
-        counts of MLM (masked positions, argmax over the vocab-parallel logits without
-        gathering them) and NSP. The forward with labels leaves them in ``last_stats``, so
-        training logs the parts and accuracies of the loss it trains on."""
-        out = torch.zeros(len(self.STATS), dtype=torch.float64, device=mlm_logits.device)
+        counts of MLM (``mlm_pred``: the argmax over the vocab-parallel logits of the
+        masked positions, in order) and NSP. The forward with labels leaves them in
+        ``last_stats``, so training logs the parts and accuracies of the loss it trains
+        on."""
+        out = torch.zeros(len(self.STATS), dtype=torch.float64, device=nsp_logits.device)
         if mlm_labels is not None:
-            picked = mlm_labels >= 0
-            pred = vocab_parallel_argmax(mlm_logits[picked], self.tp_group, self.cfg.vocab_size)
-            out[0], out[2], out[3] = parts["mlm"], (pred == mlm_labels[picked]).sum(), \
+            picked = mlm_labels != -100
+            out[0], out[2], out[3] = parts["mlm"], (mlm_pred == mlm_labels[picked]).sum(), \
                 picked.sum()
         if nsp_labels is not None:
             out[1] = parts["nsp"]
@@ -135,16 +139,23 @@ class BertModel(nn.Module):
             out[5] = nsp_labels.numel()
         return out
 
-    def loss(self, mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
+    def loss(self, x: torch.Tensor, nsp_logits: torch.Tensor,
              mlm_labels: torch.Tensor | None, nsp_labels: torch.Tensor | None):
-        """``(MLM loss + NSP loss, {"mlm": ..., "nsp": ...})`` from the two heads' logits."""
-        parts = {}
+        """``(MLM loss + NSP loss, {"mlm": ..., "nsp": ...}, MLM predictions)`` from the
+        final hidden states ``x`` and the NSP logits. The MLM head runs on the masked
+        positions only, and its decoder + vocab-parallel cross-entropy in chunks of
+        ``model.loss_chunk_tokens`` tokens (:func:`linear_cross_entropy`, which also gives
+        the argmax predictions): the full logits never exist."""
+        parts, pred = {}, None
         if mlm_labels is not None:
-            parts["mlm"] = vocab_parallel_cross_entropy(mlm_logits, mlm_labels, self.tp_group,
-                                                        vocab_size=self.cfg.vocab_size)
+            picked = mlm_labels != -100
+            parts["mlm"], pred = linear_cross_entropy(
+                self.mlm_head(x[picked]), self.word.weight, mlm_labels[picked], self.tp_group,
+                bias=self.lm_bias, vocab_size=self.cfg.vocab_size,
+                chunk_tokens=self.cfg.loss_chunk_tokens, predictions=True)
         if nsp_labels is not None:
             parts["nsp"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}, pred
 
     def training_hooks(self, cfg) -> list[TrainingHook]:
         """Training's loss parts and accuracies (:class:`BertStatsHook`); with

@@ -19,8 +19,8 @@ from megatron_lite.parallel import (
     ParallelContext,
     copy_to_tp_region,
     gather_sequence_for_head,
+    linear_cross_entropy,
     scatter_to_sequence_region,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -48,8 +48,10 @@ class GPTModel(nn.Module):
                              if cfg.untie_embeddings_and_output_weights else None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, memory=None) -> torch.Tensor:
-        """Logits (this rank's vocab slice) or, with ``labels``, the mean loss.
+                cache: KVCache | None = None, memory=None, reduction: str = "mean"
+                ) -> torch.Tensor:
+        """Logits (this rank's vocab slice) or, with ``labels``, the loss (``reduction``:
+        ``mean`` over the targets, ``sum`` or per-token ``none``).
 
         Args:
             input_ids: ``[b, s]`` token ids.
@@ -73,7 +75,7 @@ class GPTModel(nn.Module):
                 x = scatter_to_sequence_region(x, self.tp_group)  # [b, s/tp, h]
         x = region_dropout(x, self.cfg.hidden_dropout, self.training, self.rng, self.sp)
         x = self.transformer(x, cache=cache, memory=memory)  # [b, s, h] (or s/tp)
-        return self.logits(x) if labels is None else self.loss(x, labels)
+        return self.logits(x) if labels is None else self.loss(x, labels, reduction)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -89,8 +91,17 @@ class GPTModel(nn.Module):
                             self.output_weight)
         return F.linear(copy_to_tp_region(x, self.tp_group), self.output_weight)
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean next-token loss of the final hidden states ``x`` (``train.compile``
-        compiles this, the largest activation's producer and consumer, as one region)."""
-        return vocab_parallel_cross_entropy(self.logits(x), labels, self.tp_group,
-                                            vocab_size=self.cfg.vocab_size)
+    def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+             ) -> torch.Tensor:
+        """The next-token loss of the final hidden states ``x``: the tied output layer and
+        the vocab-parallel cross-entropy in chunks of ``model.loss_chunk_tokens`` tokens
+        (:func:`linear_cross_entropy`: the full logits never exist). The output layer is
+        :attr:`output_weight` (tied or Llama's own); under sequence parallelism ``x`` is
+        this rank's ``[b, s/tp, h]``, gathered first (the gather's backward reduce-scatters
+        the partial input gradient, in place of the layer's TP all-reduce)."""
+        gathered = self.sp.active
+        x = gather_sequence_for_head(x, self.sp, self.tp_group)
+        return linear_cross_entropy(x, self.output_weight, labels, self.tp_group,
+                                    vocab_size=self.cfg.vocab_size, reduction=reduction,
+                                    chunk_tokens=self.cfg.loss_chunk_tokens,
+                                    input_is_gathered=gathered)

@@ -11,6 +11,7 @@ from megatron_lite.parallel.layers import (
     normal_init,
     scaled_normal_init,
 )
+from megatron_lite.parallel.linear_cross_entropy import linear_cross_entropy
 from megatron_lite.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_region,
@@ -53,6 +54,7 @@ __all__ = [
     "gather_from_tp_region",
     "gather_sequence_for_head",
     "init_parallel",
+    "linear_cross_entropy",
     "parallel_session",
     "load_full_state_dict",
     "mark_sequence_parallel",

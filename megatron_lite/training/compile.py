@@ -2,7 +2,8 @@
 
 Each residual sublayer is compiled on its own (``nn.Module.compile``: parameters, their
 names and the state dict are untouched), and so is GPT's output layer + vocab-parallel
-cross-entropy (the largest activation: fusing the softmax passes pays most there).
+cross-entropy (chunked by ``model.loss_chunk_tokens``: dynamo unrolls the chunk loop and
+inductor fuses each chunk's softmax passes).
 The stack's loop stays eager: LayerDrop's plan, the Transformer-XL memory and the
 RNG-exact activation checkpoint (:func:`megatron_lite.parallel.checkpoint`) run between
 compiled regions, so checkpointing recomputes a compiled sublayer.
@@ -30,7 +31,8 @@ from megatron_lite.parallel import ParallelContext
 
 
 def compiled_regions(model: nn.Module) -> list[nn.Module | object]:
-    """What :func:`compile_model` compiles: each sublayer, and GPT's ``loss`` method."""
+    """What :func:`compile_model` compiles: each sublayer, and GPT's ``loss`` method (the
+    output layer + cross-entropy, chunked or not: dynamo traces the chunk loop whole)."""
     regions: list = list(model.transformer.layers)
     if hasattr(model, "wte"):  # GPT: output layer + cross-entropy
         regions.append(model.loss)

@@ -21,7 +21,6 @@ from megatron_lite.data.gpt_dataset import split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.stream import TokenStream
 from megatron_lite.models.bert import bert_metrics
-from megatron_lite.parallel import vocab_parallel_cross_entropy
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.run import Run
 from megatron_lite.training.precision import autocast
@@ -105,11 +104,9 @@ def _evaluate_stream(run: Run, stream: TokenStream, max_tokens: int | None,
     for start in range(0, lane, seg):
         ids = inputs[:, start:start + seg].to(ctx.device)
         target = labels[:, start:start + seg].to(ctx.device)
-        with precision():
-            logits = model(ids, memory=memory)  # [mb, seg, V/tp]
-        sums[0] += vocab_parallel_cross_entropy(logits.float(), target, ctx.tp_group,
-                                                vocab_size=cfg.model.vocab_size,
-                                                reduction="sum").double()
+        with precision():  # the chunked output layer + loss: no [mb, seg, V/tp] logits
+            loss_sum = model(ids, target, memory=memory, reduction="sum")
+        sums[0] += loss_sum.double()
         sums[1] += (target != -100).sum()
     loss_sum, count = all_reduce(sums, ctx.dp_group).tolist()
     seconds = time.perf_counter() - tick

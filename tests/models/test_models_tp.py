@@ -142,8 +142,9 @@ def _check_comm_count(ctx, arch: str) -> None:
         loss.backward()
     sublayers = 2 * cfg.num_layers
     # forward: one per sublayer (Megatron's minimum), 1 for the vocab-parallel embedding,
-    # 3 for the vocab-parallel cross-entropy (max, target logit, sum of exps)
-    assert fwd[0] == sublayers + 1 + 3, f"forward all-reduces: {fwd[0]}"
+    # 2 for the (one-chunk) vocab-parallel cross-entropy (max; target logit and sum of
+    # exps together)
+    assert fwd[0] == sublayers + 1 + 2, f"forward all-reduces: {fwd[0]}"
     # backward: one per sublayer, 1 where the hidden state enters the tied output layer
     assert bwd[0] == sublayers + 1, f"backward all-reduces: {bwd[0]}"
 

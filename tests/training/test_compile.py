@@ -28,9 +28,9 @@ def _region_calls(model, ids):
         lambda m, args, kwargs: calls.append((m, args, kwargs)), with_kwargs=True)
         for layer in model.transformer.layers]
 
-    def record_loss(x, labels):
+    def record_loss(x, labels, reduction="mean"):
         calls.append((loss, (x, labels), {}))
-        return loss(x, labels)
+        return loss(x, labels, reduction)
 
     model.loss = record_loss
     model(ids, torch.roll(ids, -1, 1))

@@ -7,7 +7,7 @@ import torch
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.evaluate import main as evaluate_main
-from megatron_lite.generate import generate, next_token
+from megatron_lite.generate import decode_layout, generate, next_token
 from megatron_lite.models import GPTModel, KVCache
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.train import main as train_main
@@ -29,6 +29,28 @@ def _check_generate(ctx):
         ours = generate(model, ctx, prompt, 24, **kwargs)
         ref = generate(dense, ParallelContext(), prompt, 24, use_cache=False, **kwargs)
         assert ours == ref, (kwargs, ours, ref)
+
+
+def test_decode_layout_keeps_logits_tokens_and_weights():
+    """The input-major weight layout of decoding: the same logits (to float rounding) and
+    tokens, and on exit the very same contiguous weights."""
+    torch.manual_seed(0)
+    model = GPTModel(CFG).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 100, (1, 6))
+    prompt = [5, 17, 42]
+    with torch.no_grad():
+        ref_logits = model(ids)
+    ref = generate(model, ParallelContext(), prompt, 20, greedy=True)
+    with decode_layout(model):
+        assert not model.wte.weight.is_contiguous()  # [V, h] stored as [h, V]
+        with torch.no_grad():
+            logits = model(ids)
+        ours = generate(model, ParallelContext(), prompt, 20, greedy=True)
+    assert ours == ref
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[n]), n
 
 
 def test_kv_cache_logits_equal_a_full_forward():
