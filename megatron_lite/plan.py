@@ -364,6 +364,7 @@ def suggest(cfg: Config, tp: int, dp: int, device: str) -> dict | None:
     m, t = cfg.model, cfg.train
     tries = []
     if tp > 1 and not cfg.parallel.sequence_parallel and m.seq_length % tp == 0 \
+            and cfg.train.phase2_seq_length % tp == 0 and tp <= m.query_groups \
             and m.position_embedding != "relative":
         tries.append((["parallel.sequence_parallel=true"], tp,
                       "sequence parallelism: norms, dropouts and residuals split over the "
