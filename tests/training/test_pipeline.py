@@ -371,10 +371,13 @@ def test_a_stage_holds_its_layers_drawn_as_one_process_draws_them():
     assert seen == set(whole)
 
 
-@pytest.mark.parametrize("distopt", [pytest.param(False, id="mainparams"),
-                                     pytest.param(True, id="distopt")])
+@pytest.mark.parametrize("world,distopt", [
+    pytest.param(2, False, id="mainparams"), pytest.param(2, True, id="distopt"),
+    # PP=2 x DP=2: bf16 weights all-gathered from each stage's fp32 master slices
+    pytest.param(4, True, id="distopt_dp2")])
 def test_bf16_params_pipelined_follow_the_unpipelined_bf16_run(distributed, gpt_shard,
-                                                               bpe_files, tmp_path, distopt):
+                                                               bpe_files, tmp_path, world,
+                                                               distopt):
     """train.params_dtype=bf16 (bf16 weights and activations, fp32 main grads and
     masters) at PP=2 follows the same run in one process within bf16 rounding; the tied
     embedding's copies stay equal (their fp32 main grads are summed over the two stages:
@@ -383,7 +386,7 @@ def test_bf16_params_pipelined_follow_the_unpipelined_bf16_run(distributed, gpt_
             "optim.lr": 1e-2}
     assert train_main([str(gpt_yaml(tmp_path)), *tiny_overrides(
         gpt_shard, bpe_files, tmp_path / "ref", **bf16)]) == 0
-    distributed(_train, 2, tiny_overrides(gpt_shard, bpe_files, tmp_path / "pp", **{
+    distributed(_train, world, tiny_overrides(gpt_shard, bpe_files, tmp_path / "pp", **{
         **bf16, "parallel.pipeline_parallel_size": 2,
         "parallel.distributed_optimizer": distopt}), tp_size=1, pp_size=2)
     got, ref = _records(tmp_path / "pp"), _records(tmp_path / "ref")
