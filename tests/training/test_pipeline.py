@@ -145,12 +145,15 @@ def test_pipeline_equals_one_process(distributed, gpt_shard, bpe_files, tmp_path
             torch.testing.assert_close(exports["pp"][k], v, rtol=1e-4, atol=1e-5)
 
 
+# the distributed optimizer: the last stage's tied copy loads from the first's name too
+@pytest.mark.parametrize("distopt", [pytest.param(False, id="ddp"),
+                                     pytest.param(True, id="distopt")])
 def test_one_process_checkpoint_loads_at_pp2(distributed, gpt_shard, bpe_files, tmp_path,
-                                             one_process):
+                                             one_process, distopt):
     expected = [r["val_loss"] for r in _records(one_process) if "val_loss" in r][-1]
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
         **PP, "parallel.pipeline_parallel_size": 2, "train.max_steps": STEPS + 1,
-        "train.load": str(one_process)})
+        "train.load": str(one_process), "parallel.distributed_optimizer": distopt})
     distributed(_load_and_evaluate, 2, over, expected, tp_size=1, pp_size=2)
 
 
