@@ -151,6 +151,8 @@ def _save_items(model, ctx, vocab_size, optimizer, zero) -> tuple[list[Piece], d
                 where = zero.internals.fragment(p)
                 if where is None or (getattr(p, "tp_dim", None) is None and ctx.tp_rank):
                     continue  # a replicated parameter: TP rank 0's partitions write it
+                if getattr(p, "pipeline_copy", False):
+                    continue  # the last stage's copy of the tied embedding: the first's
                 start, flat_start, n = where
                 plc = placement(p, tuple(p.shape), ctx.tp_rank, ctx.tp_size, vocab_size)
                 for fqn, src in ((MODEL + name, flat), *((f"{OPTIM}{name}/{k}", v)

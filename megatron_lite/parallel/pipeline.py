@@ -120,10 +120,6 @@ def pipeline_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     if t.compile:
         problems.append(f"parallel.pipeline_parallel_size={p}: train.compile is not "
                         "pipelined")
-    if par.distributed_optimizer:
-        problems.append(f"parallel.pipeline_parallel_size={p}: parallel.distributed_optimizer "
-                        "is not pipelined yet (the stages average their gradients over DP "
-                        "after the schedule); use the DDP engine")
     if world_size is not None and t.micro_batch_size and world_size % (
             p * par.tensor_parallel_size) == 0:
         dp = world_size // (p * par.tensor_parallel_size)

@@ -71,6 +71,7 @@ from megatron_lite.parallel import ParallelContext
 from megatron_lite.parallel.comm import all_reduce
 from megatron_lite.parallel.state import group_size
 from megatron_lite.parallel.state_dict import shard_like
+from megatron_lite.training.optim import is_replica
 
 # the non-deprecated names where torch has them (2.13), else the older ones
 _REDUCE_SCATTER_TENSOR = getattr(dist, "reduce_scatter_single", None) or \
@@ -356,20 +357,21 @@ class DistributedOptimizer:
 
     def clip_grads_(self, max_norm: float) -> float:
         """The global gradient norm from the slices (groups with ``clip=False`` left out,
-        TP-replicated parameters counted on TP rank 0): one all-reduce over the job; then
+        TP-replicated parameters counted on TP rank 0, the tied embedding on the first
+        pipeline stage only, :func:`~.optim.is_replica`): one all-reduce over the job
+        (DP slices x TP x PP); then
         the slices are scaled so it is at most ``max_norm``. Returns the norm before."""
         views, scaled = [], []
         for pc in self.pieces:
             if pc.flat.grad is None or not self.base.param_groups[pc.group].get("clip", True):
                 continue
             scaled.append(pc.flat.grad)
-            if self.ctx.tp_rank == 0 or all(getattr(p, "tp_dim", None) is not None
-                                            for p in pc.params):
+            if not any(is_replica(p, self.ctx) for p in pc.params):
                 views.append(pc.flat.grad)
                 continue
-            for p in pc.params:  # TP rank > 0: only the TP-sharded parameters count
+            for p in pc.params:  # replicas (TP rank > 0, the tied head's copy) left out
                 frag = self.fragments[id(p)]
-                if frag is not None and getattr(p, "tp_dim", None) is not None:
+                if frag is not None and not is_replica(p, self.ctx):
                     views.append(pc.flat.grad.narrow(0, frag[1], frag[2]))
         views = [v for v in views if v.numel()]
         if views:

@@ -14,7 +14,11 @@ not saved twice (``pipeline_copy``).
 :class:`PipelineEngine` runs one optimizer step's micro-batches through torch's
 ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` / ``ScheduleGPipe`` with one
 ``PipelineStage`` per chunk, then averages the gradients over DP (one flat all-reduce
-per bucket, after the schedule) and sums the tied embedding's. The last stage computes
+per bucket, after the schedule) and sums the tied embedding's; with the distributed
+optimizer (``parallel.distributed_optimizer``, one per stage over its own parameters)
+the micro-batches accumulate into its fp32 gradient buffer, the tied embedding's whole
+gradient is summed there, and its bucketed reduce-scatters over DP start after the
+schedule (no overlap with the pipeline's backward). The last stage computes
 the loss; the step's loss is then broadcast over the pipeline, so every rank logs the
 same line. Evaluation (``model(input_ids, labels)``) is a forward through the stages
 with plain sends and receives, the loss broadcast the same way.
@@ -244,10 +248,14 @@ class PipelineEngine:
         cfg: the config (``parallel.pipeline_schedule``, ``ddp_bucket_mb``).
         ctx: the grid.
         accum: micro-batches per step (``global / (micro x DP)``).
+        distopt: the run's :class:`~.distopt.DistributedOptimizer` over this stage's
+            parameters (``parallel.distributed_optimizer=true``), or None (DDP's average).
     """
 
-    def __init__(self, model: PipelineModel, cfg: Config, ctx: ParallelContext, accum: int):
+    def __init__(self, model: PipelineModel, cfg: Config, ctx: ParallelContext, accum: int,
+                 distopt=None):
         self.model, self.cfg, self.ctx, self.accum = model, cfg, ctx, accum
+        self.distopt = distopt
         self.bucket = int(cfg.parallel.ddp_bucket_mb * 2**20)
         # NOTE: shapes are inferred by the stages at the first step (torch 2.13: stages
         # given static input_args/output_args without the gradients' metadata ran the
@@ -293,10 +301,13 @@ class PipelineEngine:
         model.sp.begin(ids.shape[1], ctx.tp_size)
         losses: list[torch.Tensor] = []
         args = (ids,) if first else ()
-        if model.has_loss:
-            self.schedule.step(*args, target=labels, losses=losses, return_outputs=False)
-        else:
-            self.schedule.step(*args, return_outputs=False)
+        # the distributed optimizer accumulates every micro-batch into its gradient
+        # buffer; its reduce-scatters start after the schedule (finish_grad_sync)
+        with self.distopt.no_sync() if self.distopt is not None else contextlib.nullcontext():
+            if model.has_loss:
+                self.schedule.step(*args, target=labels, losses=losses, return_outputs=False)
+            else:
+                self.schedule.step(*args, return_outputs=False)
         total = (torch.stack([x.detach().float() for x in losses]).sum() * self.accum
                  if losses else torch.zeros((), device=ctx.device))
         self.reduce_grads()
@@ -306,14 +317,18 @@ class PipelineEngine:
         """DP: average every gradient (flat buckets); PP: sum the tied embedding's two
         copies' gradients (first and last stage). Under ``train.params_dtype=bf16`` the
         gradients are the fp32 ``main_grad`` s (:class:`~megatron_lite.training.mixed.
-        MainParams`): the tied pair's is summed here, the DP average is MainParams'."""
-        ctx, model = self.ctx, self.model
+        MainParams`): the tied pair's is summed here, the DP average is MainParams'.
+        The distributed optimizer: the tied pair's whole fp32 gradient in its buffer is
+        summed here, before its DP reduce-scatter (the trainer's ``finish_grad_sync``),
+        which is the DP average."""
+        ctx, model, do = self.ctx, self.model, self.distopt
         if hasattr(model, "wte") and ctx.embedding_group is not None:
             w = model.wte.weight
-            grad = getattr(w, "main_grad", w.grad)
+            grad = do.main_grad.get(id(w)) if do is not None else \
+                getattr(w, "main_grad", w.grad)
             if grad is not None:
                 all_reduce(grad, ctx.embedding_group)
-        if ctx.dp_size == 1:
+        if ctx.dp_size == 1 or do is not None:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         bucket: list[torch.Tensor] = []

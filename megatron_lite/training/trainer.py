@@ -133,7 +133,7 @@ class Trainer:
         # what holds sharded fp32 masters (clamps, checkpoints): DeepSpeed's or ours
         self.sharded = self.zero or self.distopt
         # parallel.pipeline_parallel_size > 1: the schedule runs each step's micro-batches
-        self.pipeline = PipelineEngine(self.model, cfg, ctx, self.accum) \
+        self.pipeline = PipelineEngine(self.model, cfg, ctx, self.accum, self.distopt) \
             if ctx.pp_size > 1 else None
         self.scaler = DynamicLossScaler() if t.precision == "fp16" and not self.zero else None
         if auto:

@@ -145,17 +145,22 @@ def test_pipeline_equals_one_process(distributed, gpt_shard, bpe_files, tmp_path
             torch.testing.assert_close(exports["pp"][k], v, rtol=1e-4, atol=1e-5)
 
 
+# the distributed optimizer: the last stage's tied copy loads from the first's name too
+@pytest.mark.parametrize("distopt", [pytest.param(False, id="ddp"),
+                                     pytest.param(True, id="distopt")])
 def test_one_process_checkpoint_loads_at_pp2(distributed, gpt_shard, bpe_files, tmp_path,
-                                             one_process):
+                                             one_process, distopt):
     expected = [r["val_loss"] for r in _records(one_process) if "val_loss" in r][-1]
     over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "run", **{
         **PP, "parallel.pipeline_parallel_size": 2, "train.max_steps": STEPS + 1,
-        "train.load": str(one_process)})
+        "train.load": str(one_process), "parallel.distributed_optimizer": distopt})
     distributed(_load_and_evaluate, 2, over, expected, tp_size=1, pp_size=2)
 
 
 @pytest.mark.parametrize("world,tp,extra", [
     pytest.param(2, 1, {}, id="pp2"),
+    # the distributed optimizer's slices of each stage (masters and moments) resume too
+    pytest.param(4, 1, {"parallel.distributed_optimizer": True}, id="pp2xdp2_distopt"),
     # each TP rank's own dropout masks on its sequence shard (the TP-region stream)
     pytest.param(4, 2, {"parallel.sequence_parallel": True}, id="tp2xpp2_sp",
                  marks=pytest.mark.slow),
@@ -173,6 +178,62 @@ def test_bitwise_resume_at_pp2(distributed, gpt_shard, bpe_files, tmp_path, worl
     straight = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "straight")]
     resumed = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "resumed")]
     assert len(straight) == STEPS and resumed == straight
+
+
+def _load_and_evaluate_ddp(ctx, overrides, expected):
+    """A DDP run at PP=1 that resumes a pipelined distributed-optimizer checkpoint
+    (weights, masters and Adam moments): its validation loss before any step is the
+    checkpoint's, and its optimizer holds every parameter's moments."""
+    trainer = Trainer(load_config(None, overrides), ctx)
+    assert trainer.distopt is None and trainer.pipeline is None
+    got = trainer.evaluate()["val_loss"]
+    assert abs(got - expected) <= 1e-5 * abs(expected), (got, expected)
+    state = trainer.optimizer.state
+    assert all(torch.count_nonzero(state[p]["exp_avg_sq"]) > 0 for p in trainer.params)
+    trainer.lock.release()
+
+
+def test_distributed_optimizer_pipelined_equals_one_process_and_ddp(
+        distributed, gpt_shard, bpe_files, tmp_path, one_process, capsys):
+    """PP=2 x DP=2 with the distributed optimizer (each stage's own buffers, slices and
+    reduce-scatters; the tied embedding's gradient summed over the two stages before
+    them) trains the losses and gradient norms of one process and of the DDP engine at
+    the same layout; its tied copies stay bitwise equal (``_train``); its checkpoint
+    evaluates in one process (PP=1) to its validation loss and resumes into DDP at
+    PP=1 x DP=2 (weights, masters and moments under their global names)."""
+    runs = {}
+    for name, distopt in (("distopt", True), ("ddp", False)):
+        runs[name] = tmp_path / name
+        over = tiny_overrides(gpt_shard, bpe_files, runs[name], **PP, **{
+            "parallel.pipeline_parallel_size": 2, "parallel.distributed_optimizer": distopt})
+        distributed(_train, 4, over, tp_size=1, pp_size=2)
+    got, ddp = _records(runs["distopt"]), _records(runs["ddp"])
+    _compare(got, _records(one_process), "PP=2 x DP=2, distributed optimizer")
+    for key in ("loss", "grad_norm"):
+        rel = _rel([r[key] for r in got], [r[key] for r in ddp])
+        print(f"PP=2 x DP=2: distributed optimizer vs DDP, max relative {key} difference "
+              f"{rel:.2e}")
+        assert rel <= 1e-5, f"{key} deviates from DDP by {rel:.2e}"
+    val = got[-1]["val_loss"]
+    capsys.readouterr()
+    assert evaluate_main([str(runs["distopt"]), "--iters", "1"]) == 0
+    loss = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert abs(loss - val) <= 1e-5 * val, (loss, val)
+    over = tiny_overrides(gpt_shard, bpe_files, tmp_path / "into_ddp", **{
+        **PP, "train.max_steps": STEPS + 1, "train.load": str(runs["distopt"])})
+    distributed(_load_and_evaluate_ddp, 2, over, val, tp_size=1, pp_size=1)
+
+
+def test_distributed_optimizer_pipelined_at_pp2_equals_one_process(
+        distributed, gpt_shard, bpe_files, tmp_path, one_process):
+    """The fast suite's check: PP=2 with the distributed optimizer (DP=1: each stage's
+    buffer, the tied gradient summed in it, the norm counting the tied copy once)
+    equals one process; the tied copies stay bitwise equal (``_train``)."""
+    run = tmp_path / "run"
+    over = tiny_overrides(gpt_shard, bpe_files, run, **PP, **{
+        "parallel.pipeline_parallel_size": 2, "parallel.distributed_optimizer": True})
+    distributed(_train, 2, over, tp_size=1, pp_size=2)
+    _compare(_records(run), _records(one_process), "PP=2, distributed optimizer")
 
 
 def _cfg(**kw):
@@ -313,17 +374,24 @@ def test_a_stage_holds_its_layers_drawn_as_one_process_draws_them():
     assert seen == set(whole)
 
 
+@pytest.mark.parametrize("world,distopt", [
+    pytest.param(2, False, id="mainparams"), pytest.param(2, True, id="distopt"),
+    # PP=2 x DP=2: bf16 weights all-gathered from each stage's fp32 master slices
+    pytest.param(4, True, id="distopt_dp2")])
 def test_bf16_params_pipelined_follow_the_unpipelined_bf16_run(distributed, gpt_shard,
-                                                               bpe_files, tmp_path):
+                                                               bpe_files, tmp_path, world,
+                                                               distopt):
     """train.params_dtype=bf16 (bf16 weights and activations, fp32 main grads and
     masters) at PP=2 follows the same run in one process within bf16 rounding; the tied
-    embedding's copies stay equal (their fp32 main grads are summed over the two stages)."""
+    embedding's copies stay equal (their fp32 main grads are summed over the two stages:
+    MainParams', or the distributed optimizer's gradient buffer)."""
     bf16 = {**PP, "train.precision": "bf16", "train.params_dtype": "bf16",
             "optim.lr": 1e-2}
     assert train_main([str(gpt_yaml(tmp_path)), *tiny_overrides(
         gpt_shard, bpe_files, tmp_path / "ref", **bf16)]) == 0
-    distributed(_train, 2, tiny_overrides(gpt_shard, bpe_files, tmp_path / "pp", **{
-        **bf16, "parallel.pipeline_parallel_size": 2}), tp_size=1, pp_size=2)
+    distributed(_train, world, tiny_overrides(gpt_shard, bpe_files, tmp_path / "pp", **{
+        **bf16, "parallel.pipeline_parallel_size": 2,
+        "parallel.distributed_optimizer": distopt}), tp_size=1, pp_size=2)
     got, ref = _records(tmp_path / "pp"), _records(tmp_path / "ref")
     for key in ("loss", "grad_norm"):
         rel = _rel([r[key] for r in got], [r[key] for r in ref])
