@@ -25,7 +25,13 @@ from torch import nn
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.bert_dataset import BertDataset
-from megatron_lite.data.blend import BlendedDataset, blend_plan, check_sources_exist, parse_blend
+from megatron_lite.data.blend import (
+    BlendedDataset,
+    blend_plan,
+    check_sources_exist,
+    parse_blend,
+    split_source,
+)
 from megatron_lite.data.gpt_dataset import GPTDataset, check_vocab, split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.loader import dict_collate, gpt_collate, micro_batches
@@ -110,9 +116,7 @@ class Run:
         ``check``: that every token fits the vocab (and, for a blend, print its plan)."""
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         seq = seq or cfg.model.seq_length
-        key = {"valid": "data.valid_data_path", "test": "data.test_data_path"}.get(split)
-        whole = key is not None and getattr(cfg.data, key.split(".")[1]) is not None
-        key = key if whole else "data.data_path"
+        key, whole = split_source(cfg.data, split)
         try:
             sources = parse_blend(getattr(cfg.data, key.split(".")[1]), key)
         except ValueError as err:

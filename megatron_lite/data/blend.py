@@ -253,6 +253,15 @@ def blend_index_path(sources: list[Source], size: int, name: str) -> Path:
     return Path(f"{sources[0].prefix}.{name}.blend.{key}.npy")
 
 
+def split_source(data_cfg, split: str) -> tuple[str, bool]:
+    """``(key, whole)``: the config key a split reads (``data.valid_data_path`` /
+    ``data.test_data_path`` when set, else ``data.data_path``) and whether it is read
+    whole (its own corpus) rather than as ``data.split``'s part of the training data."""
+    key = {"valid": "data.valid_data_path", "test": "data.test_data_path"}.get(split)
+    whole = key is not None and getattr(data_cfg, key.split(".")[1]) is not None
+    return (key if whole else "data.data_path"), whole
+
+
 def check_sources_exist(sources: list[Source], key: str) -> None:
     """One line naming ``key`` for a prefix whose shard is missing."""
     for s in sources:

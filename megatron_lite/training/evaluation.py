@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from megatron_lite.data.blend import BlendedDataset, parse_blend
+from megatron_lite.data.blend import BlendedDataset, parse_blend, split_source
 from megatron_lite.data.gpt_dataset import split_ranges
 from megatron_lite.data.indexed import IndexedDataError, IndexedDataset
 from megatron_lite.data.stream import TokenStream
@@ -38,9 +38,7 @@ def evaluate_stream(run: Run, split: str = "valid", max_tokens: int | None = Non
     Transformer-XL comparison."""
     cfg, ctx = run.cfg, run.ctx
     precision = precision or (lambda: autocast(cfg.train.precision, ctx.device))
-    key = {"valid": "data.valid_data_path", "test": "data.test_data_path"}.get(split)
-    whole = key is not None and getattr(cfg.data, key.split(".")[1]) is not None
-    key = key if whole else "data.data_path"
+    key, whole = split_source(cfg.data, split)
     sources = parse_blend(getattr(cfg.data, key.split(".")[1]), key)
     parts = {}
     for source in sources:  # a blend: each source's stream alone, then the weighted total
