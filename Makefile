@@ -15,7 +15,7 @@ IMAGE ?= megatron-lite
 DOCKER_RUN_ARGS ?= --gpus all --ipc=host
 CMD ?= python -m megatron_lite.train --help
 
-.PHONY: help setup demo demo-bert test test-slow lint bench gpu-check results docker-build docker-run slurm-test clean
+.PHONY: help setup demo demo-bert test test-slow lint bench gpu-check results results-quick docker-build docker-run slurm-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -64,8 +64,11 @@ bench: setup  ## benchmarks that print figures (training step, preprocessing)
 gpu-check: setup  ## on a GPU machine: MFU, tokens/s, peak memory of GPT-2 124M/355M/1.5B (<= 8 min)
 	PYTHON=$(PY) bash bench/gpu_check.sh
 
-results: setup  ## every paper experiment, one after another (~2.2 h) -> docs/results.md, docs/img/
-	$(PY) bench/experiments/run_all.py
+results: setup  ## every paper experiment, resumable (FORCE=1 reruns) -> docs/results.md, docs/results/, docs/img/
+	$(PY) bench/experiments/run_all.py $(if $(FORCE),--force)
+
+results-quick: setup  ## docs/results.md and its plots from the committed raw numbers, no training
+	$(PY) bench/experiments/run_all.py --quick
 
 docker-build:  ## build the GPU image (IMAGE=megatron-lite); see the Dockerfile for the CPU variant
 	docker build -t $(IMAGE) .

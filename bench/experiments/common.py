@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from evidence import RULE, SPREAD, VERDICTS, read_raw, write_raw  # noqa: E402
+
 from megatron_lite.checkpoint import load_checkpoint  # noqa: E402
 from megatron_lite.config import Config, load_config  # noqa: E402
 from megatron_lite.files import atomic_write  # noqa: E402
@@ -37,23 +39,52 @@ IMG = ROOT / "docs" / "img"
 OUT = ROOT / "runs" / "experiments"
 
 
-def arguments(doc: str, steps: int, lengths: tuple[int, int] | None = None
-              ) -> argparse.Namespace:
+def arguments(doc: str, steps: int, lengths: tuple[int, int] | None = None,
+              seeds: int = 2) -> argparse.Namespace:
     """An experiment's command line: ``--steps`` (training steps per run, default ``steps``),
-    and ``--lengths SHORT LONG`` where the experiment has two sequence lengths."""
+    ``--seeds`` (seeds per compared configuration), ``--render-only`` (rewrite the section
+    and plots from docs/results/NAME.json, no training), and ``--lengths SHORT LONG``
+    where the experiment has two sequence lengths."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=steps, help=f"steps per run (default {steps})")
+    p.add_argument("--seeds", type=int, default=seeds,
+                   help=f"seeds per compared configuration (default {seeds})")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the section and its plots from the committed raw numbers")
     if lengths:
         p.add_argument("--lengths", type=int, nargs=2, default=lengths, metavar=("SHORT", "LONG"),
                        help=f"the two sequence lengths (default {lengths[0]} {lengths[1]})")
     return p.parse_args()
 
 
+def run_experiment(name: str, doc: str, measure, render, steps: int, seeds: int = 2,
+                   lengths: tuple[int, int] | None = None) -> None:
+    """An experiment's main: parse its arguments, ``measure(args) -> raw`` (trains; per-seed
+    figures), store the raw numbers in docs/results/NAME.json with the command, machine
+    and minutes, then ``render(raw)`` (section of docs/results.md and plots, from the raw
+    numbers alone). ``--render-only`` skips the measuring."""
+    a = arguments(doc, steps, lengths, seeds)
+    if a.render_only:
+        raw = read_raw(name)
+        if raw is None:
+            sys.exit(f"docs/results/{name}.json does not exist: run the experiment first")
+        render(raw)
+        return
+    start = time.time()
+    raw = measure(a)
+    argv = " ".join(sys.argv[1:])
+    raw.update({"command": f"python bench/experiments/{name}.py {argv}".strip(),
+                "machine": machine(), "minutes": round((time.time() - start) / 60, 1),
+                "steps": a.steps, "seeds": a.seeds})
+    write_raw(name, raw)
+    render(raw)
+
+
 def _shards(folder: str, kind: str, tokenizer_type: str, files: dict[str, str],
-            split: str, extra: list[str]) -> tuple[Path, dict[str, str]]:
-    """The standard library's docstrings, an 8k tokenizer of ``kind`` trained on them and
-    their shards under runs/experiments/FOLDER (built once); returns (the shards' prefix,
+            split: str, extra: list[str], vocab: int = 8192) -> tuple[Path, dict[str, str]]:
+    """The standard library's docstrings, a ``vocab``-token tokenizer of ``kind`` trained on
+    them and their shards under runs/experiments/FOLDER (built once); returns (the shards' prefix,
     ``data.*_file`` overrides naming the tokenizer's ``files``)."""
     from preprocessing.__main__ import main as preprocess
     from preprocessing.stdlib_corpus import write_corpus
@@ -65,7 +96,7 @@ def _shards(folder: str, kind: str, tokenizer_type: str, files: dict[str, str],
     if not Path(f"{prefix}_text_{split}.idx").exists():
         data.mkdir(parents=True, exist_ok=True)
         write_corpus(data / "corpus.jsonl")
-        train([str(data / "corpus.jsonl")], kind, 8192, tok)
+        train([str(data / "corpus.jsonl")], kind, vocab, tok)
         flags = [arg for key, path in named.items()
                  for arg in ("--" + key[5:].replace("_", "-"), path)]
         assert preprocess(["--input", str(data / "corpus.jsonl"), "--output-prefix",
@@ -74,37 +105,62 @@ def _shards(folder: str, kind: str, tokenizer_type: str, files: dict[str, str],
     return Path(f"{prefix}_text_{split}"), {"data.tokenizer_type": tokenizer_type, **named}
 
 
-def demo_data() -> dict[str, str]:
-    """The demo's corpus, an 8k byte-level BPE and its shards (built once); data.* overrides."""
-    path, over = _shards("data", "bpe", "GPT2BPETokenizer",
+def demo_data(vocab: int = 8192) -> dict[str, str]:
+    """The demo's corpus, an 8k byte-level BPE and its shards (built once); data.* overrides.
+    ``vocab=2048``: a 2k BPE instead, for small models whose step the 8k output layer
+    would dominate (the experiments that need many seeds and steps)."""
+    path, over = _shards("data" if vocab == 8192 else f"data-{vocab}", "bpe",
+                         "GPT2BPETokenizer",
                          {"vocab_file": "vocab.json", "merge_file": "merges.txt"}, "document",
-                         ["--append-eod"])
+                         ["--append-eod"], vocab)
     return {"data.data_path": str(path), **over}
 
 
-def bert_data() -> dict[str, str]:
+def bert_data(vocab: int = 8192) -> dict[str, str]:
     """The BERT demo's data: the same corpus, an 8k WordPiece (lower case) and sentence
-    shards (built once); data.* overrides for configs/bert/tiny-cpu.yaml."""
-    path, over = _shards("data-bert", "wordpiece", "BertWordPieceLowerCase",
-                         {"vocab_file": "vocab.txt"}, "sentence", ["--split-sentences"])
+    shards (built once); data.* overrides for configs/bert/tiny-cpu.yaml. ``vocab=2048``:
+    a 2k WordPiece instead (see ``demo_data``)."""
+    path, over = _shards("data-bert" if vocab == 8192 else f"data-bert-{vocab}", "wordpiece",
+                         "BertWordPieceLowerCase", {"vocab_file": "vocab.txt"}, "sentence",
+                         ["--split-sentences"], vocab)
     return {"data.data_path": str(path), **over}
 
 
-def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
-          ) -> tuple[Path, list[dict], float]:
-    """Train ``config`` (the demo's tiny GPT-2 by default) at TP=1 with ``overrides`` into
-    runs/experiments/NAME; returns (run dir, logged records, seconds)."""
-    run_dir = OUT / name
+def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml",
+          seed: int | None = None) -> tuple[Path, list[dict], float]:
+    """Train ``config`` (the demo's tiny GPT-2 by default) at TP=1 with ``overrides`` (and
+    ``train.seed`` = ``seed``) into runs/experiments/NAME[-sSEED]; returns (run dir, logged
+    records, seconds). A run that finished before with the same settings is not trained
+    again (its records are read back), so an interrupted experiment resumes where it
+    stopped; ``RESULTS_FORCE=1`` retrains."""
+    run_dir = OUT / (name if seed is None else f"{name}-s{seed}")
+    over = {"parallel.tensor_parallel_size": 1, "train.run_dir": str(run_dir),
+            "log.tensorboard": False, "train.save_interval": 0, **overrides}
+    if seed is not None:
+        over["train.seed"] = seed
+    over = {k: str(v) for k, v in over.items()}
+    done = run_dir / "experiment.json"
+    if done.exists() and not os.environ.get("RESULTS_FORCE"):
+        stored = json.loads(done.read_text())
+        if stored["overrides"] == over and stored["config"] == config:
+            return run_dir, stored["records"], stored["seconds"]
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    over = {"parallel.tensor_parallel_size": 1, "train.run_dir": str(run_dir),
-            "log.tensorboard": False, "train.save_interval": 0, **overrides}
     cfg = load_config(ROOT / config, [f"{k}={v}" for k, v in over.items()])
     tick = time.perf_counter()
     records = Trainer(cfg, ParallelContext()).fit()
-    return run_dir, records, time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    with atomic_write(done) as f:
+        json.dump({"overrides": over, "config": config, "records": records,
+                   "seconds": seconds}, f)
+    return run_dir, records, seconds
+
+
+def with_seeds(seeds: int, fn) -> list:
+    """``[fn(seed) for seed in 1..seeds]``: one arm's per-seed results."""
+    return [fn(seed) for seed in range(1, seeds + 1)]
 
 
 def perplexity_curve(records: list[dict], global_batch: int, seq: int
@@ -205,12 +261,29 @@ PAPERS = {
     "par": "PAR: Pay Attention when Required (Mandava et al. 2020)",
     "minilm": "MiniLM and MiniLMv2 (Wang et al. 2020, 2021)",
 }
-VERDICTS = ("agrees", "partly", "disagrees")
-_INTRO = ("# Results: the seed papers' claims, re-measured on CPU\n\n"
-          "Each section is written by `bench/experiments/NAME.py` (`make results` runs them "
-          "all) and says the command that regenerates it and the machine it ran on. Tiny "
-          "models, a few minutes of training: these check the direction of each paper's "
-          "claim at a scale a laptop can run, not its numbers.\n")
+_INTRO = f"""# Results: the seed papers' claims, re-measured on CPU
+
+Each section is written by `bench/experiments/NAME.py` (`make results` runs them all,
+resumably; `make results-quick` rewrites this page and its plots from the committed raw
+numbers in [`docs/results/`](results/) without training) and says the command that
+regenerates it and the machine it ran on.
+
+**What a CPU-scale check can show, and what it cannot.** The models here have 0.1-3 M
+parameters and train for minutes on 2 CPU cores. That is enough to check the *direction*
+of a claim whose mechanism works at any size (a memory that lets a model see further, a
+span that stays short, a pruned stack that was trained to be pruned, a teacher that knows
+more than its student), and to measure costs (time, memory, tokens) exactly. It cannot
+show effects that the papers report only at scale or after long training (post-LN
+instability in large models, a bigger model overtaking a smaller one after days, a few
+percent of perplexity on WikiText-103): there a verdict here says what happened at this
+scale and why it may differ, and the condition it was measured under is part of the
+verdict. Where a synthetic task is used because the mechanism is known to matter on it,
+the section says so.
+
+**Evidence.** Every compared configuration runs at least 2 seeds (3 where the expected
+effect is under ~5 %); figures are the mean over seeds with the {SPREAD} in brackets, and
+arms that share a seed are also compared seed by seed (paired differences). {RULE}
+"""
 _TOC_LINE = re.compile(r"^<!-- toc (\{.*\}) -->$", re.M)
 
 
@@ -219,12 +292,16 @@ def write_section(name: str, markdown: str, toc: dict | list[dict] | None = None
     contents table at the top of the page from every section's ``toc`` entries.
 
     ``toc``: per claim the section measures, ``{"paper": a PAPERS key, "claim": one line,
-    "measured": one line, "verdict": agrees | partly | disagrees}``; stored in the section
-    as an HTML comment so that the table can be rebuilt when any one section is rerun.
+    "measured": one line (means and spread), "verdict": agrees | partly | disagrees |
+    inconclusive, "condition": the scale it holds at (e.g. "at 0.4 M parameters, 1200
+    steps"), "seeds": seeds per arm, "spread": what the brackets are}``; stored in the
+    section as an HTML comment so that the table can be rebuilt when any one section is
+    rerun.
     """
     entries = [toc] if isinstance(toc, dict) else list(toc or [])
     for e in entries:
         assert e["paper"] in PAPERS and e["verdict"] in VERDICTS, e
+        assert e.get("seeds", 0) >= 2 and e.get("condition") and e.get("spread"), e
         e["section"] = name
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     comments = "".join(f"<!-- toc {json.dumps(e)} -->\n" for e in entries)
@@ -233,7 +310,7 @@ def write_section(name: str, markdown: str, toc: dict | list[dict] | None = None
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + block + "\n"
-    text = _with_contents(text)
+    text = _with_contents(_with_intro(text))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(RESULTS) as f:
         f.write(text)
@@ -254,23 +331,31 @@ def _with_contents(text: str) -> str:
                             re.S | re.M)
         entry["anchor"] = _anchor(section.group(1)) if section else ""
         rows[entry["paper"]].append(entry)
-    table = ["| paper | claim | measured here | verdict |", "|---|---|---|---|"]
+    table = ["| paper | claim | measured here | seeds | verdict |", "|---|---|---|---|---|"]
     for key, paper in PAPERS.items():
         found = rows[key]
         if not found:
-            table.append(f"| {paper} | | not measured yet | |")
+            table.append(f"| {paper} | | not measured yet | | |")
             continue
-        cells = [[], [], []]
+        cells = [[], [], [], []]
         for e in found:
             cells[0].append(f"[{e['claim']}](#{e['anchor']})")
             cells[1].append(e["measured"])
-            cells[2].append(e["verdict"])
+            cells[2].append(str(e.get("seeds", 1)))
+            cells[3].append(f"**{e['verdict']}** {e.get('condition', '(one seed; not rerun)')}")
         table.append(f"| {paper} | " + " | ".join("<br>".join(c) for c in cells) + " |")
     block = ("<!-- contents -->\n## Contents\n\nOne row per seed paper: the claim (linked to "
-             "its section), what was measured here, and whether the measurement agrees.\n\n"
+             f"its section), what was measured here (mean over seeds, the {SPREAD} in brackets), "
+             "and the verdict by the rule above with the condition it holds under.\n\n"
              + "\n".join(table) + "\n<!-- /contents -->")
     pattern = re.compile(r"<!-- contents -->.*?<!-- /contents -->", re.S)
     if pattern.search(text):
         return pattern.sub(lambda _: block, text)
     head, sep, rest = text.partition("\n<!-- ")
     return head.rstrip() + "\n\n" + block + "\n" + (sep + rest if sep else "")
+
+
+def _with_intro(text: str) -> str:
+    """The page with today's introduction (everything before the first section marker)."""
+    head, sep, rest = text.partition("\n<!-- ")
+    return _INTRO.rstrip() + "\n" + (sep + rest if sep else "")

@@ -1,18 +1,23 @@
 """Run every paper experiment (``make results``): docs/results.md and docs/img/ regenerated.
 
-    python bench/experiments/run_all.py [--only NAME ...] [--skip NAME ...]
+    python bench/experiments/run_all.py [--only NAME ...] [--skip NAME ...] [--force]
+    python bench/experiments/run_all.py --quick      # (make results-quick) no training
 
-Each experiment runs in its own process with its default steps, one after another (they
-measure wall time, so never two at once). A progress line before and after each, then a
-summary: minutes, exit status and the verdicts it wrote into the contents table. A failed
-experiment does not stop the others; the exit status is 1 if any failed. Output of each
-experiment goes to runs/experiments/NAME.log.
+Each experiment runs in its own process with its default steps and seeds, one after
+another (they measure wall time, so never two at once). A progress line before and after
+each, then a summary: minutes, exit status and the verdicts it wrote into the contents
+table. Resumable: an experiment whose raw numbers (docs/results/NAME.json) exist is
+skipped unless ``--force``, and inside an experiment a run that finished is not trained
+again. A failed experiment does not stop the others; the exit status is 1 if any failed.
+Output of each experiment goes to runs/experiments/NAME.log. ``--quick`` rewrites every
+section and plot from the committed raw numbers (``--render-only``) in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "docs" / "results.md"
 LOGS = ROOT / "runs" / "experiments"
-NOT_EXPERIMENTS = {"common", "run_all"}
+NOT_EXPERIMENTS = {"common", "evidence", "run_all"}
+RAW = ROOT / "docs" / "results"
 
 
 def experiments() -> list[str]:
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
     p.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="leave these out")
+    p.add_argument("--force", action="store_true",
+                   help="rerun experiments whose raw numbers exist (and retrain their runs)")
+    p.add_argument("--quick", action="store_true",
+                   help="no training: rewrite each section and its plots from docs/results/")
     a = p.parse_args(argv)
     names = [n for n in experiments() if (not a.only or n in a.only) and n not in a.skip]
     unknown = (set(a.only or []) | set(a.skip)) - set(experiments())
@@ -60,12 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     summary, begin = [], time.time()
     for i, name in enumerate(names, 1):
         log = LOGS / f"{name}.log"
-        print(f"[{i}/{len(names)}] {name}: running ({estimate(name)}; log {log.relative_to(ROOT)})",
-              flush=True)
+        if (RAW / f"{name}.json").exists() and not a.force and not a.quick:
+            print(f"[{i}/{len(names)}] {name}: done before (docs/results/{name}.json; "
+                  "--force reruns it)", flush=True)
+            summary.append((name, 0.0, "ok", verdicts(name)))
+            continue
+        if a.quick and not (RAW / f"{name}.json").exists():
+            print(f"[{i}/{len(names)}] {name}: no raw numbers yet, section left as it is",
+                  flush=True)
+            continue
+        action = "rendering" if a.quick else f"running ({estimate(name)}"
+        print(f"[{i}/{len(names)}] {name}: {action}; log {log.relative_to(ROOT)}"
+              + ("" if a.quick else ")"), flush=True)
         tick = time.time()
+        env = {**os.environ, **({"RESULTS_FORCE": "1"} if a.force else {})}
         with open(log, "w") as out:
-            rc = subprocess.run([sys.executable, str(HERE / f"{name}.py")], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run([sys.executable, str(HERE / f"{name}.py"),
+                                 *(["--render-only"] if a.quick else [])], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         minutes = (time.time() - tick) / 60
         status = "ok" if rc == 0 else f"FAILED (exit {rc}; see the log)"
         summary.append((name, minutes, status, verdicts(name) if rc == 0 else "-"))
