@@ -256,11 +256,13 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     final = root / f"step_{step:08d}"
     tmp = temp_name(final)
     group = _save_group()
-    with _removed_on_failure(tmp, final):
+
+    def make_folder():
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
-    _barrier(group)
+
+    _together(make_folder, tmp, final, group)  # also the barrier before anyone writes
     items, shapes, scalars = _save_items(model, ctx, cfg.model.vocab_size, optimizer, zero)
     if ctx.pp_size > 1:  # each stage knows its own layers': the main rank writes them all
         parts = [None] * ctx.world_size
@@ -271,7 +273,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
     if async_save:  # a copy of this rank's share: training may change the tensors now
         for it in items:
             it.tensor = it.tensor.to("cpu", copy=True)
-    with _removed_on_failure(tmp, final):
+    def write_small_files():
         torch.save({**rng_state(ctx.rng), **(rank_state or {})},
                    tmp / "rng" / f"rank_{ctx.rank:05d}.pt")
         if ctx.is_main:
@@ -285,22 +287,52 @@ def save_checkpoint(run_dir: Path, step: int, model, ctx: ParallelContext, cfg: 
                     "world_size": ctx.world_size, **extra, "full_shapes": shapes}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    def write_and_publish():
-        with _removed_on_failure(tmp, final):
-            write_pieces(tmp, items, group)  # collective over the save group; .metadata last
-        _barrier(group)
+    _together(write_small_files, tmp, final, group)
+
+    def publish_on_main():
         if ctx.is_main:
             publish(tmp, final)  # fsync, rename (an old copy of the step is replaced safely)
             with atomic_write(root / "latest") as f:  # the pointer moves only after that
                 f.write(final.name + "\n")
             _prune(root, keep)
+
+    def write_and_publish():
+        with _removed_on_failure(tmp, final):
+            write_pieces(tmp, items, group)  # collective over the save group; .metadata last
         _barrier(group)
+        _together(publish_on_main, tmp, final, group)
 
     if async_save:
         _PENDING.append(_Pending(write_and_publish, final))
     else:
         write_and_publish()
     return final
+
+
+def _together(step, tmp: Path, final: Path, group) -> None:
+    """Run one step of a save on every rank, then agree (collective) on whether it worked:
+    a rank whose write failed raises its own :class:`SaveFailed` line, and every other
+    rank raises one naming that rank, instead of waiting for it in the next collective."""
+    error = None
+    try:
+        with _removed_on_failure(tmp, final):
+            step()
+    except SaveFailed as err:
+        error = err
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, None if error is None else str(error), group=group)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    else:
+        failed = [(0, str(error))] if error is not None else []
+    if error is not None:
+        raise error
+    if failed:
+        rank, _ = failed[0]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"{final}: the checkpoint could not be written: rank {rank} failed "
+                         "(its own error line says why); the last complete checkpoint is "
+                         "kept")
 
 
 class SaveFailed(OSError):

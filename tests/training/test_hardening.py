@@ -74,3 +74,49 @@ def test_a_full_disk_during_a_save_removes_the_partial_folder_in_one_line(
     assert train_main(args) == 0  # resumes from step 2 and finishes
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
+
+
+def _save_with_rank0_disk_full(ctx, run_dir, where):
+    """Both ranks save; rank 0's ``where`` write (its folder, or its config file) fails
+    with ENOSPC. Every rank must raise SaveFailed (rank 1 naming rank 0) instead of
+    waiting for rank 0 in the save's next collective."""
+    import errno
+
+    import pytest
+
+    from megatron_lite.checkpoint import format as fmt
+    from megatron_lite.config import load_config
+    from megatron_lite.models import build_model
+
+    cfg = load_config(None, ["model.num_layers=1", "model.hidden_size=16",
+                             "model.num_attention_heads=2", "model.seq_length=8",
+                             "model.max_position_embeddings=8", "model.vocab_size=64"])
+    model = build_model(cfg.model, ctx)
+    if ctx.rank == 0:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if where == "config":
+            fmt.save_config = full
+        else:
+            fmt.Path.mkdir = full
+    with pytest.raises(fmt.SaveFailed) as err:
+        fmt.save_checkpoint(run_dir, 1, model, ctx, cfg, {})
+    if ctx.rank == 0:
+        assert "No space left on device" in str(err.value), err.value
+    else:
+        assert "rank 0 failed" in str(err.value), err.value
+    assert not (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
+    """Rank 0 alone cannot write (its folder, then its metadata): both ranks end with one
+    SaveFailed line, no rank waits in a collective for the one that failed (before, rank 1
+    hung until the process group's timeout), and no temporary folder is left."""
+    from tests.distributed import run_distributed
+
+    for where in ("folder", "config"):
+        run_dir = tmp_path / where
+        run_distributed(_save_with_rank0_disk_full, 2, run_dir, where, tp_size=1)
+        left = list((run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").exists() \
+            else []
+        assert left == [], left
