@@ -315,7 +315,7 @@ def _together(step, tmp: Path, final: Path, group) -> None:
     rank raises one naming that rank, instead of waiting for it in the next collective."""
     error = None
     try:
-        with _removed_on_failure(tmp, final):
+        with _removed_on_failure(tmp, final, remove=False):  # peers may still write there
             step()
     except SaveFailed as err:
         error = err
@@ -325,11 +325,12 @@ def _together(step, tmp: Path, final: Path, group) -> None:
         failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     else:
         failed = [(0, str(error))] if error is not None else []
+    if failed:
+        shutil.rmtree(tmp, ignore_errors=True)  # every rank is done with it now
     if error is not None:
         raise error
     if failed:
         rank, _ = failed[0]
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SaveFailed(f"{final}: the checkpoint could not be written: rank {rank} failed "
                          "(its own error line says why); the last complete checkpoint is "
                          "kept")
@@ -342,15 +343,17 @@ class SaveFailed(OSError):
 
 
 @contextlib.contextmanager
-def _removed_on_failure(tmp: Path, final: Path):
+def _removed_on_failure(tmp: Path, final: Path, remove: bool = True):
     """A write of the save that fails (``OSError``, or DCP's ``CheckpointException``
-    wrapping one) removes the temporary folder and becomes one :class:`SaveFailed` line."""
+    wrapping one) removes the temporary folder (unless ``remove`` is false: the caller
+    removes it once no rank writes there) and becomes one :class:`SaveFailed` line."""
     try:
         yield
     except (OSError, CheckpointException) as err:
         if isinstance(err, SaveFailed):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"; {shutil.disk_usage(tmp.parent).free / 2**30:.2f} GiB free there"
         except OSError:
