@@ -12,13 +12,21 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.docs_commands import (
-    NOT_PAGES, PAGES, ROOT, SHORT, Block, MarkerError, extract, make_checkout, page_blocks,
-    run_block)
+    NOT_PAGES,
+    PAGES,
+    ROOT,
+    SHORT,
+    Block,
+    MarkerError,
+    extract,
+    make_checkout,
+    page_blocks,
+    run_block,
+)
 from tests.docs_commands import failure as block_failure
 
 # ------------------------------------------------------------------ the extractor (fast)
