@@ -221,5 +221,4 @@ def test_every_command_of_the_page_runs_as_written(page, checkout):
         ran += 1
         print(f"ran         {block.where} in {time.monotonic() - started:.0f} s")
     print(f"{page}: {ran} blocks ran, {len(skipped)} not tested")
-    assert ran or skipped or page == "docs/benchmarks.md"
 
