@@ -130,9 +130,17 @@ checkpoint is already an implicit average and the gain is expected to shrink.
 """, toc={"paper": "tips", "claim": "averaging the last checkpoints beats the last one",
           "measured": f"perplexity: last {evidence.show(last, 1)}, averages of the last "
                       + ", ".join(f"{n}: {evidence.show(arms[str(n)], 1)}"
-                                  for n in raw["lasts"]),
+                                  for n in raw["lasts"])
+                      + "; paired change per seed (%): "
+                      + ", ".join(f"{n}: {_signed(diffs[n])}" for n in raw["lasts"]),
           "verdict": verdict, "condition": condition, "seeds": seeds,
           "spread": evidence.SPREAD})
+
+
+def _signed(values: list[float]) -> str:
+    """``mean (min to max)`` with signs, for differences."""
+    s = evidence.summary(values)
+    return f"{s['mean']:+.1f} ({s['min']:+.1f} to {s['max']:+.1f})"
 
 
 def _plot(diffs: dict[int, list[float]], lasts: list[int], every: int) -> None:
