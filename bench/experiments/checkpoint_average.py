@@ -154,7 +154,8 @@ def _plot(diffs: dict[int, list[float]], lasts: list[int], every: int) -> None:
         ax.plot([i] * len(diffs[n]), diffs[n], "o", color="C0", alpha=0.7)
         ax.plot([i - 0.2, i + 0.2], [sum(diffs[n]) / len(diffs[n])] * 2, color="C1")
     ax.axhline(0, color="grey", linestyle=":")
-    ax.set_xticks(range(len(lasts)), [f"last {n}\n({(n - 1) * every} steps)" for n in lasts])
+    ax.set_xticks(range(len(lasts)),
+                  [f"last {n}\n(span {(n - 1) * every} steps)" for n in lasts])
     ax.set_ylabel("perplexity change vs last checkpoint (%)")
     ax.set_title("Averaging checkpoints: per seed (dots), mean (line)")
     fig.tight_layout()
