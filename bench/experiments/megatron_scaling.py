@@ -75,7 +75,7 @@ def measure(a) -> dict:
 
 def render(raw: dict) -> None:
     results, weak = raw["widths"], raw["weak"]
-    widths = [int(w) for w in results]
+    widths = sorted(int(w) for w in results)  # the JSON's keys are sorted as strings
     rows = ["| hidden | heads | parameters (non-embedding / total) | validation perplexity "
             "| training time (s) |", "|---|---|---|---|---|"]
     for w in widths:
@@ -88,7 +88,7 @@ def render(raw: dict) -> None:
         v = evidence.compare(results[str(big)]["ppl"], results[str(small)]["ppl"])
         d = evidence.paired(results[str(big)]["ppl"], results[str(small)]["ppl"])
         parts.append(v)
-        steps_up.append(f"hidden {small} -> {big}: paired per seed "
+        steps_up.append(f"hidden {small} -> {big}: wider minus narrower, per seed "
                         f"{', '.join(f'{x:+.2f}' for x in d)} ({v})")
     verdict = evidence.combine(parts)
     one, two = weak["1"], weak["2"]
@@ -125,7 +125,7 @@ budget.)
 
 {chr(10).join(rows)}
 
-Each step up in width, BIG - small: {'; '.join(steps_up)}. At a fixed step count the
+Each step up in width: {'; '.join(steps_up)}. At a fixed step count the
 wider models are also further from converged per parameter, so the gap measures this
 stage of training, not the end point the paper reports.
 
@@ -200,17 +200,21 @@ def _plot(raw: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    results = raw["widths"]
+    results = {w: raw["widths"][w] for w in sorted(raw["widths"], key=int)}
     x = [r["params"] / 1e6 for r in results.values()]
     for s in range(len(next(iter(results.values()))["ppl"])):
         ax.plot(x, [r["ppl"][s] for r in results.values()], "o-", color="C0", alpha=0.7,
                 label="one line per seed" if s == 0 else None)
     for width, xi, r in zip(results, x, results.values(), strict=True):
-        ax.annotate(f"h {width}", (xi, max(r["ppl"])), textcoords="offset points",
-                    xytext=(5, 5))
+        ax.annotate(f"h {width}", (xi, min(r["ppl"])), textcoords="offset points",
+                    xytext=(-10, -14))
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:.2f}" for v in x])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.1, y=0.12)
     ax.set_xlabel("non-embedding parameters (M)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Same data and steps, wider models")

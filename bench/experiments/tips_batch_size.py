@@ -90,7 +90,8 @@ def render(raw: dict) -> None:
             "| tokens/s |", "|---|---|---|---|---|---|---|"]
     for b in batches:
         r = arms[str(b)]
-        lrs = ", ".join(f"{lr}: {p:.1f}" for lr, p in raw["tuning"][str(b)].items())
+        lrs = ", ".join(f"{lr}: {p:.1f}" for lr, p in sorted(raw["tuning"][str(b)].items(),
+                                                             key=lambda t: float(t[0])))
         rows.append(f"| {b * SEQ} / {b} | {r['micro']} | {r['steps']} | {r['lr']:.1e} ({lrs}) "
                     f"| {evidence.show(r['ppl'], 2)} | {evidence.show(r['seconds'], 0)} | "
                     f"{evidence.show(r['tokens_per_sec'], 0)} |")
