@@ -1,6 +1,6 @@
 """Checkpoint averaging (Popel & Bojar 2018, "Training Tips for the Transformer Model").
 
-    python bench/experiments/checkpoint_average.py [--steps 1200 --seeds 3]   # ~4 minutes
+    python bench/experiments/checkpoint_average.py [--steps 1200 --seeds 3]  # ~10 minutes, 1 thread
 
 The paper's tip: averaging the parameters of the last few checkpoints (saved at regular
 intervals while training goes on) gives a better model than the last checkpoint alone,

@@ -1,7 +1,7 @@
 """Scaling (Shoeybi et al. 2019, Megatron-LM): wider is better at the same data and steps;
 tensor parallelism keeps per-rank work constant as the model grows (weak scaling).
 
-    python bench/experiments/megatron_scaling.py [--steps 500 --seeds 2]   # ~5 minutes (1 thread)
+    python bench/experiments/megatron_scaling.py [--steps 500 --seeds 2]   # ~10 minutes, 1 thread
 
 Part 1, the paper's premise: the same data and steps for three widths (32, 64, 128) at a
 constant hidden size per attention head (the paper keeps 96; here 16), 4 layers, seq 64,

@@ -1,6 +1,6 @@
 """Batch size (Popel & Bojar 2018, "Training Tips for the Transformer Model", section 4.6).
 
-    python bench/experiments/tips_batch_size.py [--steps 400 --seeds 2]   # ~6 minutes (1 thread)
+    python bench/experiments/tips_batch_size.py [--steps 400 --seeds 2]   # ~12 minutes, 1 thread
 
 The paper's tip: "batch size should be set as high as possible" — on GPUs a bigger batch
 processes more tokens per second and, at a fitting learning rate, reaches a given BLEU

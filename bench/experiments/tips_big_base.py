@@ -1,6 +1,6 @@
 """BIG vs BASE (Popel & Bojar 2018, "Training Tips for the Transformer Model", section 4.7).
 
-    python bench/experiments/tips_big_base.py [--seeds 2]   # ~9 minutes (1 thread)
+    python bench/experiments/tips_big_base.py [--seeds 2]   # ~9 minutes, 1 thread
 
 The paper's tip: "prefer the BIG over the BASE model if you plan to train longer" — BASE
 is ahead early (each step is cheaper), BIG overtakes it after a while and ends better.
