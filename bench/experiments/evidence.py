@@ -94,11 +94,12 @@ def combine(verdicts: list[str]) -> str:
 
 def write_raw(name: str, raw: dict) -> Path:
     """Write an experiment's raw numbers (every figure its section quotes, per seed) to
-    docs/results/NAME.json."""
+    docs/results/NAME.json, its keys in the order the experiment made them (JSON keys are
+    strings: a render that orders arms by a number must convert them back)."""
     RAW.mkdir(parents=True, exist_ok=True)
     path = RAW / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(raw, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(raw, indent=1, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 
