@@ -121,7 +121,7 @@ def render(raw: dict) -> None:
     v_fewer = evidence.within(attention, base_att)
     v_ppl = evidence.compare(found["ppl"], base["ppl"])
     verdict = evidence.combine([v_fewer, v_ppl])
-    cond = (f"at 0.2 M parameters ({BLOCKS} blocks, hidden 64), {steps} frozen + "
+    cond = (f"at 0.3 M parameters ({BLOCKS} blocks, hidden 64), {steps} frozen + "
             f"{steps // 4} search steps, {steps} training steps")
     md = f"""
 ## PAR: differentiable search over sublayer types (Mandava et al. 2020)
