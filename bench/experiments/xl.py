@@ -98,11 +98,13 @@ def render(raw: dict) -> None:
              ("C: memory 64 - memory 0", c[64], c[0]),
              ("B: memory 64 - memory 0 (never trained with one)", ppl["B"][64], b0)]
     diff_rows = ["| difference (perplexity) | " + " | ".join(f"seed {s}" for s in
-                                                             range(1, seeds + 1)) + " |",
-                 "|---|" + "---|" * seeds]
+                                                             range(1, seeds + 1))
+                 + " | same sign in every seed |", "|---|" + "---|" * (seeds + 1)]
     for label, x, y in pairs:
-        diff_rows.append(f"| {label} | " + " | ".join(f"{d:+.1f}" for d in
-                                                     evidence.paired(x, y)) + " |")
+        d = evidence.paired(x, y)
+        same = "yes" if all(v < 0 for v in d) or all(v > 0 for v in d) else "no"
+        diff_rows.append(f"| {label} | " + " | ".join(f"{v:+.1f}" for v in d)
+                         + f" | {same} |")
     beats = [evidence.compare(c[64], a0), evidence.compare(c[64], b0)]
     v_beats = evidence.combine(beats)
     grows = [evidence.compare(c[64], c[0]), evidence.compare(c[256], c[64])]
@@ -142,7 +144,10 @@ Paired differences (same seed; negative = the first is better):
 its training memory against A: **{beats[0]}**, against B: **{beats[1]}**; together
 **{v_beats}**. *More memory at evaluation helps C*: 64 over 0: **{grows[0]}**, 256 over
 64: **{grows[1]}**; together **{v_grows}**. B, which never trained with a memory, shows
-what relative positions alone give when handed one.
+what relative positions alone give when handed one. The rule compares the arms' ranges
+over seeds, not the paired differences: a difference with the same sign in every seed
+but smaller than twice the seed-to-seed spread stays *inconclusive* (with {seeds} seeds
+a consistent sign is weak evidence on its own).
 
 ![validation perplexity by evaluation memory](img/xl.png)
 
