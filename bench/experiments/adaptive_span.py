@@ -1,6 +1,6 @@
 """Adaptive attention span (Sukhbaatar et al. 2019), on CPU.
 
-    python bench/experiments/adaptive_span.py [--steps 300 --seeds 2]   # ~12 minutes on 1 thread
+    python bench/experiments/adaptive_span.py [--steps 150 --seeds 2]   # ~10 minutes on 1 thread
 
 The paper's claim: heads learn their own context length; lower layers stay short, a
 few heads grow long, the average stays far below the maximum S, so most of the
@@ -285,4 +285,4 @@ def _plot(raw: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment("adaptive_span", __doc__, measure, render, steps=300, seeds=2)
+    run_experiment("adaptive_span", __doc__, measure, render, steps=150, seeds=2)
