@@ -1,6 +1,6 @@
 """PAR (Mandava et al. 2020): a differentiable search over sublayer types, on CPU.
 
-    python bench/experiments/par_search.py [--steps 300 --seeds 2]   # ~6 minutes on 1 thread
+    python bench/experiments/par_search.py [--steps 400 --seeds 2]   # ~7 minutes on 1 thread
 
 The paper's claim: a search over sublayer types finds stacks with fewer attention blocks
 (well above 2 layers per attention block, attention mostly in the lower two thirds) at
@@ -203,4 +203,4 @@ def _plot(raw: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment("par_search", __doc__, measure, render, steps=300, seeds=2)
+    run_experiment("par_search", __doc__, measure, render, steps=400, seeds=2)
