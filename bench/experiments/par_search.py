@@ -121,6 +121,22 @@ def render(raw: dict) -> None:
     v_fewer = evidence.within(attention, base_att)
     v_ppl = evidence.compare(found["ppl"], base["ppl"])
     verdict = evidence.combine([v_fewer, v_ppl])
+    margin = max(abs(p - 1 / 3) for f in searches for row in f["probs"] for p in row)
+    caveat = (f"The branch probabilities at the end are all within {margin:.2f} of uniform "
+              f"(1/3): the choices rest on small margins of alpha (converged means that the "
+              f"argmax stopped changing for {max(5, steps // 20)} steps).")
+    if min(attention) == 0 and v_ppl != "disagrees":
+        caveat += (" A found stack has no attention at all, so it cannot read its context "
+                   "beyond the current token, and the found stacks still match or beat the "
+                   "ordinary one: at this length of training the ordinary stack gains "
+                   "nothing measurable from reading its context (the regime where attention "
+                   "is not yet worth its cost), so agreement here says that this regime "
+                   "lets attention go, not that a well-trained model can do without most "
+                   "of it.")
+    elif min(attention) == 0:
+        caveat += (" A found stack has no attention at all (it cannot read its context "
+                   "beyond the current token), and the found stacks are measurably worse "
+                   "than the ordinary one.")
     cond = (f"at 0.3 M parameters ({BLOCKS} blocks, hidden 64), {steps} frozen + "
             f"{steps // 4} search steps, {steps} training steps")
     md = f"""
@@ -155,6 +171,8 @@ the found pattern is better):
 stack's {base_att} in every seed: **{v_fewer}**; perplexity against the ordinary stack:
 found better **{v_ppl}** (a found stack measurably worse would make the claim
 disagree); together: **{verdict}**.
+
+{caveat}
 
 ![branch probabilities at the end of each search](img/par_search.png)
 
@@ -196,9 +214,10 @@ def _plot(raw: dict) -> None:
         ax.set_xlabel("block (bottom to top)")
         ax.set_title(f"seed {seed}: found `{f['pattern']}`", fontsize=9)
     axes[0][0].set_ylabel("branch probability at the end")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("PAR search: each block's choice", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, "par_search.png")
 
 
