@@ -1,6 +1,6 @@
 """Adaptive attention span (Sukhbaatar et al. 2019), on CPU.
 
-    python bench/experiments/adaptive_span.py [--steps 150 --seeds 2]   # ~10 minutes on 1 thread
+    python bench/experiments/adaptive_span.py [--steps 150 --seeds 2]  # ~15 minutes (busy machine)
 
 The paper's claim: heads learn their own context length; lower layers stay short, a
 few heads grow long, the average stays far below the maximum S, so most of the

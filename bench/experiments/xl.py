@@ -1,6 +1,6 @@
 """Transformer-XL (Dai et al. 2019): relative positions and segment memory, on CPU.
 
-    python bench/experiments/xl.py [--steps 600 --seeds 2]     # ~6 minutes on 1 thread
+    python bench/experiments/xl.py [--steps 600 --seeds 2]   # ~14 minutes (busy machine)
 
 The paper's claims: with segment-level recurrence and relative positions, a model uses
 context beyond its segment, and more memory at evaluation helps (the sinusoid relative
