@@ -103,14 +103,19 @@ def leave_step(curve, level: float) -> int | None:
     return next((step for step, acc in curve if acc > level), None)
 
 
+def _mean(points) -> float:
+    """The mean loss of ``[(step, loss)]``."""
+    return sum(loss for _, loss in points) / len(points)
+
+
 def render(raw: dict) -> None:
     arms, steps, seeds = raw["arms"], raw["steps"], raw["seeds"]
     level = raw["plateau"] + raw["margin"]
     loss = {k: arm["mlm_loss"] for k, arm in arms.items()}
     acc = {k: arm["mlm_accuracy"] for k, arm in arms.items()}
     left = {k: [leave_step(c, level) for c in arm["curve"]] for k, arm in arms.items()}
-    diverged = {k: [not f or last > first for f, first, last in
-                    zip(arm["finite"], arm["first_loss"], arm["last_loss"], strict=True)]
+    diverged = {k: [not f or _mean(c[-5:]) > _mean(c[:5]) for f, c in
+                    zip(arm["finite"], arm["train_curve"], strict=True)]
                 for k, arm in arms.items()}
 
     def steps_text(values):
@@ -163,11 +168,12 @@ def render(raw: dict) -> None:
                f"{raw['eval_iters']} batches, ~{masked:.0f} "
                f"masked positions) whose MLM accuracy exceeds it by more than {raw['margin']} "
                f"(~3 standard errors), i.e. {level:.3f}."]
-    reading.append("Runs still on the plateau at the end: " + ", ".join(stuck) + "."
+    reading.append("Runs that never left the plateau: " + ", ".join(stuck) + "."
                    if stuck else "Every run left the plateau.")
-    reading.append(f"{n_div} run(s) diverged (a non-finite loss, or a final training loss "
-                   "above the first logged one)." if n_div else
-                   "No run diverged (every logged loss finite and the last below the first).")
+    reading.append(f"{n_div} run(s) diverged (a non-finite loss, or the mean of the last 5 "
+                   "logged training losses above that of the first 5)." if n_div else
+                   "No run diverged (every logged loss finite, the mean of the last 5 logged "
+                   "training losses below that of the first 5).")
     _plot(raw, level)
     write_section(NAME, f"""
 ## Layer-norm placement in BERT (Shoeybi et al. 2019, Megatron-LM)
