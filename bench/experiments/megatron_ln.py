@@ -172,7 +172,7 @@ def render(raw: dict) -> None:
                    if stuck else "Every run left the plateau.")
     if all(v is None for values in left.values() for v in values):
         reading.append("No run left it: at this budget every model has learnt little more "
-                       "than token frequencies, so the loss differences below compare how "
+                       "than token frequencies, so the loss differences above compare how "
                        "fast each placement learns those, not the models the claim is about.")
     reading.append(f"{n_div} run(s) diverged (a non-finite loss, or the mean of the last 5 "
                    "logged training losses above that of the first 5)." if n_div else
