@@ -159,7 +159,7 @@ def render(raw: dict) -> None:
     labels = {"short": f"all {S} ({steps} steps), evaluated at {L}",
               "two": f"two-phase {S} -> {L} ({steps - phase2} + {phase2} steps)",
               "long": f"all {L}, the two-phase cost ({raw['long_steps']} steps)"}
-    rows = [f"| schedule | training s | MLM loss at {L}, positions < {S} | positions >= {S} "
+    rows = [f"| schedule | training s (wall) | MLM loss at {L}, positions < {S} | positions >= {S} "
             f"| all positions | MLM acc at {L}, positions < {S} | positions >= {S} | "
             f"MLM acc at {S} |", "|---|---|---|---|---|---|---|---|"]
     for arm, label in labels.items():
@@ -212,8 +212,8 @@ measured back to back in the same process before training (a calibration of
 {CALIBRATION_STEPS} alternated steps: {cost[S] * 1000:.0f} ms at {S}, {cost[L] * 1000:.0f} ms
 at {L}, a ratio of {cost_ratio:.1f}; the FLOP count from the shapes gives {flop_ratio:.1f}),
 not from wall time on the shared machine. Why this can show the effect: positions >= {S}
-are trained only in phase 2 (or in the all-{L} run), so accuracy on the masked positions
->= {S}, measured apart from those < {S}, is what phase 2 adds; the all-{S} model,
+are trained only in phase 2 (or in the all-{L} run), so the loss and accuracy on the
+masked positions >= {S}, measured apart from those < {S}, are what phase 2 adds; the all-{S} model,
 evaluated at {L} with its untrained positions, is the control. MLM loss and accuracy: the
 masked positions of {raw['iters']} validation batches at length {L}
 (~{show(two['count_high'], 0)} masked positions >= {S}, ~{show(two['count_low'], 0)} below),
@@ -232,8 +232,9 @@ difference favours the first):
 
 {chr(10).join(pairs)}
 
-The saving is by construction: {steps} steps of two-phase cost 1/{saving:.1f} of {steps}
-steps at {L} (by the calibration). What is measured is what the model gets for it.
+{_position_use(short, S)}The saving is by construction: {steps} steps of two-phase cost
+1/{saving:.1f} of {steps} steps at {L} (by the calibration). What is measured is what the
+model gets for it.
 
 **Verdicts** (by the rule): "phase 2 learns the positional embeddings" (positions >= {S}):
 **{v_positions}**; "for the cost, two-phase is the better model at {L}" (all-{L} at equal
@@ -254,6 +255,19 @@ sequences but {L // S}x longer ones, so its lead or lag is not only about positi
                                    f"cost of all-{L}",
          "measured": measured_eq, "verdict": combine([v_equal]), "condition": condition,
          "seeds": seeds, "spread": SPREAD}])
+
+
+def _position_use(short: dict, S: int) -> str:
+    """A sentence when the all-short model is no worse at the positions it never trained
+    than at those it did: then the models do not use position yet, and the test is blind."""
+    low, high, acc = (sum(short[k]) / len(short[k]) for k in ("loss_low", "loss_high",
+                                                               "acc_all"))
+    if high > low:
+        return ""
+    return (f"The all-{S} model is no worse at the positions it never trained (loss "
+            f"{high:.3f} at >= {S}) than at those it did ({low:.3f} at < {S}): at this budget "
+            "the models do not yet use position (they sit near the frequent-token plateau, "
+            f"MLM accuracy {acc:.2f}), so this test cannot show what phase 2 teaches. ")
 
 
 def _plot(raw: dict, labels: dict) -> None:
