@@ -214,6 +214,9 @@ def render(raw: dict) -> None:
     v_quality = within(retained, QUALITY)
     verdict_trade = combine([v_fast, v_quality])
     cost = raw["cost"]
+    teacher_steps_text = (f"; and {raw['teacher']['steps']} steps, the teacher's, for the "
+                          "size's cost alone (claim 2)" if same_steps else "")
+    total = raw["teacher"]["seconds"] + sum(sum(arm["seconds"]) for arm in arms.values())
     rows = ["| model | steps | training s | val loss | val perplexity |", "|---|---|---|---|---|",
             f"| teacher (4 layers, h 128; one seed) | {raw['teacher']['steps']} | "
             f"{raw['teacher']['seconds']:.0f} | {t_loss:.3f} | {math.exp(t_loss):.1f} |"]
@@ -238,6 +241,8 @@ def render(raw: dict) -> None:
     pne = raw["params_non_embedding"]
     condition = (f"at a 4-layer h128 teacher, 2-layer h64 students, {steps} student steps of "
                  f"{raw['batch']} x {raw['seq']} tokens")
+    trade_condition = (f"at a 4-layer h128 teacher and 2-layer h64 students, both "
+                       f"{raw['teacher']['steps']} steps" if same_steps else condition)
     measured_d = (f"val loss: distilled {show(dist, 3)} vs scratch {show(scratch, 3)} (equal "
                   f"steps), {show(eq, 3)} (equal cost); teacher {t_loss:.3f}")
     measured_t = (f"student {show(speed, 1)}x faster than the teacher; its loss "
@@ -265,10 +270,13 @@ steps of their own loss from those weights (`train.finetune`). From scratch: {st
 (equal student steps) and {raw['equal_steps']} steps (equal cost: a distillation step costs
 {cost['distil'] * 1000:.0f} ms of CPU against {cost['plain'] * 1000:.0f} ms for an ordinary
 one, measured back to back in the same process over {CALIBRATION_STEPS} alternated steps, not
-wall time on the shared machine). Validation: the same {raw['iters']} batches. Speed: CPU
+wall time on the shared machine){teacher_steps_text}. Validation: the same {raw['iters']}
+batches. Speed: CPU
 time of that validation pass, teacher and student alternated {TIMING_REPEATS} times (the
 fastest of each), per student seed. **Seeds**: {seeds} per student arm, {SPREAD} in
-brackets. Command: `{raw['command']}` ({raw['minutes']} min). Machine: {raw['machine']}.
+brackets. Command: `{raw['command']}` ({raw['minutes']} min for its last invocation, runs
+finished before read back; the training loops of all runs: {total / 60:.1f} min). Machine:
+{raw['machine']}.
 
 {chr(10).join(rows)}
 
@@ -301,7 +309,7 @@ loss), and the teacher is one run, so its own seed-to-seed spread is not measure
          "seeds": seeds, "spread": SPREAD},
         {"paper": "minilm", "claim": "half the layers and half the width: several times "
                                      "faster, most of the teacher's quality",
-         "measured": measured_t, "verdict": verdict_trade, "condition": condition,
+         "measured": measured_t, "verdict": verdict_trade, "condition": trade_condition,
          "seeds": seeds, "spread": SPREAD}])
 
 
