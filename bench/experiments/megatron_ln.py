@@ -194,6 +194,7 @@ def render(raw: dict) -> None:
                 f"{show(loss[_key('pre', shallow)], 2)} vs post "
                 f"{show(loss[_key('post', shallow)], 2)}")
     toc[0]["measured"] = measured
+    total = sum(sum(arm["seconds"]) for arm in arms.values())
     stuck = [f"{k} ({sum(v is None for v in left[k])} of {seeds} seeds)" for k in arms
              if any(v is None for v in left[k])]
     n_div = sum(sum(v) for v in diverged.values())
@@ -237,7 +238,8 @@ width and length of training. Final figures: validation MLM loss and accuracy on
 {raw['final_iters']} batches; the curve: validation MLM accuracy every
 {raw['eval_every']} steps. **Seeds**: {seeds} per arm
 (model init, dropout and data order), {SPREAD} in brackets. Command: `{raw['command']}`
-({raw['minutes']} min). Machine: {raw['machine']}.
+({raw['minutes']} min for its last invocation, runs finished before read back; the
+training loops of all runs: {total / 60:.1f} min). Machine: {raw['machine']}.
 
 {chr(10).join(rows)}
 
