@@ -239,7 +239,7 @@ width and length of training. Final figures: validation MLM loss and accuracy on
 {raw['eval_every']} steps. **Seeds**: {seeds} per arm
 (model init, dropout and data order), {SPREAD} in brackets. Command: `{raw['command']}`
 ({raw['minutes']} min for its last invocation, runs finished before read back; the
-training loops of all runs: {total / 60:.1f} min). Machine: {raw['machine']}.
+training loops of all runs, wall time: {total / 60:.1f} min). Machine: {raw['machine']}.
 
 {chr(10).join(rows)}
 

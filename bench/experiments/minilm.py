@@ -1,6 +1,6 @@
 """MiniLM / MiniLMv2 (Wang et al. 2020, 2021): does a distilled student beat one trained alone?
 
-    python bench/experiments/minilm.py [--steps 300] [--seeds 2]   # ~3 minutes of 1 CPU thread
+    python bench/experiments/minilm.py [--steps 300] [--seeds 2]   # ~5 minutes of 1 CPU thread
 
 The papers' claim: a small student that learns the teacher's last-layer self-attention
 relations (task-agnostic distillation, then training on the task) is a better model than
@@ -275,8 +275,8 @@ batches. Speed: CPU
 time of that validation pass, teacher and student alternated {TIMING_REPEATS} times (the
 fastest of each), per student seed. **Seeds**: {seeds} per student arm, {SPREAD} in
 brackets. Command: `{raw['command']}` ({raw['minutes']} min for its last invocation, runs
-finished before read back; the training loops of all runs: {total / 60:.1f} min). Machine:
-{raw['machine']}.
+finished before read back; the training loops of all runs, wall time: {total / 60:.1f} min).
+Machine: {raw['machine']}.
 
 {chr(10).join(rows)}
 
