@@ -125,8 +125,10 @@ phase where the model mostly predicts frequent tokens (validation perplexity fal
 about 2000, the vocabulary's size, to {summary(base)['mean']:.0f} here; the training loss is still
 falling at the end, see the raw curves in `docs/results/sandwich.json`). Shrunk from the
 issue's 1200 steps to {steps} to fit the group's CPU budget on the shared machine.
-Each seed fixes the initialisation of everything but the reordered stack, the data order and
-the dropout stream in both arms, so the arms are also compared seed by seed. Validation
+Both arms of a seed share `train.seed` (the data order and the random streams; the
+reordered stack draws its weights in its own order), so the arms are also compared seed by
+seed. Training times were measured on a machine shared with other runs: they reflect its
+load, not the order (both orders have the same FLOPs). Validation
 perplexity on {EVAL_ITERS} held-out batches ({EVAL_ITERS * 8 * 64} tokens, the same for every
 model).
 
@@ -159,7 +161,7 @@ def _plot(arms: dict) -> None:
     ax.set_ylabel("validation perplexity")
     ax.set_title("Sandwich vs interleaved, the same seed joined")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, "sandwich.png")
 
