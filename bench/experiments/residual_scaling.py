@@ -112,8 +112,9 @@ arm; brackets are the {SPREAD}.
 
 **Design.** GPT-2 (and Megatron-LM after it) initialise the layers that write into the
 residual stream (attention's output projection, the MLP's second linear) at
-N(0, 0.02 / sqrt(2N)) for N layers, so that the 2N sublayer outputs summed into the
-residual stream start with the variance of one; `model.scale_residual_init=false` turns it
+N(0, 0.02 / sqrt(2N)) for N layers, so that the sum of the 2N sublayer outputs added to
+the residual stream starts with about the variance of one unscaled sublayer's output instead
+of 2N times it; `model.scale_residual_init=false` turns it
 off (every linear N(0, 0.02)). The effect grows with depth, so the model is deep for its
 width: 16 layers of hidden 64 (4 heads, seq 32, batch 8, a 2k BPE on the standard
 library's docstrings, dropout 0.1, lr 1e-3 after 30 warmup steps, cosine, gradient
@@ -132,8 +133,8 @@ on the loss at step {early} ({early_condition}).
 **What this can and cannot show.** It measures what the scaling does to a deep, narrow
 model over a short run; it cannot show the large-scale instability (loss spikes of
 billion-parameter models after long training) that the scaling is also meant to prevent,
-and gradient clipping at 1.0 (on in both arms, as in the configs) hides part of any
-difference in early gradient norms from the weights.
+and gradient clipping at 1.0 (on in both arms, as in the configs) limits how far a large
+early gradient can move the weights, which damps what an unscaled init could do.
 
 ![residual scaling: training loss and gradient norm](img/residual_scaling.png)
 """, toc=toc)
@@ -156,7 +157,6 @@ def _plot(on: dict, off: dict) -> None:
     axes[0].set_ylabel("training loss (nats / token)")
     axes[0].set_title("Training loss (one line per seed)", fontsize=10)
     axes[1].set_ylabel("gradient norm before clipping")
-    axes[1].set_yscale("log")
     axes[1].set_title("Gradient norm (one line per seed)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("step")
