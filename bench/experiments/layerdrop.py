@@ -175,6 +175,8 @@ Each 8-layer model is evaluated at full depth and pruned to 4 layers
 (`model.layers_to_keep`) every other (0,2,4,6) and keeping the ends (0,2,5,7), on
 {EVAL_ITERS} held-out batches. A pruned model that was never trained without half its
 layers is the mechanism's test case at any scale, so this design can show the effect.
+Arms are compared at equal steps, not equal time: a LayerDrop step skips layers and is
+cheaper (the training-time column, measured on a shared machine, so only indicative).
 Shrunk from the issue's 1500 steps to {steps} so that the group's runs fit the CPU budget
 of the shared machine; the ends were compared as a pruning choice on the trained models,
 not by training with `model.layerdrop_keep_ends=true` (no training budget left for it).
