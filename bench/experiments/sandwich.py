@@ -1,6 +1,6 @@
 """The sandwich order (Press et al. 2019): s^k (sf)^(n-k) f^k against (sf)^n.
 
-    python bench/experiments/sandwich.py [--steps 1000] [--seeds 3]   # ~9 minutes, 1 thread
+    python bench/experiments/sandwich.py [--steps 1000] [--seeds 3]  # ~25 minutes, shared machine
 
 The paper's claim: at equal parameters and compute, moving k attention sublayers to the
 bottom and k feed-forward sublayers to the top of an n-layer stack lowers language-model
