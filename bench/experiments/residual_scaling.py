@@ -1,6 +1,6 @@
 """1/sqrt(2N) residual scaling at initialisation (GPT-2, Megatron-LM), on vs off, in a deep model.
 
-    python bench/experiments/residual_scaling.py [--steps 600] [--seeds 2]   # ~8 minutes, 1 thread
+    python bench/experiments/residual_scaling.py [--steps 600] [--seeds 3]   # ~4 minutes, 1 thread
 
 The claim (GPT-2's "modified initialization", kept by Megatron-LM): the layers that write
 into the residual stream (attention's output projection, the MLP's second linear) start at
@@ -180,4 +180,4 @@ def _plot(on: dict, off: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment("residual_scaling", __doc__, measure, render, steps=600, seeds=2)
+    run_experiment("residual_scaling", __doc__, measure, render, steps=600, seeds=3)
