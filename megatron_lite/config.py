@@ -84,6 +84,7 @@ class ModelConfig:
     hidden_dropout: float = 0.1  # dropout on sublayer outputs and embeddings
     attention_dropout: float = 0.1  # dropout on attention probabilities
     init_std: float = 0.02  # N(0, std) init; residual output layers / sqrt(2N)
+    scale_residual_init: bool = True  # the /sqrt(2N) above; false: all N(0, init_std)
     layernorm_epsilon: float = 1e-5  # LayerNorm eps
     normalization: str = "layernorm"  # the norm part: layernorm | rmsnorm (Llama)
     layernorm_order: str = "pre"  # pre (Megatron, GPT-2) | post (original BERT)
@@ -119,6 +120,16 @@ class ModelConfig:
     layerdrop_granularity: str = "layer"  # layer (a pair of sublayers) | sublayer
     layerdrop_keep_ends: bool = False  # never drop the first and the last layer
     layers_to_keep: str = ""  # "0,2,4,6": run only these layers (prune without a checkpoint)
+
+    @property
+    def residual_output_std(self) -> float:
+        """The init std of the layers that write into the residual stream (attention's
+        projection, the MLP's ``fc2``): init_std / sqrt(2N) with N the layers (GPT-2,
+        Megatron; the same number as ``parallel.scaled_normal_init``), or init_std when
+        ``scale_residual_init`` is false."""
+        if not self.scale_residual_init:
+            return self.init_std
+        return self.init_std / math.sqrt(2.0 * (len(self.pattern) / 2))
 
     @property
     def pattern(self) -> str:

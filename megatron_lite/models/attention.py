@@ -30,7 +30,6 @@ from megatron_lite.parallel import (
     SharedColumnLinear,
     checkpoint,
     normal_init,
-    scaled_normal_init,
 )
 
 
@@ -192,7 +191,7 @@ class SelfAttention(nn.Module):
                 self.add_module(name, layer)
         self.proj = RowParallelLinear(
             h, h, input_is_parallel=True, tp_group=group, device=device, bias=bias,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
+            init_method=normal_init(cfg.residual_output_std), sequence_parallel=sp)
         self.positions = position_scheme(cfg)
         self.positions.attention_modules(self, ctx, device)
         core = ATTENTION_CORES.of(cfg)

@@ -14,7 +14,6 @@ from megatron_lite.parallel import (
     ParallelContext,
     RowParallelLinear,
     normal_init,
-    scaled_normal_init,
 )
 
 
@@ -42,7 +41,7 @@ class MLP(nn.Module, Part):
                                         device=device)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device,
-            bias=bias, init_method=scaled_normal_init(std, len(cfg.pattern) / 2),
+            bias=bias, init_method=normal_init(cfg.residual_output_std),
             sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +69,7 @@ class SwiGLU(nn.Module, Part):
                                         device=device)
         self.fc2 = RowParallelLinear(
             ffn, h, input_is_parallel=True, tp_group=ctx.tp_group, device=device, bias=bias,
-            init_method=scaled_normal_init(std, len(cfg.pattern) / 2), sequence_parallel=sp)
+            init_method=normal_init(cfg.residual_output_std), sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc1(x).chunk(2, dim=-1)  # each [b, s, ffn/tp]
