@@ -61,9 +61,11 @@ def arguments(doc: str, steps: int, lengths: tuple[int, int] | None = None,
 def run_experiment(name: str, doc: str, measure, render, steps: int, seeds: int = 2,
                    lengths: tuple[int, int] | None = None) -> None:
     """An experiment's main: parse its arguments, ``measure(args) -> raw`` (trains; per-seed
-    figures), store the raw numbers in docs/results/NAME.json with the command, machine
-    and minutes, then ``render(raw)`` (section of docs/results.md and plots, from the raw
-    numbers alone). ``--render-only`` skips the measuring."""
+    figures), store the raw numbers in docs/results/NAME.json with the command, machine,
+    minutes of this invocation and the training minutes of all its runs (those read back
+    from an earlier, interrupted invocation too), then ``render(raw)`` (section of
+    docs/results.md and plots, from the raw numbers alone). ``--render-only`` skips the
+    measuring."""
     a = arguments(doc, steps, lengths, seeds)
     if a.render_only:
         raw = read_raw(name)
@@ -76,6 +78,7 @@ def run_experiment(name: str, doc: str, measure, render, steps: int, seeds: int 
     argv = " ".join(sys.argv[1:])
     raw.update({"command": f"python bench/experiments/{name}.py {argv}".strip(),
                 "machine": machine(), "minutes": round((time.time() - start) / 60, 1),
+                "training_minutes_all_runs": round(sum(TRAINED_SECONDS) / 60, 1),
                 "steps": a.steps, "seeds": a.seeds})
     write_raw(name, raw)
     render(raw)
@@ -126,6 +129,11 @@ def bert_data(vocab: int = 8192) -> dict[str, str]:
     return {"data.data_path": str(path), **over}
 
 
+# training seconds of every run this process used, read back or trained now: an experiment
+# resumed from finished runs takes minutes, but its runs' cost is this sum
+TRAINED_SECONDS: list[float] = []
+
+
 def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml",
           seed: int | None = None) -> tuple[Path, list[dict], float]:
     """Train ``config`` (the demo's tiny GPT-2 by default) at TP=1 with ``overrides`` (and
@@ -143,6 +151,7 @@ def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
     if done.exists() and not os.environ.get("RESULTS_FORCE"):
         stored = json.loads(done.read_text())
         if stored["overrides"] == over and stored["config"] == config:
+            TRAINED_SECONDS.append(stored["seconds"])
             return run_dir, stored["records"], stored["seconds"]
     if run_dir.exists():
         import shutil
@@ -152,6 +161,7 @@ def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
     tick = time.perf_counter()
     records = Trainer(cfg, ParallelContext()).fit()
     seconds = time.perf_counter() - tick
+    TRAINED_SECONDS.append(seconds)
     with atomic_write(done) as f:
         json.dump({"overrides": over, "config": config, "records": records,
                    "seconds": seconds}, f)
