@@ -135,12 +135,13 @@ TRAINED_SECONDS: list[float] = []
 
 
 def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml",
-          seed: int | None = None) -> tuple[Path, list[dict], float]:
+          seed: int | None = None, make_trainer=Trainer) -> tuple[Path, list[dict], float]:
     """Train ``config`` (the demo's tiny GPT-2 by default) at TP=1 with ``overrides`` (and
     ``train.seed`` = ``seed``) into runs/experiments/NAME[-sSEED]; returns (run dir, logged
     records, seconds). A run that finished before with the same settings is not trained
     again (its records are read back), so an interrupted experiment resumes where it
-    stopped; ``RESULTS_FORCE=1`` retrains."""
+    stopped; ``RESULTS_FORCE=1`` retrains. ``make_trainer(cfg, ctx)`` builds what
+    ``fit()``s (e.g. the distillation trainer)."""
     run_dir = OUT / (name if seed is None else f"{name}-s{seed}")
     over = {"parallel.tensor_parallel_size": 1, "train.run_dir": str(run_dir),
             "log.tensorboard": False, "train.save_interval": 0, **overrides}
@@ -159,7 +160,7 @@ def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
         shutil.rmtree(run_dir)
     cfg = load_config(ROOT / config, [f"{k}={v}" for k, v in over.items()])
     tick = time.perf_counter()
-    records = Trainer(cfg, ParallelContext()).fit()
+    records = make_trainer(cfg, ParallelContext()).fit()
     seconds = time.perf_counter() - tick
     TRAINED_SECONDS.append(seconds)
     with atomic_write(done) as f:

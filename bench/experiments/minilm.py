@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -43,7 +41,6 @@ from evidence import SPREAD, combine, compare, paired, show, within
 
 from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.experiments.distill import distiller
-from megatron_lite.files import atomic_write
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.plan import count_parameters
 from megatron_lite.run import build_run
@@ -70,27 +67,8 @@ def _common(steps: int) -> dict:
 
 
 def train_distilled(name: str, overrides: dict, seed: int):
-    """``common.train`` for a distillation run (the Trainer with MiniLM's hook): resumable
-    the same way (a finished run with the same settings is read back)."""
-    run_dir = OUT / f"{name}-s{seed}"
-    over = {"parallel.tensor_parallel_size": 1, "train.run_dir": str(run_dir),
-            "log.tensorboard": False, "train.save_interval": 0, **overrides,
-            "train.seed": seed}
-    over = {k: str(v) for k, v in over.items()}
-    done = run_dir / "experiment.json"
-    if done.exists() and not os.environ.get("RESULTS_FORCE"):
-        stored = json.loads(done.read_text())
-        if stored["overrides"] == over:
-            return run_dir, stored["records"], stored["seconds"]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(ROOT / GPT, [f"{k}={v}" for k, v in over.items()])
-    tick = time.perf_counter()
-    records = distiller(cfg, ParallelContext()).fit()
-    seconds = time.perf_counter() - tick
-    with atomic_write(done) as f:
-        json.dump({"overrides": over, "config": GPT, "records": records,
-                   "seconds": seconds}, f)
-    return run_dir, records, seconds
+    """``common.train`` for a distillation run (the Trainer with MiniLM's hook)."""
+    return train(name, overrides, GPT, seed=seed, make_trainer=distiller)
 
 
 def calibrate(common: dict, teacher) -> dict:
