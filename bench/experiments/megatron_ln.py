@@ -1,6 +1,6 @@
 """Layer-norm placement in BERT at depth (Shoeybi et al. 2019, Megatron-LM, section 5.3).
 
-    python bench/experiments/megatron_ln.py [--steps 400] [--seeds 2]   # ~5 minutes of 1 CPU thread
+    python bench/experiments/megatron_ln.py [--steps 1500] [--seeds 2]  # ~50 min, 1 thread
 
 The paper's claim: the original BERT (layer norm after each residual sum, "post-LN") gets
 worse as it gets larger, while the rearranged one (layer norm at each sublayer's input,
@@ -39,10 +39,11 @@ NAME = "megatron_ln"
 BERT = "configs/bert/tiny-cpu.yaml"
 DEPTHS = (6, 24)
 ORDERS = ("post", "pre")
-WIDTH, HEADS, SEQ, BATCH = 64, 4, 32, 8
-EVAL_EVERY, EVAL_ITERS, FINAL_ITERS = 50, 20, 40
-HIGH_LR = 2e-3  # 4x the tiny config's: where post-LN's depth trouble should show first
-MARGIN = 0.03  # ~3 standard errors of an accuracy near 0.06 over ~770 masked positions
+WIDTH, HEADS, SEQ, BATCH = 64, 4, 64, 16
+LR = 1e-3  # 2x the tiny config's: at hidden 64 it leaves the plateau in ~1000 steps, 5e-4 later
+EVAL_EVERY, EVAL_ITERS, FINAL_ITERS = 100, 10, 40
+HIGH_LR = None  # a second pair at 24 layers and a raised lr (e.g. 2e-3); off: the budget
+MARGIN = 0.03  # ~5 standard errors of an accuracy near 0.06 over ~1500 masked positions
 
 
 def _key(order: str, depth: int, lr: float | None = None) -> str:
@@ -66,11 +67,12 @@ def measure(a) -> dict:
               "train.eval_iters": EVAL_ITERS, "train.log_interval": 10,
               "model.hidden_size": WIDTH, "model.num_attention_heads": HEADS,
               "model.seq_length": SEQ, "model.max_position_embeddings": SEQ,
-              "train.micro_batch_size": BATCH, "train.global_batch_size": BATCH}
+              "train.micro_batch_size": BATCH, "train.global_batch_size": BATCH,
+              "optim.lr": LR}
     raw = {"arms": {}, "width": WIDTH, "seq": SEQ, "batch": BATCH, "margin": MARGIN,
            "eval_every": EVAL_EVERY, "eval_iters": EVAL_ITERS, "final_iters": FINAL_ITERS}
     arms = [(order, depth, None) for depth in DEPTHS for order in ORDERS] + \
-        [(order, DEPTHS[-1], HIGH_LR) for order in ORDERS]
+        ([(order, DEPTHS[-1], HIGH_LR) for order in ORDERS] if HIGH_LR else [])
     for order, depth, lr in arms:
         def one(seed, depth=depth, order=order, lr=lr):
             over = {**common, "model.num_layers": depth, "model.layernorm_order": order}
@@ -99,6 +101,7 @@ def measure(a) -> dict:
         runs = with_seeds(a.seeds, one)
         raw["arms"][_key(order, depth, lr)] = {k: [r[k] for r in runs] for k in runs[0]}
     raw["high_lr"] = HIGH_LR
+    raw["lr"] = LR
     return raw
 
 
@@ -216,6 +219,9 @@ def render(raw: dict) -> None:
                    "No run diverged (every logged loss finite, the mean of the last 5 logged "
                    "training losses below that of the first 5).")
     _plot(raw, level)
+    shrunk = "" if steps >= 800 and raw["seq"] * raw["batch"] >= 1024 else (
+        " The issue asked for >= 800 steps; to fit the CPU budget the runs are "
+        f"{steps} steps of {raw['batch']} sequences of {raw['seq']} tokens.")
     write_section(NAME, f"""
 ## Layer-norm placement in BERT (Shoeybi et al. 2019, Megatron-LM)
 
@@ -226,17 +232,14 @@ layer norm) keeps improving.
 **Design.** BERTs (MLM + NSP) of hidden {raw['width']} ({HEADS} heads) at {shallow} and
 {deep} layers, post-LN and pre-LN, trained {steps} steps each on batches of {raw['batch']}
 sequences of {raw['seq']} tokens (a 2k WordPiece on the standard library's docstrings,
-so that the output layer does not dominate a step), the tiny config's learning rate
-(5e-4, 30 warmup steps, linear decay, clip 1.0) and init (N(0, 0.02), residual outputs
-scaled by 1/sqrt(2N) in both orders), TP=1. The issue asked for hidden 64 at 6 and 24
-layers and >= 800 steps; to fit the CPU budget (2 cores shared by five engineers'
-experiments; a 24-layer step is ~3x a 6-layer one) the runs are {steps} steps of
-{raw['batch']} sequences of {raw['seq']} tokens. Depth is what the claim is about, and a
-24-layer stack is deep enough for post-LN's known trouble (gradients at the lower layers
-that depend on depth, the reason pre-LN needs no warmup) to show, if it shows at this
-width and length of training. Final figures: validation MLM loss and accuracy on
-{raw['final_iters']} batches; the curve: validation MLM accuracy every
-{raw['eval_every']} steps. **Seeds**: {seeds} per arm
+so that the output layer does not dominate a step), learning rate {raw.get('lr', 5e-4):g}
+(30 warmup steps, linear decay, clip 1.0) and the tiny config's init (N(0, 0.02),
+residual outputs scaled by 1/sqrt(2N) in both orders), TP=1.{shrunk}
+Depth is what the claim is about, and a 24-layer stack is deep enough for post-LN's
+known trouble (gradients at the lower layers that depend on depth, the reason pre-LN
+needs no warmup) to show, if it shows at this width and length of training. Final
+figures: validation MLM loss and accuracy on {raw['final_iters']} batches; the curve:
+validation MLM accuracy every {raw['eval_every']} steps. **Seeds**: {seeds} per arm
 (model init, dropout and data order), {SPREAD} in brackets. Command: `{raw['command']}`
 ({raw['minutes']} min for its last invocation, runs finished before read back; the
 training loops of all runs, wall time: {total / 60:.1f} min). Machine: {raw['machine']}.
@@ -287,4 +290,4 @@ def _plot(raw: dict, level: float) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment(NAME, __doc__, measure, render, steps=400, seeds=2)
+    run_experiment(NAME, __doc__, measure, render, steps=1500, seeds=2)

@@ -1,13 +1,13 @@
 """BIG vs BASE (Popel & Bojar 2018, "Training Tips for the Transformer Model", section 4.7).
 
-    python bench/experiments/tips_big_base.py [--seeds 2]   # ~9 minutes, 1 thread
+    python bench/experiments/tips_big_base.py [--seeds 2]   # ~17 minutes, 1 thread
 
 The paper's tip: "prefer the BIG over the BASE model if you plan to train longer" — BASE
 is ahead early (each step is cheaper), BIG overtakes it after a while and ends better.
 Here: two small GPT-2s on the 2k BPE (seq 64, batch 16), BASE (2 layers, hidden 32) and
 BIG (4 layers, hidden 64), small enough that the crossing is reachable in minutes. The
 seconds per step of each are calibrated back to back in this process (alternating
-BASE, BIG, BASE, BIG), and the budgets of 15 / 30 / 60 / 120 s of training time at that
+BASE, BIG, BASE, BIG), and the budgets of 30 / 60 / 120 / 240 s of training time at that
 cost (one thread) are converted to steps with them. Each model trains once per seed at a
 constant learning rate after warmup to its largest budget, with validation perplexity (the same 320
 sequences) at every eighth of it, so every budget is a point on that run.
@@ -38,7 +38,7 @@ MODELS = {"BASE": {"model.num_layers": 2, "model.hidden_size": 32,
 COMMON = {"model.seq_length": 64, "model.max_position_embeddings": 64,
           "train.micro_batch_size": 16, "train.global_batch_size": 16,
           "optim.lr": 2e-3, "optim.decay_style": "constant", "optim.warmup_steps": 50}
-BUDGETS = (15, 30, 60, 120)  # seconds of single-thread training time
+BUDGETS = (30, 60, 120, 240)  # seconds of single-thread training time
 EVALS = 8  # evaluations per run: every BUDGETS[-1] / 8 seconds
 EVAL_ITERS = 20  # x 16 sequences
 
@@ -136,8 +136,8 @@ for one budget, was still converging when its budget ended). Equal time is by **
 cost calibrated back to back in this process** ({raw['steps']}-step runs alternating BASE,
 BIG, BASE, BIG; median seconds per step: {pace}; BIG costs {ratio:.2f}x BASE per step),
 and the budgets of {' / '.join(map(str, budgets))} s of training time at that per-step
-cost (one thread; shrunk from the issue's 0.5-4 min to fit this job's CPU budget; on the
-shared machine a calibrated second does less work than a quiet one) are converted to
+cost (one thread, the issue's 0.5-4 min; with another experiment running beside it, a
+calibrated second does less work than on a quiet machine) are converted to
 steps with it. Each model trains
 once per seed at a constant learning rate 2e-3 after 50 warmup steps, validation perplexity
 on the same {EVAL_ITERS * 16} sequences at every eighth of its largest budget, so each
