@@ -1,6 +1,6 @@
 """Adaptive attention span (Sukhbaatar et al. 2019), on CPU.
 
-    python bench/experiments/adaptive_span.py [--steps 150 --seeds 2]  # ~15 minutes (busy machine)
+    python bench/experiments/adaptive_span.py [--steps 400 --seeds 2]  # ~35 minutes, 1 thread
 
 The paper's claim: heads learn their own context length; lower layers stay short, a
 few heads grow long, the average stays far below the maximum S, so most of the
@@ -208,8 +208,8 @@ starting spans; their cost changes as the spans move, so their cost at the end (
 trained model's spans) is measured too and shown. Validation by the XL protocol (the
 whole validation stream, {raw['eval_targets']} targets, every token once, memory
 carried). Each arm with seeds 1..{seeds}; figures are the mean with the
-{evidence.SPREAD} in brackets. Shrunk from the earlier page's model (hidden 128, 8k
-vocabulary, 1000 steps, two arms, one seed) to hidden 64, a 2k vocabulary and
+{evidence.SPREAD} in brackets. Smaller than the earlier page's model (hidden 128, 8k
+vocabulary, 1000 steps, two arms, one seed): hidden 64, a 2k vocabulary and
 {steps_ref} steps of the fixed-{S} arm, to fit two seeds of five arms into the CPU budget.
 Training time and evaluation tokens/s are wall-clock on a shared machine: read them as rough.
 
@@ -297,4 +297,4 @@ def _plot(raw: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment("adaptive_span", __doc__, measure, render, steps=150, seeds=2)
+    run_experiment("adaptive_span", __doc__, measure, render, steps=400, seeds=2)
