@@ -3,7 +3,6 @@ losses and gradient norms step by step, the tied embedding's two copies, bitwise
 checkpoints across PP sizes, and the one-line refusals."""
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from megatron_lite.training.pipeline import build_pipeline_model
 from megatron_lite.training.trainer import Trainer
 from tests.distributed import gather_shards
 from tests.training.conftest import gpt_yaml, tiny_overrides
-from tests.training.test_run_life import _children, _freeze_mid_run, _torchrun
+from tests.training.interrupts import interrupt_rerun_and_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -417,29 +416,7 @@ def test_sigterm_at_pp2_saves_and_the_rerun_resumes_bitwise(gpt_shard, bpe_files
                                       "train.eval_interval": 0, "train.global_batch_size": 4,
                                       "model.hidden_dropout": 0.1,
                                       "model.attention_dropout": 0.1})]
-    proc = _torchrun(args, start_new_session=True)  # its own process group, like a job's
-    workers = _freeze_mid_run(proc, lambda: _children(proc.pid), run / "metrics.jsonl", steps)
-    assert len(workers) == 2
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it too, to stages still stopped
-    for pid in workers:
-        os.kill(pid, signal.SIGCONT)
-    out = proc.communicate(timeout=120)[0]
-    lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
-    assert len(lines) == 1, out
-    stopped = int(lines[0].split()[3])
-    assert 3 <= stopped < steps
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
-    assert [r["step"] for r in _records(run)] == list(range(1, stopped + 1))
-
-    resumed = _torchrun(args)
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, out
-    assert f"resumed from {run} at step {stopped}" in out
-    reference = tmp_path / "reference"
-    straight = _torchrun([a.replace(str(run), str(reference)) for a in args])
-    out = straight.communicate(timeout=300)[0]
-    assert straight.returncode == 0, out
-    got, want = _records(run), _records(reference)
-    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    interrupt_rerun_and_reference(args, run, tmp_path / "reference", signal.SIGTERM, steps)
+    got, want = _records(run), _records(tmp_path / "reference")
     assert [(r["loss"], r["grad_norm"]) for r in got] == \
         [(r["loss"], r["grad_norm"]) for r in want]

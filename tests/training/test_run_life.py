@@ -16,50 +16,9 @@ from megatron_lite.checkpoint import load_file, read_meta
 from megatron_lite.train import main as train_main
 from megatron_lite.training.schedule import learning_rate
 from tests.training.conftest import gpt_yaml, tiny_overrides
+from tests.training.interrupts import freeze_mid_run, interrupt_rerun_and_reference, rows
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _torchrun(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", "-m", "megatron_lite.train", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT, **kw)
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (torchrun's workers)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:  # gone meanwhile
-            continue
-        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
-def _freeze_mid_run(proc, workers, metrics, steps: int) -> int:
-    """Wait for 3 metric lines, then SIGSTOP ``workers`` (the training processes) and
-    return the steps logged so far. A signal sent while they are stopped is handled when
-    they continue, so it lands mid-run however fast the machine trains."""
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.002)
-    pids = workers()
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    logged = len(metrics.read_text().splitlines())
-    # the step under way may still finish; the one after it checks for the signal
-    assert logged <= steps - 2, f"{logged} of {steps} steps before the processes stopped"
-    return pids
 
 
 @pytest.mark.slow  # three torchrun jobs of 2 processes
@@ -73,34 +32,11 @@ def test_ctrl_c_on_a_torchrun_job_saves_and_the_rerun_matches(gpt_shard, bpe_fil
         gpt_shard, bpe_files, run, **{"parallel.tensor_parallel_size": 2,
                                       "train.max_steps": steps, "train.eval_interval": 0,
                                       "train.global_batch_size": 2, "model.hidden_dropout": 0.1})]
-    proc = _torchrun(args, start_new_session=True)  # its own process group, like a terminal's
-    workers = _freeze_mid_run(proc, lambda: _children(proc.pid), run / "metrics.jsonl", steps)
-    assert len(workers) == 2
-    os.killpg(proc.pid, signal.SIGINT)  # torchrun forwards it too, to workers still stopped
-    for pid in workers:
-        os.kill(pid, signal.SIGCONT)
-    out = proc.communicate(timeout=120)[0]
-    lines = [x for x in out.splitlines() if x.startswith("interrupted at step")]
-    assert len(lines) == 1, out
-    stopped = int(lines[0].split()[3])
-    assert 3 <= stopped < steps
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
-    assert "rerun the same command to resume" in lines[0]
+    out = interrupt_rerun_and_reference(args, run, tmp_path / "reference", signal.SIGINT, steps)
+    assert "rerun the same command to resume" in out
     # the workers print no traceback (torchrun reports the signal it got itself, once)
     assert out.count("Traceback") <= 1 and "KeyboardInterrupt" not in out, out
-    assert [r["step"] for r in _rows(run)] == list(range(1, stopped + 1))
-
-    resumed = _torchrun(args)
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, out
-    assert f"resumed from {run} at step {stopped}" in out
-    reference = tmp_path / "reference"
-    straight = _torchrun([a.replace(str(run), str(reference)) for a in args])
-    out = straight.communicate(timeout=300)[0]
-    assert straight.returncode == 0, out
-    got, want = _rows(run), _rows(reference)
-    assert [r["step"] for r in got] == list(range(1, steps + 1))
-    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(tmp_path / "reference")]
 
 
 def test_second_signal_after_the_grace_period_exits_at_once():
@@ -143,13 +79,13 @@ def test_metrics_of_reruns_never_repeat_a_step(gpt_shard, bpe_files, tmp_path, c
     (ckpts / "latest").write_text("step_00000004\n")
     assert _train(tmp_path, gpt_shard, bpe_files, run, **{"train.max_steps": 8,
                                                           "optim.override_schedule": True}) == 0
-    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
+    assert [r["step"] for r in rows(run)] == list(range(1, 9))
     # an earlier start that never saved: its metrics move aside, the new run starts afresh
     shutil.rmtree(ckpts)
     capsys.readouterr()
     assert _train(tmp_path, gpt_shard, bpe_files, run, **{"train.max_steps": 3}) == 0
     assert "moved to metrics.1.jsonl" in capsys.readouterr().out
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+    assert [r["step"] for r in rows(run)] == [1, 2, 3]
     old = [json.loads(x)["step"] for x in (run / "metrics.1.jsonl").read_text().splitlines()]
     assert old == list(range(1, 9))
 
@@ -175,9 +111,9 @@ def test_load_past_max_steps_is_an_error_and_finetune_starts_over(gpt_shard, bpe
     out = capsys.readouterr().out
     assert "fine-tuning from" in out and "weights only" in out
     assert f"done: {new} at step 4 (metrics.jsonl, loss.png, checkpoints/step_00000004)" in out
-    rows = _rows(new)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[0]["lr"] == pytest.approx(2e-3 / 3)  # its own warmup, from step 0
+    logged = rows(new)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert logged[0]["lr"] == pytest.approx(2e-3 / 3)  # its own warmup, from step 0
     meta = read_meta(new / "checkpoints" / "step_00000004")
     assert meta["step"] == 4 and meta["schedule"]["train.max_steps"] == 4
     # it starts from base's weights: at lr 0 they come out unchanged
@@ -207,7 +143,7 @@ def test_a_resume_with_another_max_steps_keeps_or_overrides_the_schedule(
     assert "train.max_steps 10 -> 20" in out
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_style="cosine")
     followed = 20 if override else 10
-    lrs = {r["step"]: r["lr"] for r in _rows(run)}
+    lrs = {r["step"]: r["lr"] for r in rows(run)}
     assert lrs[5] == pytest.approx(learning_rate(4, optim, followed))
     assert lrs[20] == pytest.approx(learning_rate(19, optim, followed))
     assert read_meta(run / "checkpoints" / "step_00000020")["schedule"]["train.max_steps"] \
@@ -287,7 +223,7 @@ def test_sigterm_to_a_single_process_run_saves_and_says_only_that(gpt_shard, bpe
     proc = subprocess.Popen([sys.executable, "-m", "megatron_lite.train", *args], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _freeze_mid_run(proc, lambda: [proc.pid], run / "metrics.jsonl", 2000)
+    freeze_mid_run(proc, lambda: [proc.pid], run / "metrics.jsonl", 2000)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
     out = proc.communicate(timeout=120)[0]
@@ -322,7 +258,7 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(gpt_sh
     err = second.stderr.strip()
     assert err.startswith(f"error: train.run_dir={run} is in use by process {first.pid} on ")
     assert "\n" not in err and "Traceback" not in second.stdout
-    steps = [r["step"] for r in _rows(run) if "loss" in r]
+    steps = [r["step"] for r in rows(run) if "loss" in r]
     assert steps == list(range(1, len(steps) + 1))  # one run's steps, once each
     assert not (run / ".lock").exists()  # released when the first one ended
 
