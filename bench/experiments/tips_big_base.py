@@ -116,6 +116,13 @@ def render(raw: dict) -> None:
                    "crossing beyond the largest budget is not excluded, but it was not reached "
                    "here." if not cross and ratios[-1] < max(ratios) else "."))
     ratio = sec["BIG"] / sec["BASE"]
+    before, after = (statistics.fmean(at_budget(base, b, budgets)) for b in budgets[-2:])
+    gain = f"perplexity {before:.0f} -> {after:.0f} over its last doubling of time"
+    base_end = (f"BASE was still improving at the largest budget ({gain}), so these budgets "
+                "end before the regime the tip is about, where the small model has stopped "
+                "improving." if after < 0.95 * before else
+                f"BASE had nearly stopped improving by the largest budget ({gain}, under 5 "
+                "%), the regime the tip is about.")
     _plot(raw)
     seeds = len(base["curves"])
     condition = (f"at {base['params'] / 1e6:.2f} M vs {big['params'] / 1e6:.2f} M non-embedding "
@@ -154,10 +161,7 @@ Machine: {raw['machine']}.
 early is its premise, reported above).
 
 What it can show: whether the bigger model overtakes the smaller one within these budgets,
-with both sizes far below the paper's; BASE was still improving at the largest budget
-(perplexity {' -> '.join(f'{statistics.fmean(at_budget(base, b, budgets)):.0f}' for b in
-budgets[-2:])} over its last doubling), so these budgets end before the regime the tip
-is about, where the small model has stopped improving. What it cannot: the
+with both sizes far below the paper's; {base_end} What it cannot: the
 paper's budgets (days on 8 GPUs) and BLEU; and points before the end of a constant-rate
 run are not annealed, which favours neither model by design but leaves both above what a
 schedule decayed to each budget would reach.
