@@ -219,9 +219,9 @@ evaluated at {L} with its untrained positions, is the control. MLM loss and accu
 masked positions of {raw['iters']} validation batches at length {L}
 (~{show(two['count_high'], 0)} masked positions >= {S}, ~{show(two['count_low'], 0)} below),
 by a forward that reads the masked positions' logits. The verdicts are on the MLM loss
-(chosen before the runs): a small BERT this briefly trained sits near the frequent-token
-plateau, where accuracy barely moves, while the loss still tells a model that can use a
-position from one that cannot.{'' if (S, L) == (64, 256) else
+(chosen before the runs): near the frequent-token plateau, where a small BERT spends its
+first several hundred steps, accuracy barely moves while the loss still tells a model
+that can use a position from one that cannot.{'' if (S, L) == (64, 256) else
 f" The issue asked for 64 -> 256; this run is {S} -> {L}, the same 4x ratio."}
 **Seeds**: {seeds} per schedule, {SPREAD} in brackets.
 Command: `{raw['command']}` ({raw['minutes']} min). Machine: {raw['machine']}.
