@@ -6,12 +6,12 @@ The paper's tip: "prefer the BIG over the BASE model if you plan to train longer
 is ahead early (each step is cheaper), BIG overtakes it after a while and ends better.
 Here: two small GPT-2s on the 2k BPE (seq 64, batch 16), BASE (2 layers, hidden 32) and
 BIG (4 layers, hidden 64), small enough that the crossing is reachable in minutes. The
-seconds per step of each are calibrated back to back in this process (alternating
-BASE, BIG, BASE, BIG), and the budgets of 30 / 60 / 120 / 240 s of training time at that
+seconds per step of each are calibrated in this process (CPU time, the models
+alternated step by step), and the budgets of 30 / 60 / 120 / 240 s of training time at that
 cost (one thread) are converted to steps with them. Each model trains once per seed at a
 constant learning rate after warmup to its largest budget, with validation perplexity (the same 320
 sequences) at every eighth of it, so every budget is a point on that run.
-``--steps`` is the number of calibration steps per round.
+``--steps``: calibration steps per round (half of them per model).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from common import (
     load_config,
     run_experiment,
     save_figure,
+    step_costs,
     train,
     write_section,
 )
@@ -46,13 +47,11 @@ EVAL_ITERS = 20  # x 16 sequences
 def measure(a) -> dict:
     data = demo_data(2048)
     pace: dict[str, list[float]] = {name: [] for name in MODELS}
-    for rnd in (1, 2):  # back to back in this process, alternating
-        for name, over in MODELS.items():
-            _, records, _ = train(f"{NAME}/calibrate-{name}-{rnd}", {
-                **data, **COMMON, **over, "train.max_steps": a.steps,
-                "train.eval_interval": 0, "train.log_interval": a.steps // 4})
-            pace[name].append(statistics.median(16 * 64 / r["tokens_per_sec"]
-                                                for r in records[1:]))
+    for _ in (1, 2):  # CPU time, the models alternated step by step
+        costs = step_costs({f"{NAME}-{name}": {**data, **COMMON, **over}
+                            for name, over in MODELS.items()}, steps=a.steps // 2)
+        for name in MODELS:
+            pace[name].append(costs[f"{NAME}-{name}"])
     sec = {name: statistics.fmean(p) for name, p in pace.items()}
     print("seconds per step:", {n: round(s, 4) for n, s in sec.items()}, flush=True)
     out = {"pace": pace, "budgets": list(BUDGETS), "models": {}}
@@ -140,11 +139,11 @@ M parameters) and BIG (4 layers, hidden 64; {big['params'] / 1e6:.3f} M /
 {big['params_total'] / 1e6:.3f} M), chosen small in the hope that BASE saturates within
 minutes and a crossing is reachable (the first version, 4-layer h128 against 6-layer h256
 for one budget, was still converging when its budget ended). Equal time is by **per-step
-cost calibrated back to back in this process** ({raw['steps']}-step runs alternating BASE,
-BIG, BASE, BIG; median seconds per step: {pace}; BIG costs {ratio:.2f}x BASE per step),
+cost calibrated in this process** (CPU time, not wall time, of {raw['steps'] // 2} training
+steps of each model alternated step by step after 3 warm-up steps, twice; seconds per step:
+{pace}; BIG costs {ratio:.2f}x BASE per step),
 and the budgets of {' / '.join(map(str, budgets))} s of training time at that per-step
-cost (one thread, the issue's 0.5-4 min; with another experiment running beside it, a
-calibrated second does less work than on a quiet machine) are converted to
+cost (one thread, the issue's 0.5-4 min) are converted to
 steps with it. Each model trains
 once per seed at a constant learning rate 2e-3 after 50 warmup steps, validation perplexity
 on the same {EVAL_ITERS * 16} sequences at every eighth of its largest budget, so each
