@@ -57,8 +57,9 @@ REF = "fixed512"
 
 
 def step_cost(over: dict, ckpt=None, timed: int = 5) -> float:
-    """Median seconds of one training forward + backward (memory full) of the arm's model,
-    random tokens; with ``ckpt``: its trained weights (the learned spans)."""
+    """Median CPU seconds (process time: other processes on the machine do not count) of
+    one training forward + backward (memory full) of the arm's model, random tokens; with
+    ``ckpt``: its trained weights (the learned spans)."""
     cfg = load_config(ROOT / CONFIG, [f"{k}={v}" for k, v in
                                       {**demo_data(2048), **MODEL, **over,
                                        "parallel.tensor_parallel_size": 1}.items()])
@@ -73,11 +74,11 @@ def step_cost(over: dict, ckpt=None, timed: int = 5) -> float:
     times = []
     for i in range(warm + timed):
         ids = torch.randint(0, 2000, (LANES, SEG + 1), generator=gen)
-        tick = time.perf_counter()
+        tick = time.process_time()
         loss = model(ids[:, :-1], ids[:, 1:], memory=mem)
         loss.backward()
         if i >= warm:
-            times.append(time.perf_counter() - tick)
+            times.append(time.process_time() - tick)
         model.zero_grad(set_to_none=True)
     return statistics.median(times)
 
@@ -125,7 +126,8 @@ def measure(a) -> dict:
         arms[k] = arm
     out = OUT / "adaptive_span"
     return {"arms": arms, "ref": REF, "eval_targets": res["tokens"],
-            "calibration": "forward + backward, memory full, median of 5, min of 2 rounds",
+            "calibration": "CPU time of forward + backward, memory full, median of 5, "
+                           "min of 2 rounds",
             "runs": str(out.relative_to(ROOT))}
 
 
@@ -199,9 +201,9 @@ standard library's docstrings), segments of {SEG}, {LANES} consecutive lanes, lr
 cosine, dropout 0.1, TP=1, in five arms: fixed spans (the memory the model attends to)
 of 64, 128 and {S}, and adaptive spans (S = {S}, ramp {RAMP}, lambda 2e-6) started at 0
 and at {S} (`model.adaptive_span_init` 0 and 1). **Equal training time**, equalised by a
-per-step cost measured back to back in the same process before training (one forward +
-backward with the memory full, median of 5 steps, the smaller of 2 interleaved rounds;
-not by wall time, which the shared machine makes noisy): the fixed-{S} arm trains
+per-step cost measured back to back in the same process before training (CPU time of one
+forward + backward with the memory full, median of 5 steps, the smaller of 2 interleaved
+rounds; not wall time, which other processes make noisy): the fixed-{S} arm trains
 {steps_ref} steps, every other arm the steps that cost the same
 ({budget:.0f} s of calibrated compute). The adaptive arms are calibrated at their
 starting spans; their cost changes as the spans move, so their cost at the end (the
