@@ -267,8 +267,9 @@ def _position_use(short: dict, S: int) -> str:
         return ""
     return (f"The all-{S} model is no worse at the positions it never trained (loss "
             f"{high:.3f} at >= {S}) than at those it did ({low:.3f} at < {S}): at this budget "
-            "the models do not yet use position (they sit near the frequent-token plateau, "
-            f"MLM accuracy {acc:.2f}), so this test cannot show what phase 2 teaches. ")
+            f"its predictions (MLM accuracy {acc:.2f}) do not yet depend on the learned "
+            "position table, whose untrained rows are small random vectors, so this test "
+            "cannot show what phase 2 teaches the positions. ")
 
 
 def _plot(raw: dict, labels: dict) -> None:
