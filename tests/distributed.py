@@ -57,7 +57,11 @@ def _worker(rank: int, world_size: int, port: int, tp_size: int, pp_size: int, e
     except BaseException:
         # NOTE: record the failure before tearing down: peers blocked in a collective then
         # fail with "connection reset", and the runner must report the root cause first.
-        Path(err_dir, f"rank{rank}.err").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        # Written aside and renamed: the runner SIGTERMs the survivors as soon as one rank
+        # has exited, possibly mid-write, and must never read half a report.
+        tmp = Path(err_dir, f".rank{rank}.err.tmp")
+        tmp.write_text(f"{time.time()}\n{traceback.format_exc()}")
+        os.replace(tmp, Path(err_dir, f"rank{rank}.err"))
         raise
     finally:
         destroy_parallel()
