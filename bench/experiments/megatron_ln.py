@@ -202,14 +202,22 @@ def render(raw: dict) -> None:
              if any(v is None for v in left[k])]
     n_div = sum(sum(v) for v in diverged.values())
     masked = raw["eval_iters"] * raw["batch"] * raw["seq"] * 0.15
+    p = raw["plateau"]
+    errors = raw["margin"] / math.sqrt(p * (1 - p) / masked)
     reading = [f"The plateau: always predicting the most frequent masked token scores "
-               f"{raw['plateau']:.3f} on the validation batches of the curve; a run has left "
+               f"{p:.3f} on the validation batches of the curve; a run has left "
                f"it at the first evaluation (every {raw['eval_every']} steps, "
                f"{raw['eval_iters']} batches, ~{masked:.0f} "
                f"masked positions) whose MLM accuracy exceeds it by more than {raw['margin']} "
-               f"(~3 standard errors), i.e. {level:.3f}."]
+               f"(~{errors:.0f} standard errors), i.e. {level:.3f}."]
     reading.append("Runs that never left the plateau: " + ", ".join(stuck) + "."
                    if stuck else "Every run left the plateau.")
+    failed = [f"{k} seed {i + 1} (final accuracy {a:.3f})" for k, arm in arms.items()
+              for i, a in enumerate(arm["mlm_accuracy"]) if a <= p]
+    if failed:
+        reading.append("Failed to train, ending at or below the frequent-token baseline "
+                       f"itself: {', '.join(failed)}; the runs that never left the plateau "
+                       "but end above the baseline are learning, only slowly.")
     if all(v is None for values in left.values() for v in values):
         reading.append("No run left it: at this budget every model has learnt little more "
                        "than token frequencies, so the loss differences above compare how "
