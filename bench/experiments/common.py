@@ -310,11 +310,10 @@ of a claim whose mechanism works at any size (a memory that lets a model see fur
 span that stays short, a pruned stack that was trained to be pruned, a teacher that knows
 more than its student), and to measure costs (time, memory, tokens) exactly. It cannot
 show effects that the papers report only at scale or after long training (post-LN
-instability in large models, a bigger model overtaking a smaller one after days, a few
-percent of perplexity on WikiText-103): there a verdict here says what happened at this
-scale and why it may differ, and the condition it was measured under is part of the
-verdict. Where a synthetic task is used because the mechanism is known to matter on it,
-the section says so.
+instability in large models, a few percent of perplexity on WikiText-103): there a
+verdict here says what happened at this scale and why it may differ, and the condition it
+was measured under is part of the verdict. Where a synthetic task is used because the
+mechanism is known to matter on it, the section says so.
 
 **Evidence.** Every compared configuration runs at least 2 seeds (3 where the expected
 effect is under ~5 %); figures are the mean over seeds with the {SPREAD} in brackets, and
