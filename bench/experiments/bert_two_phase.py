@@ -19,8 +19,6 @@ embeddings": MLM accuracy at the long length on the masked positions >= the shor
 from __future__ import annotations
 
 import itertools
-import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from common import (
     load_config,
     run_experiment,
     save_figure,
+    step_costs,
     train,
     with_seeds,
     write_section,
@@ -41,7 +40,6 @@ from megatron_lite.checkpoint import load_checkpoint
 from megatron_lite.parallel import ParallelContext
 from megatron_lite.run import build_run
 from megatron_lite.training.metrics import model_flops_per_step
-from megatron_lite.training.trainer import Trainer
 
 NAME = "bert_two_phase"
 BERT = "configs/bert/tiny-cpu.yaml"
@@ -60,30 +58,11 @@ def _common(a, short: int, long: int) -> dict:
 
 
 def calibrate(common: dict, short: int, long: int) -> dict:
-    """CPU seconds per training step at each length, measured back to back in this process
-    (warm-up steps first, the lengths alternated), stored so that a rerun reuses them."""
-    path = OUT / NAME / f"calibration-{short}-{long}-b{BATCH}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    trainers = {}
-    for seq in (short, long):
-        over = {**common, "model.seq_length": seq, "parallel.tensor_parallel_size": 1,
-                "train.run_dir": str(OUT / NAME / f"calibrate-{seq}"), "log.tensorboard": False,
-                "train.save_interval": 0, "train.max_steps": 1000}
-        cfg = load_config(ROOT / BERT, [f"{k}={v}" for k, v in over.items()])
-        trainers[seq] = Trainer(cfg, ParallelContext())
-        for _ in range(3):
-            trainers[seq].train_step()
-    spent = {short: 0.0, long: 0.0}
-    for _ in range(CALIBRATION_STEPS):
-        for seq, trainer in trainers.items():
-            tick = time.process_time()
-            trainer.train_step()
-            spent[seq] += time.process_time() - tick
-    out = {str(seq): s / CALIBRATION_STEPS for seq, s in spent.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    """CPU seconds per training step at each length (``common.step_costs``), stored so
+    that a rerun reuses them."""
+    return step_costs({str(seq): {**common, "model.seq_length": seq} for seq in (short, long)},
+                      BERT, CALIBRATION_STEPS,
+                      cache=OUT / NAME / f"calibration-{short}-{long}-b{BATCH}.json")
 
 
 @torch.no_grad()

@@ -170,19 +170,24 @@ def train(name: str, overrides: dict, config: str = "configs/gpt2/tiny-cpu.yaml"
 
 
 def step_costs(arms: dict[str, dict], config: str = "configs/gpt2/tiny-cpu.yaml",
-               steps: int = 20, warmup: int = 3) -> dict[str, float]:
+               steps: int = 20, warmup: int = 3, make_trainer: dict | None = None,
+               cache: Path | None = None) -> dict[str, float]:
     """CPU seconds (process time) per training step of each arm (``{name: overrides}`` of
     ``config``, TP=1), measured in this process after ``warmup`` steps each, the arms
     alternated step by step: what the arms cost relative to each other, unlike wall time
-    unaffected by other processes sharing the machine. Nothing is saved."""
+    unaffected by other processes sharing the machine. ``make_trainer``: ``{name: factory}``
+    for arms that are not a plain ``Trainer`` (e.g. the distillation trainer). ``cache``: a
+    JSON file the costs are read from if it exists and written to otherwise, so that a
+    resumed experiment keeps the costs its finished runs were sized with."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
     trainers = {}
     for name, over in arms.items():
         over = {"parallel.tensor_parallel_size": 1, "log.tensorboard": False,
                 "train.run_dir": str(OUT / "calibration" / name), "train.save_interval": 0,
                 "train.eval_interval": 0, "train.max_steps": 10**6, **over}
-        trainers[name] = Trainer(load_config(ROOT / config,
-                                             [f"{k}={v}" for k, v in over.items()]),
-                                 ParallelContext())
+        cfg = load_config(ROOT / config, [f"{k}={v}" for k, v in over.items()])
+        trainers[name] = (make_trainer or {}).get(name, Trainer)(cfg, ParallelContext())
         for _ in range(warmup):
             trainers[name].train_step()
     spent = dict.fromkeys(arms, 0.0)
@@ -191,7 +196,12 @@ def step_costs(arms: dict[str, dict], config: str = "configs/gpt2/tiny-cpu.yaml"
             tick = time.process_time()
             trainer.train_step()
             spent[name] += time.process_time() - tick
-    return {name: total / steps for name, total in spent.items()}
+    costs = {name: total / steps for name, total in spent.items()}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache) as f:
+            json.dump(costs, f)
+    return costs
 
 
 def with_seeds(seeds: int, fn) -> list:

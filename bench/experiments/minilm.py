@@ -20,19 +20,18 @@ forward, and of an ordinary step measured back to back in this process): equal t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from common import (
     OUT,
-    ROOT,
     demo_data,
     evaluate,
     load_config,
     run_experiment,
     save_figure,
+    step_costs,
     train,
     with_seeds,
     write_section,
@@ -45,7 +44,6 @@ from megatron_lite.parallel import ParallelContext
 from megatron_lite.plan import count_parameters
 from megatron_lite.run import build_run
 from megatron_lite.training import evaluation
-from megatron_lite.training.trainer import Trainer
 
 NAME = "minilm"
 GPT = "configs/gpt2/tiny-cpu.yaml"
@@ -73,31 +71,12 @@ def train_distilled(name: str, overrides: dict, seed: int):
 
 def calibrate(common: dict, teacher) -> dict:
     """CPU seconds per step of the student's ordinary training and of its distillation
-    (a teacher forward more), measured back to back in this process, alternated."""
-    path = OUT / NAME / "calibration.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    trainers = {}
-    for kind in ("plain", "distil"):
-        over = {**common, **STUDENT, "parallel.tensor_parallel_size": 1,
-                "train.run_dir": str(OUT / NAME / f"calibrate-{kind}"),
-                "log.tensorboard": False, "train.save_interval": 0, "train.max_steps": 1000}
-        if kind == "distil":
-            over.update({"distill.teacher": str(teacher), "distill.method": "minilmv2"})
-        cfg = load_config(ROOT / GPT, [f"{k}={v}" for k, v in over.items()])
-        trainers[kind] = (distiller if kind == "distil" else Trainer)(cfg, ParallelContext())
-        for _ in range(3):
-            trainers[kind].train_step()
-    spent = dict.fromkeys(trainers, 0.0)
-    for _ in range(CALIBRATION_STEPS):
-        for kind, trainer in trainers.items():
-            tick = time.process_time()
-            trainer.train_step()
-            spent[kind] += time.process_time() - tick
-    out = {kind: s / CALIBRATION_STEPS for kind, s in spent.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    (a teacher forward more), by ``common.step_costs``, stored so that a rerun reuses them."""
+    plain = {**common, **STUDENT}
+    return step_costs({"plain": plain, "distil": {**plain, "distill.teacher": str(teacher),
+                                                  "distill.method": "minilmv2"}},
+                      GPT, CALIBRATION_STEPS, make_trainer={"distil": distiller},
+                      cache=OUT / NAME / "calibration.json")
 
 
 def timed_pair(teacher_dir, student_dir) -> tuple[float, float]:
