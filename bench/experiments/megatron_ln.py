@@ -42,12 +42,11 @@ ORDERS = ("post", "pre")
 WIDTH, HEADS, SEQ, BATCH = 64, 4, 64, 16
 LR = 1e-3  # 2x the tiny config's: at hidden 64 it leaves the plateau in ~1000 steps, 5e-4 later
 EVAL_EVERY, EVAL_ITERS, FINAL_ITERS = 100, 10, 40
-HIGH_LR = None  # a second pair at 24 layers and a raised lr (e.g. 2e-3); off: the budget
 MARGIN = 0.03  # ~4 standard errors of an accuracy near 0.075 over ~1500 masked positions
 
 
-def _key(order: str, depth: int, lr: float | None = None) -> str:
-    return f"{order}-{depth}" + (f"-lr{lr:g}" if lr else "")
+def _key(order: str, depth: int) -> str:
+    return f"{order}-{depth}"
 
 
 def baseline(run_dir) -> float:
@@ -71,38 +70,38 @@ def measure(a) -> dict:
               "optim.lr": LR}
     raw = {"arms": {}, "width": WIDTH, "seq": SEQ, "batch": BATCH, "margin": MARGIN,
            "eval_every": EVAL_EVERY, "eval_iters": EVAL_ITERS, "final_iters": FINAL_ITERS}
-    arms = [(order, depth, None) for depth in DEPTHS for order in ORDERS] + \
-        ([(order, DEPTHS[-1], HIGH_LR) for order in ORDERS] if HIGH_LR else [])
-    for order, depth, lr in arms:
-        def one(seed, depth=depth, order=order, lr=lr):
-            over = {**common, "model.num_layers": depth, "model.layernorm_order": order}
-            if lr:
-                over["optim.lr"] = lr
-            run_dir, records, seconds = train(f"{NAME}/{_key(order, depth, lr)}", over,
-                                              BERT, seed=seed)
-            if "plateau" not in raw:
-                raw["plateau"] = baseline(run_dir)
-                params = count_parameters(load_config(run_dir / "config.yaml"), 1)
-                raw["embedding_params"] = params["embedding"]
-            val = evaluate(run_dir, iters=FINAL_ITERS)
-            params = count_parameters(load_config(run_dir / "config.yaml"), 1)
-            losses = [r["loss"] for r in records]
-            curve = [(r["step"], r["val_mlm_accuracy"]) for r in records
-                     if "val_mlm_accuracy" in r]
-            print(f"{order}-LN {depth:2d} layers lr {lr or 'base'} seed {seed}: val MLM loss "
-                  f"{val['mlm_loss']:.3f}, accuracy {val['mlm_accuracy']:.3f} "
-                  f"({seconds:.0f} s)", flush=True)
-            return {"mlm_loss": val["mlm_loss"], "mlm_accuracy": val["mlm_accuracy"],
-                    "seconds": seconds, "curve": curve,
-                    "params": params["total"] - params["embedding"],
-                    "finite": all(math.isfinite(x) for x in losses),
-                    "first_loss": losses[0], "last_loss": losses[-1],
-                    "train_curve": [(r["step"], r["loss"]) for r in records]}
-        runs = with_seeds(a.seeds, one)
-        raw["arms"][_key(order, depth, lr)] = {k: [r[k] for r in runs] for k in runs[0]}
-    raw["high_lr"] = HIGH_LR
+    for depth in DEPTHS:
+        for order in ORDERS:
+            _measure_arm(a, raw, common, order, depth)
     raw["lr"] = LR
     return raw
+
+
+def _measure_arm(a, raw: dict, common: dict, order: str, depth: int) -> None:
+    """Train one placement and depth for every seed; its per-seed figures into raw."""
+    def one(seed):
+        over = {**common, "model.num_layers": depth, "model.layernorm_order": order}
+        run_dir, records, seconds = train(f"{NAME}/{_key(order, depth)}", over, BERT,
+                                          seed=seed)
+        params = count_parameters(load_config(run_dir / "config.yaml"), 1)
+        if "plateau" not in raw:
+            raw["plateau"] = baseline(run_dir)
+            raw["embedding_params"] = params["embedding"]
+        val = evaluate(run_dir, iters=FINAL_ITERS)
+        losses = [r["loss"] for r in records]
+        curve = [(r["step"], r["val_mlm_accuracy"]) for r in records
+                 if "val_mlm_accuracy" in r]
+        print(f"{order}-LN {depth:2d} layers seed {seed}: val MLM loss "
+              f"{val['mlm_loss']:.3f}, accuracy {val['mlm_accuracy']:.3f} "
+              f"({seconds:.0f} s)", flush=True)
+        return {"mlm_loss": val["mlm_loss"], "mlm_accuracy": val["mlm_accuracy"],
+                "seconds": seconds, "curve": curve,
+                "params": params["total"] - params["embedding"],
+                "finite": all(math.isfinite(x) for x in losses),
+                "first_loss": losses[0], "last_loss": losses[-1],
+                "train_curve": [(r["step"], r["loss"]) for r in records]}
+    runs = with_seeds(a.seeds, one)
+    raw["arms"][_key(order, depth)] = {k: [r[k] for r in runs] for k in runs[0]}
 
 
 def leave_step(curve, level: float) -> int | None:
@@ -131,15 +130,13 @@ def render(raw: dict) -> None:
     rows = ["| layers | LN | non-embedding params | steps to leave the plateau (per seed) "
             "| final val MLM loss | final val MLM accuracy | diverged | s per run |",
             "|---|---|---|---|---|---|---|---|"]
-    high = raw.get("high_lr")
-    shown = [(order, depth, None) for depth in DEPTHS for order in ORDERS] + \
-        ([(order, DEPTHS[-1], high) for order in ORDERS] if high else [])
-    for order, depth, lr in shown:
-        k = _key(order, depth, lr)
-        rows.append(f"| {depth}{f', lr {lr:g}' if lr else ''} | {order} | "
-                    f"{arms[k]['params'][0] / 1e6:.2f} M | "
-                    f"{steps_text(left[k])} | {show(loss[k], 3)} | {show(acc[k], 3)} | "
-                    f"{sum(diverged[k])} of {seeds} | {show(arms[k]['seconds'], 0)} |")
+    for depth in DEPTHS:
+        for order in ORDERS:
+            k = _key(order, depth)
+            rows.append(f"| {depth} | {order} | "
+                        f"{arms[k]['params'][0] / 1e6:.2f} M | "
+                        f"{steps_text(left[k])} | {show(loss[k], 3)} | {show(acc[k], 3)} | "
+                        f"{sum(diverged[k])} of {seeds} | {show(arms[k]['seconds'], 0)} |")
     pairs = ["| comparison (same seeds) | per-seed difference in final val MLM loss | "
              "verdict by the rule |", "|---|---|---|"]
     shallow, deep = DEPTHS
@@ -164,39 +161,15 @@ def render(raw: dict) -> None:
                  f"{also[f'pre-LN beats post-LN at {shallow} layers']} |")
     condition = (f"at hidden {raw['width']}, {shallow} and {deep} layers, {steps} steps of "
                  f"{raw['batch']} x {raw['seq']} tokens")
-    toc = []
-    high_text = ""
-    if high:
-        hi_pre, hi_post = _key("pre", deep, high), _key("post", deep, high)
-        v_high = compare(loss[hi_pre], loss[hi_post])
-        diff = ", ".join(f"{x:+.3f}" for x in paired(loss[hi_pre], loss[hi_post]))
-        pairs.append(f"| (second claim) at lr {high:g}, {deep} layers: pre minus post | {diff} "
-                     f"| {v_high} |")
-        toc.append({"paper": "megatron",
-                    "claim": "post-LN is the placement that breaks at depth when the learning "
-                             "rate is raised; pre-LN trains",
-                    "measured": f"{deep} layers at lr {high:g}: final val MLM loss pre "
-                                f"{show(loss[hi_pre], 2)} vs post {show(loss[hi_post], 2)}; "
-                                f"diverged: pre {sum(diverged[hi_pre])}, post "
-                                f"{sum(diverged[hi_post])} of {seeds}",
-                    "verdict": v_high, "condition": f"at hidden {raw['width']}, {deep} layers, "
-                                                    f"lr {high:g}, {steps} steps",
-                    "seeds": seeds, "spread": SPREAD})
-        high_text = (f" A second pair at {deep} layers trains at lr {high:g} (4x the tiny "
-                     "config's, same warmup): post-LN's known trouble at depth is its "
-                     "sensitivity to the learning rate and warmup (the reason pre-LN trains "
-                     "without warmup), so a raised learning rate is where a difference should "
-                     f"show first at this size. **Verdict (second claim): {v_high}** (the "
-                     "rule on the final loss of that pair; its divergences are in the table).")
-    toc.insert(0, {"paper": "megatron", "claim": "post-LN BERT degrades as it grows, pre-LN "
-                                                 "keeps improving",
-                   "measured": None, "verdict": verdict, "condition": condition,
-                   "seeds": seeds, "spread": SPREAD})
+    toc = {"paper": "megatron", "claim": "post-LN BERT degrades as it grows, pre-LN keeps "
+                                         "improving",
+           "measured": None, "verdict": verdict, "condition": condition, "seeds": seeds,
+           "spread": SPREAD}
     measured = (f"final val MLM loss, {deep} layers: pre {show(loss[_key('pre', deep)], 2)} vs "
                 f"post {show(loss[_key('post', deep)], 2)}; {shallow} layers: pre "
                 f"{show(loss[_key('pre', shallow)], 2)} vs post "
                 f"{show(loss[_key('post', shallow)], 2)}")
-    toc[0]["measured"] = measured
+    toc["measured"] = measured
     total = sum(sum(arm["seconds"]) for arm in arms.values())
     stuck = [f"{k} ({sum(v is None for v in left[k])} of {seeds} seeds)" for k in arms
              if any(v is None for v in left[k])]
@@ -259,7 +232,7 @@ lower loss):
 
 {chr(10).join(pairs)}
 
-{' '.join(reading)}{high_text}
+{' '.join(reading)}
 
 **Verdict: {verdict}** {condition} (the three parts combined by the rule).
 **What this can and cannot show.** It measures whether, at this small width and this
